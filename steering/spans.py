@@ -1,0 +1,196 @@
+"""Chat rendering -> token ids plus the token range of every message's content.
+
+The model's own chat template renders the conversation; we then find where each message's content
+landed in the rendered text (templates add roles, default system prompts, BOS, may `trim` content)
+and map those character ranges to tokens through the tokenizer's offset mapping.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ctxsteer.steering.spec import SteeringError, SteeringSpec
+
+Range = tuple[int, int]  # half-open [start, end)
+
+
+@dataclass(frozen=True, slots=True)
+class RenderedPrompt:
+    text: str
+    ids: list[int]
+    message_spans: tuple[Range, ...]  # token range of each message's content
+    message_chars: tuple[Range, ...]  # character range of each message's content in `text`
+    offsets: tuple[Range, ...]  # character range of each token
+
+
+def content_text(content: Any, field: str = "content") -> str:
+    """A message's content as one string: plain text, or OpenAI text parts joined by newlines."""
+    if isinstance(content, str):
+        return content
+    if content is None:
+        return ""
+    if isinstance(content, Sequence):
+        parts = []
+        for i, part in enumerate(content):
+            if (
+                not isinstance(part, Mapping)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                raise SteeringError(
+                    f"{field}[{i}]", "only text parts ({'type': 'text', 'text': ...}) are supported"
+                )
+            parts.append(part["text"])
+        return "\n".join(parts)
+    raise SteeringError(field, "must be a string or a list of text parts")
+
+
+def _sentinel(i: int) -> str:
+    # Private-use characters: no template or user text plausibly contains them.
+    return f"\ue000ctxsteer{i}\ue001"
+
+
+_SENTINEL_RE = re.compile("\ue000ctxsteer(\\d+)\ue001")
+
+
+def _locate_with_sentinels(
+    tokenizer: Any, msgs: list[dict[str, str]], text: str, gen: bool
+) -> list[Range] | None:
+    """Render once more with each content replaced by a sentinel; walk the real text piece by piece."""
+    skeleton_msgs = [{"role": m["role"], "content": _sentinel(i)} for i, m in enumerate(msgs)]
+    skeleton = tokenizer.apply_chat_template(skeleton_msgs, tokenize=False, add_generation_prompt=gen)
+    found = [int(m.group(1)) for m in _SENTINEL_RE.finditer(skeleton)]
+    if found != list(range(len(msgs))):
+        return None  # the template drops, repeats or reorders contents: fall back to searching
+    pieces = _SENTINEL_RE.split(skeleton)[::2]  # literal template text between contents
+    pos, spans = 0, []
+    if not text.startswith(pieces[0]):
+        return None
+    pos = len(pieces[0])
+    for i, m in enumerate(msgs):
+        nxt = pieces[i + 1]
+        for cand in (m["content"], m["content"].strip(), m["content"].lstrip(), m["content"].rstrip()):
+            if text.startswith(cand + nxt, pos):
+                spans.append((pos, pos + len(cand)))
+                pos += len(cand) + len(nxt)
+                break
+        else:
+            return None
+    return spans if pos == len(text) else None
+
+
+def _locate_by_search(msgs: list[dict[str, str]], text: str) -> list[Range]:
+    """Fallback: find each content in order, after the previous one."""
+    cursor, spans = 0, []
+    for m in msgs:
+        for cand in (m["content"], m["content"].strip()):
+            idx = text.find(cand, cursor)
+            if idx >= 0:
+                spans.append((idx, idx + len(cand)))
+                cursor = idx + len(cand)
+                break
+        else:
+            spans.append((cursor, cursor))
+    return spans
+
+
+def _offsets_by_decoding(tokenizer: Any, ids: list[int]) -> list[Range]:
+    """Offsets for tokenizers without an offset mapping: cumulative decoded lengths (O(n^2); fallback)."""
+    out, prev = [], 0
+    for i in range(len(ids)):
+        end = len(tokenizer.decode(ids[: i + 1], skip_special_tokens=False))
+        out.append((prev, max(prev, end)))
+        prev = max(prev, end)
+    return out
+
+
+def _tokenize(tokenizer: Any, text: str, add_special_tokens: bool) -> tuple[list[int], list[Range]]:
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    ids = list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+    return ids, _offsets_by_decoding(tokenizer, ids)
+
+
+def char_to_token_range(offsets: Sequence[Range], start: int, end: int) -> Range:
+    """Tokens whose characters overlap [start, end); empty range at the right place if none do."""
+    ends = [o[1] for o in offsets]
+    first = bisect.bisect_right(ends, start)  # first token ending after `start`
+    last = first
+    while last < len(offsets) and offsets[last][0] < end and start < end:
+        last += 1
+    # Tokens with empty offsets (some special tokens) inside the range are kept by the loop above.
+    return first, max(first, last)
+
+
+def render_chat(
+    tokenizer: Any, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
+) -> RenderedPrompt:
+    """Render with the tokenizer's chat template and map every message's content to its tokens."""
+    if not messages:
+        raise SteeringError("messages", "must contain at least one message")
+    msgs = []
+    for i, m in enumerate(messages):
+        role = m.get("role")
+        if not isinstance(role, str):
+            raise SteeringError(f"messages[{i}].role", "is required")
+        msgs.append({"role": role, "content": content_text(m.get("content"), f"messages[{i}].content")})
+    text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+    chars = _locate_with_sentinels(tokenizer, msgs, text, add_generation_prompt) or _locate_by_search(
+        msgs, text
+    )
+    ids, offsets = _tokenize(tokenizer, text, add_special_tokens=False)
+    spans = tuple(char_to_token_range(offsets, s, e) for s, e in chars)
+    return RenderedPrompt(text, ids, spans, tuple(chars), tuple(offsets))
+
+
+def render_text(tokenizer: Any, prompt: str) -> RenderedPrompt:
+    """A raw completion prompt: one 'message' covering the whole text (BOS etc. as the tokenizer adds)."""
+    ids, offsets = _tokenize(tokenizer, prompt, add_special_tokens=True)
+    span = char_to_token_range(offsets, 0, len(prompt))
+    return RenderedPrompt(prompt, ids, (span,), ((0, len(prompt)),), tuple(offsets))
+
+
+def merge_ranges(ranges: Sequence[Range]) -> tuple[Range, ...]:
+    out: list[list[int]] = []
+    for s, e in sorted(r for r in ranges if r[1] > r[0]):
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return tuple((s, e) for s, e in out)
+
+
+def steered_ranges(
+    rendered: RenderedPrompt, messages: Sequence[Mapping[str, Any]] | None, spec: SteeringSpec
+) -> tuple[Range, ...]:
+    """Token ranges of the prompt that are the steered context (their keys keep full attention).
+
+    A message is steered if its `steer` flag says so, else if its role is in `spec.targets`. Every
+    occurrence of each `spec.spans` substring inside any message content is steered as well.
+    `messages=None` (raw completions) steers only spans.
+    """
+    ranges: list[Range] = []
+    if messages is not None:
+        for i, (m, span) in enumerate(zip(messages, rendered.message_spans, strict=True)):
+            flag = m.get("steer")
+            if flag is not None and not isinstance(flag, bool):
+                raise SteeringError(f"messages[{i}].steer", "must be a boolean")
+            if flag if flag is not None else m.get("role") in spec.targets:
+                ranges.append(span)
+    for j, needle in enumerate(spec.spans):
+        hits = 0
+        for cs, ce in rendered.message_chars:
+            region = rendered.text[cs:ce]
+            start = region.find(needle)
+            while start >= 0:
+                ranges.append(char_to_token_range(rendered.offsets, cs + start, cs + start + len(needle)))
+                hits += 1
+                start = region.find(needle, start + len(needle))
+        if not hits:
+            raise SteeringError(f"steering.spans[{j}]", f"{needle[:60]!r} was not found in any message")
+    return merge_ranges(ranges)

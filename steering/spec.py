@@ -1,0 +1,168 @@
+"""The steering spec: what a request asks for, validated once (no torch, no HTTP).
+
+Convention: `strength` >= 1 is the user-facing knob (1 = off); the paper's `alpha` = 1/strength is
+the factor applied to the attention paid to every prompt token outside the steered context.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+ROLES = ("system", "user", "assistant")
+DEFAULT_TARGETS = ("user",)
+HeadMap = dict[int, tuple[int, ...]]
+
+
+class SteeringError(ValueError):
+    """Invalid steering input. `field` is the dotted request path of the culprit (e.g. "steering.alpha")."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class SteeringSpec:
+    """A validated steering request.
+
+    alpha:   factor on attention to non-steered prompt keys, in (0, 1]; 1 = off.
+    targets: roles whose message contents are steered (per-message `steer` flags override).
+    spans:   substrings of messages that are steered as well (PASTA-style emphasis).
+    layers:  layer indices to steer, None = all.
+    heads:   layer -> query heads to steer, None = all heads (in the selected layers).
+    """
+
+    alpha: float = 1.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    spans: tuple[str, ...] = ()
+    layers: tuple[int, ...] | None = None
+    heads: HeadMap | None = None
+
+    @property
+    def strength(self) -> float:
+        return 1.0 / self.alpha
+
+    @property
+    def active(self) -> bool:
+        return self.alpha != 1.0
+
+
+def _number(value: Any, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SteeringError(field, f"must be a number, got {type(value).__name__}")
+    x = float(value)
+    if not math.isfinite(x):
+        raise SteeringError(field, "must be finite")
+    return x
+
+
+def _int_list(value: Any, field: str, upper: int, what: str) -> tuple[int, ...]:
+    if not isinstance(value, Sequence) or isinstance(value, str) or not value:
+        raise SteeringError(field, f"must be a non-empty list of {what} indices")
+    out: list[int] = []
+    for i, v in enumerate(value):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise SteeringError(f"{field}[{i}]", f"must be an integer {what} index")
+        if not -upper <= v < upper:
+            raise SteeringError(f"{field}[{i}]", f"{what} {v} out of range (model has {upper})")
+        out.append(v % upper)
+    return tuple(sorted(set(out)))
+
+
+def strength_to_alpha(strength: float, field: str = "strength") -> float:
+    s = _number(strength, field)
+    if s < 1.0:
+        raise SteeringError(field, f"must be >= 1 (1 = off), got {s}")
+    return 1.0 / s
+
+
+def parse_heads(value: Any, field: str, num_layers: int, num_heads: int) -> HeadMap:
+    """`{"layer": [heads]}` (JSON keys are strings) or a plain list = those heads in every layer."""
+    if isinstance(value, Mapping):
+        out: HeadMap = {}
+        for key, heads in value.items():
+            try:
+                layer = int(key)
+            except (TypeError, ValueError):
+                raise SteeringError(f"{field}.{key}", "layer keys must be integers") from None
+            if not -num_layers <= layer < num_layers:
+                raise SteeringError(f"{field}.{key}", f"layer {layer} out of range (model has {num_layers})")
+            out[layer % num_layers] = _int_list(heads, f"{field}.{key}", num_heads, "head")
+        if not out:
+            raise SteeringError(field, "must name at least one layer")
+        return out
+    heads = _int_list(value, field, num_heads, "head")
+    return dict.fromkeys(range(num_layers), heads)
+
+
+def parse_steering(
+    obj: Mapping[str, Any] | None,
+    *,
+    num_layers: int,
+    num_heads: int,
+    head_profiles: Mapping[str, HeadMap] | None = None,
+    default_strength: float = 1.0,
+    field: str = "steering",
+) -> SteeringSpec:
+    """Validate a request's `steering` object; None means the server default strength."""
+    if obj is None:
+        return SteeringSpec(alpha=strength_to_alpha(default_strength, "default_steering_strength"))
+    if not isinstance(obj, Mapping):
+        raise SteeringError(field, "must be an object")
+    known = {"strength", "alpha", "targets", "spans", "layers", "heads", "head_profile"}
+    unknown = sorted(set(obj) - known)
+    if unknown:
+        raise SteeringError(f"{field}.{unknown[0]}", f"unknown field; expected one of {sorted(known)}")
+
+    has_s, has_a = obj.get("strength") is not None, obj.get("alpha") is not None
+    if has_s and has_a:
+        raise SteeringError(field, "give either strength or alpha, not both")
+    if has_a:
+        alpha = _number(obj["alpha"], f"{field}.alpha")
+        if not 0.0 < alpha <= 1.0:
+            raise SteeringError(f"{field}.alpha", f"must be in (0, 1], got {alpha}")
+    elif has_s:
+        alpha = strength_to_alpha(obj["strength"], f"{field}.strength")
+    else:
+        alpha = strength_to_alpha(default_strength, "default_steering_strength")
+
+    spans = obj.get("spans") or ()
+    if not isinstance(spans, Sequence) or isinstance(spans, str):
+        raise SteeringError(f"{field}.spans", "must be a list of strings")
+    for i, s in enumerate(spans):
+        if not isinstance(s, str) or not s:
+            raise SteeringError(f"{field}.spans[{i}]", "must be a non-empty string")
+
+    # With spans and no explicit targets, only the spans are steered (PASTA-style emphasis).
+    targets = obj.get("targets")
+    if targets is None:
+        targets = () if spans else DEFAULT_TARGETS
+    if not isinstance(targets, Sequence) or isinstance(targets, str):
+        raise SteeringError(f"{field}.targets", "must be a list of roles")
+    for i, role in enumerate(targets):
+        if role not in ROLES:
+            raise SteeringError(f"{field}.targets[{i}]", f"unknown role {role!r}; expected one of {ROLES}")
+
+    layers_v = obj.get("layers", "all")
+    layers = (
+        None if layers_v in ("all", None) else _int_list(layers_v, f"{field}.layers", num_layers, "layer")
+    )
+
+    heads: HeadMap | None = None
+    if obj.get("heads") is not None and obj.get("head_profile") is not None:
+        raise SteeringError(field, "give either heads or head_profile, not both")
+    if obj.get("heads") is not None:
+        heads = parse_heads(obj["heads"], f"{field}.heads", num_layers, num_heads)
+    elif obj.get("head_profile") is not None:
+        name = obj["head_profile"]
+        if not isinstance(name, str) or name not in (head_profiles or {}):
+            raise SteeringError(
+                f"{field}.head_profile",
+                f"unknown head profile {name!r}; known: {sorted(head_profiles or {})}",
+            )
+        heads = dict(head_profiles[name])  # type: ignore[index]
+    return SteeringSpec(alpha=alpha, targets=tuple(targets), spans=tuple(spans), layers=layers, heads=heads)
