@@ -89,6 +89,12 @@ def steered_attention(
 ) -> tuple[torch.Tensor, None]:
     steer: SteerBatch | None = kwargs.pop(STEER_KWARG, None)
     layer = getattr(module, "layer_idx", 0)
+    if steer is not None and steer.key_lengths is not None and query.shape[2] == 1:
+        window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+        mask = steer.decode_mask(layer, key.shape[2], window, query.dtype)
+        return sdpa_attention_forward(
+            module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     if steer is None or layer not in steer.active_layers:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,12 +24,39 @@ class SteerBatch:
     layer_gate:    [L, B] fp32 0/1, or None when every row is steered in every layer.
     head_gate:     [L, B, H] fp32 0/1 over query heads, or None when all heads are steered.
     active_layers: layers where some row is steered (the others take the stock SDPA path).
+    key_lengths:   [B] int64, for callers with their own row-aligned KV cache (the server's engine): at
+                   decode, row b sees keys [0, key_lengths[b]) and the attention function builds the
+                   padding / sliding-window mask itself; None = use the model's mask.
     """
 
     key_bias: torch.Tensor
     layer_gate: torch.Tensor | None
     head_gate: torch.Tensor | None
     active_layers: frozenset[int]
+    key_lengths: torch.Tensor | None = None
+    _base_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+    def decode_mask(
+        self, layer: int, num_keys: int, sliding_window: int | None, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """[B, 1|H, 1, K] additive mask of one decode step from `key_lengths` (+ bias on steered layers)."""
+        base = self._base_masks.get(sliding_window)
+        if base is None or base.shape[1] != num_keys:
+            cols = torch.arange(num_keys, device=self.key_bias.device)[None, :]
+            n = self.key_lengths[:, None]
+            valid = cols < n
+            if sliding_window is not None:  # HF semantics: key j visible from query i iff j > i - window
+                valid &= cols > n - 1 - sliding_window
+            base = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device).masked_fill(
+                ~valid, float("-inf")
+            )
+            self._base_masks[sliding_window] = base
+        if layer not in self.active_layers:
+            return base[:, None, None, :].to(dtype)
+        bias = self.bias_for(layer, num_keys)
+        heads = self.heads_for(layer)
+        add = bias[:, None, :] if heads is None else heads[:, :, None] * bias[:, None, :]
+        return (base[:, None, :] + add)[:, :, None, :].to(dtype)
 
     def bias_for(self, layer: int, num_keys: int) -> torch.Tensor:
         """[B, num_keys] fp32 bias of this layer (row gating applied)."""

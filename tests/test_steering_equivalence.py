@@ -87,7 +87,9 @@ def test_steering_moves_logits_and_rows_stay_independent(arch: str) -> None:
     model = make_model(arch)
     ids, mask = left_pad(_prompts(model.config.vocab_size, [30, 24]), pad_id=0)
     base = _run(model, "sdpa", ids, mask)
-    one = _run(model, ATTN_NAME, ids, mask, **steer_kwargs(model, [SteerRow(0.1, ((0, 10),)), SteerRow()], mask))
+    one = _run(
+        model, ATTN_NAME, ids, mask, **steer_kwargs(model, [SteerRow(0.1, ((0, 10),)), SteerRow()], mask)
+    )
     # Row 0 moves a lot; row 1 (unsteered, same batch) must not move at all beyond float noise.
     assert (one.logits[0][0] - base.logits[0][0]).abs().max().item() > 1e-2
     assert max((a[1] - b[1]).abs().max().item() for a, b in zip(one.logits, base.logits, strict=True)) <= 1e-5

@@ -1,0 +1,344 @@
+"""The engine: one thread owns the model and runs the step loop; asyncio callers get per-request queues.
+
+Each step: apply aborts -> admit waiting requests -> one prefill chunk of the oldest admitted prompt ->
+one decode step over every running row. Newcomers therefore join between steps, finished rows leave at
+once, and a long prefill delays decoding by one chunk at most.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ctxsteer.server.engine.detok import Detokenizer
+from ctxsteer.server.engine.interface import AsyncEngine, EngineDead, EngineStats, ModelInfo
+from ctxsteer.server.engine.request import (
+    FinishReason,
+    GenerationOutput,
+    GenerationRequest,
+    SamplingParams,
+    TokenLogprob,
+)
+from ctxsteer.server.engine.runner import ModelRunner, PrefillState
+from ctxsteer.server.engine.sampler import RowSampler, Sampled, sample_row
+from ctxsteer.server.engine.scheduler import Scheduler
+
+log = logging.getLogger("ctxsteer.engine")
+
+
+class EngineObserver:
+    """Hooks for metrics (all optional; called on the engine thread, must be cheap and never raise)."""
+
+    def on_step(self, batch_size: int, prefill_tokens: int) -> None: ...
+    def on_first_token(self, request: GenerationRequest, ttft_s: float, queue_s: float) -> None: ...
+    def on_token(self, request: GenerationRequest, itl_s: float) -> None: ...
+    def on_finish(self, request: GenerationRequest, out: GenerationOutput, e2e_s: float) -> None: ...
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: GenerationRequest
+    emit: Callable[[GenerationOutput], None]
+    sampler: RowSampler
+    detok: Detokenizer
+    generated: list[int] = field(default_factory=list)
+    prefill: PrefillState | None = None
+    last_token: int = 0
+    admitted_at: float = 0.0
+    last_token_at: float = 0.0
+    done: bool = False
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def reserve_tokens(self) -> int:
+        return len(self.request.prompt_ids) + self.request.sampling.max_tokens
+
+
+class LocalEngine(AsyncEngine):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        info: ModelInfo,
+        *,
+        max_num_seqs: int = 8,
+        max_queue: int = 64,
+        kv_budget_tokens: int | None = None,
+        prefill_chunk: int = 512,
+        observer: EngineObserver | None = None,
+    ) -> None:
+        self.info, self.tokenizer = info, tokenizer
+        self.runner = ModelRunner(model, max_rows=max_num_seqs, prefill_chunk=prefill_chunk)
+        budget = kv_budget_tokens or max_num_seqs * info.max_model_len
+        self.sched: Scheduler[Sequence] = Scheduler(
+            max_num_seqs=max_num_seqs, max_queue=max_queue, kv_budget_tokens=budget
+        )
+        self.observer = observer or EngineObserver()
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._aborts: set[str] = set()
+        self._stop = False
+        self._accepting = True
+        self._ready = False
+        self._thread: threading.Thread | None = None
+
+    # ---- asyncio side ----------------------------------------------------------------------
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        if not self._alive() or not self._accepting:
+            raise EngineDead("the engine is not running")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[GenerationOutput] = asyncio.Queue()
+        seq = Sequence(
+            request,
+            lambda out: loop.call_soon_threadsafe(queue.put_nowait, out),
+            RowSampler.create(request.sampling),
+            Detokenizer(self.tokenizer, request.prompt_ids, request.sampling.stop),
+        )
+        with self._lock:
+            self.sched.add(seq)  # raises QueueFull
+        self._wake.set()
+        return self._stream(seq, queue)
+
+    async def _stream(
+        self, seq: Sequence, queue: asyncio.Queue[GenerationOutput]
+    ) -> AsyncIterator[GenerationOutput]:
+        finished = False
+        try:
+            while True:
+                out = await queue.get()
+                finished = out.finish_reason is not None
+                yield out
+                if finished:
+                    return
+        finally:
+            if not finished:  # consumer went away (disconnect, cancel): free the slot
+                self.abort(seq.request_id)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborts.add(request_id)
+        self._wake.set()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready and self._alive()
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return EngineStats(
+                running=self.sched.active, waiting=len(self.sched.waiting), kv_usage=self.sched.kv_usage()
+            )
+
+    async def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="ctxsteer-engine", daemon=True)
+        self._thread.start()
+        ids = self.tokenizer("Hello", add_special_tokens=True)["input_ids"]
+        warm = GenerationRequest("warmup", list(ids), SamplingParams(max_tokens=2, temperature=0.0))
+        async for out in self.generate(warm):
+            if out.finish_reason == FinishReason.ERROR:
+                raise RuntimeError(f"warm-up generation failed: {out.error}")
+        self._ready = True
+
+    async def shutdown(self, drain_timeout_s: float = 30.0) -> None:
+        self._accepting = False
+        deadline = time.monotonic() + drain_timeout_s
+        while time.monotonic() < deadline and self._alive():
+            with self._lock:
+                if not any(True for _ in self.sched.all()):
+                    break
+            await asyncio.sleep(0.05)
+        with self._lock:
+            self._aborts.update(s.request_id for s in self.sched.all())
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10.0)
+        self._ready = False
+
+    def _alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stop
+
+    # ---- engine thread ---------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while not self._stop:
+                if not self._step():
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+        except BaseException:  # noqa: BLE001 - a dead engine must fail its requests, not hang them
+            log.exception("engine thread crashed")
+            self._fail_all("the engine stopped unexpectedly")
+            raise
+        finally:
+            self._fail_all("the server is shutting down", FinishReason.ABORT)
+
+    def _step(self) -> bool:
+        with self._lock:
+            aborts, self._aborts = self._aborts, set()
+            for rid in aborts:
+                seq = self.sched.remove_waiting(rid)
+                if seq is not None:
+                    self._emit_final(seq, FinishReason.ABORT, "", None)
+            admitted = self.sched.admit()
+        for seq in list(self.sched.prefilling) + list(self.sched.running):
+            if seq.request_id in aborts:
+                self._finish(seq, FinishReason.ABORT)
+        now = time.monotonic()
+        for seq in admitted:
+            seq.admitted_at = now
+            seq.prefill = self.runner.start_prefill(seq.request.prompt_ids, seq.request.steer)
+        worked = False
+        prefill_tokens = 0
+        if self.sched.prefilling:
+            seq = self.sched.prefilling[0]
+            before = seq.prefill.done
+            try:
+                logits = self.runner.prefill_step(seq.prefill)
+            except Exception:  # noqa: BLE001
+                log.exception("prefill failed for %s", seq.request_id)
+                self._finish(seq, FinishReason.ERROR, "generation failed")
+                return True
+            prefill_tokens = seq.prefill.done - before
+            worked = True
+            if logits is not None:
+                self._on_prefill_done(seq, logits)
+        if self.sched.running:
+            self._decode()
+            worked = True
+        if worked:
+            self.observer.on_step(len(self.sched.running), prefill_tokens)
+        return worked
+
+    def _on_prefill_done(self, seq: Sequence, logits: torch.Tensor) -> None:
+        state, seq.prefill = seq.prefill, None
+        with self._lock:
+            slot = self.sched.start_decoding(seq)
+        if self.runner.admit(state) != slot:
+            raise RuntimeError("scheduler and runner disagree on KV slots")
+        self._accept(seq, sample_row(logits, seq.sampler), first=True)
+
+    def _decode(self) -> None:
+        running = list(self.sched.running)
+        try:
+            logits = self.runner.decode([s.last_token for s in running])
+        except Exception:  # noqa: BLE001
+            log.exception("decode step failed; failing %d rows", len(running))
+            for seq in running:
+                self._finish(seq, FinishReason.ERROR, "generation failed")
+            return
+        for i, seq in enumerate(running):
+            self._accept(seq, sample_row(logits[i], seq.sampler))
+
+    def _accept(self, seq: Sequence, s: Sampled, first: bool = False) -> None:
+        now = time.monotonic()
+        req = seq.request
+        if first:
+            self.observer.on_first_token(req, now - req.arrival_time, seq.admitted_at - req.arrival_time)
+        else:
+            self.observer.on_token(req, now - seq.last_token_at)
+        seq.last_token_at = now
+        seq.generated.append(s.token_id)
+        seq.last_token = s.token_id
+        p = req.sampling
+        reason: FinishReason | None = None
+        if (s.token_id in self.eos_ids and not p.ignore_eos) or s.token_id in p.stop_token_ids:
+            text = ""
+            reason = FinishReason.STOP
+        else:
+            text, hit = seq.detok.add(s.token_id)
+            if hit:
+                reason = FinishReason.STOP
+        if reason is None and len(seq.generated) >= p.max_tokens:
+            reason = FinishReason.LENGTH
+        if reason is None and len(req.prompt_ids) + len(seq.generated) >= self.info.max_model_len:
+            reason = FinishReason.LENGTH
+        lp = self._logprob(s) if p.logprobs else None
+        if reason is None:
+            seq.emit(self._output(seq, text, lp, None))
+        else:
+            self._finish(seq, reason, tail=text, lp=lp)
+
+    def _logprob(self, s: Sampled) -> TokenLogprob:
+        def text(t: int) -> str:
+            return self.tokenizer.decode([t], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+        return TokenLogprob(
+            s.token_id, text(s.token_id), s.logprob or 0.0, tuple((t, text(t), lp) for t, lp in s.top)
+        )
+
+    def _output(
+        self, seq: Sequence, text: str, lp: TokenLogprob | None, reason: FinishReason | None
+    ) -> GenerationOutput:
+        return GenerationOutput(
+            request_id=seq.request_id,
+            token_ids=(seq.last_token,) if seq.generated else (),
+            text=text,
+            logprobs=(lp,) if lp is not None else (),
+            finish_reason=reason,
+            prompt_tokens=len(seq.request.prompt_ids),
+            completion_tokens=len(seq.generated),
+        )
+
+    def _finish(
+        self,
+        seq: Sequence,
+        reason: FinishReason,
+        error: str | None = None,
+        tail: str = "",
+        lp: TokenLogprob | None = None,
+    ) -> None:
+        if seq.done:
+            return
+        with self._lock:
+            slot = self.sched.finish(seq)
+        if slot is not None:
+            self.runner.release(slot)
+        seq.prefill = None
+        if reason in (FinishReason.STOP, FinishReason.LENGTH):
+            tail += seq.detok.finish()
+        self._emit_final(seq, reason, tail, lp, error)
+
+    def _emit_final(
+        self,
+        seq: Sequence,
+        reason: FinishReason,
+        text: str,
+        lp: TokenLogprob | None,
+        error: str | None = None,
+    ) -> None:
+        seq.done = True
+        out = self._output(seq, text, lp, reason)
+        if error is not None:
+            out = dataclasses.replace(out, error=error)
+        self.observer.on_finish(seq.request, out, time.monotonic() - seq.request.arrival_time)
+        seq.emit(out)
+
+    def _fail_all(self, message: str, reason: FinishReason = FinishReason.ERROR) -> None:
+        with self._lock:
+            seqs = list(self.sched.all())
+        for seq in seqs:
+            if not seq.done:
+                self._emit_final(seq, reason, "", None, message)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    for source in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, list | tuple):
+            ids.update(int(i) for i in source)
+    return frozenset(ids)

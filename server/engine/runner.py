@@ -1,0 +1,126 @@
+"""Model execution: chunked B=1 prefill (steered fold path) and batched decode over the slot cache.
+
+Torch lives here and in kv_cache/sampler; the scheduler and HTTP layer never touch tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from ctxsteer.server.engine.kv_cache import SlotKVCache
+from ctxsteer.steering.attention import STEER_KWARG
+from ctxsteer.steering.bias import SteerBatch, fill_row_bias, make_gates
+from ctxsteer.steering.rows import SteerRow
+
+
+@dataclass
+class PrefillState:
+    """A prompt being prefilled in chunks into its own DynamicCache."""
+
+    ids: list[int]
+    steer: SteerRow
+    done: int = 0
+    cache: DynamicCache = field(default_factory=DynamicCache)
+    batch: SteerBatch | None = None
+
+
+class ModelRunner:
+    def __init__(self, model: Any, *, max_rows: int, prefill_chunk: int = 512) -> None:
+        self.model = model
+        cfg = model.config.get_text_config()
+        self.num_layers = cfg.num_hidden_layers
+        self.num_heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        self.kv = SlotKVCache(
+            self.num_layers, max_rows, cfg.num_key_value_heads or self.num_heads, head_dim, dtype, self.device
+        )
+        self.prefill_chunk = prefill_chunk
+        self.rows: list[SteerRow] = []  # steering of slots [0, B)
+        self.bias = torch.zeros(max_rows, 0, dtype=torch.float32, device=self.device)  # [Bmax, capacity]
+        self._gates_dirty = True
+        self._gates: SteerBatch | None = None
+
+    # ---- prefill -------------------------------------------------------------------------
+    def start_prefill(self, ids: list[int], steer: SteerRow) -> PrefillState:
+        st = PrefillState(ids, steer)
+        if steer.active:
+            bias = torch.zeros(1, len(ids), dtype=torch.float32)
+            fill_row_bias(bias[0], steer, len(ids))
+            st.batch = make_gates(
+                [steer], bias.to(self.device), num_layers=self.num_layers, num_heads=self.num_heads
+            )
+        return st
+
+    @torch.inference_mode()
+    def prefill_step(self, st: PrefillState) -> torch.Tensor | None:
+        """Run the next chunk; returns the last position's fp32 logits [V] once the prompt is done."""
+        end = min(len(st.ids), st.done + self.prefill_chunk)
+        chunk = torch.tensor([st.ids[st.done : end]], dtype=torch.long, device=self.device)
+        pos = torch.arange(st.done, end, device=self.device)[None, :]
+        kwargs = {STEER_KWARG: st.batch} if st.batch is not None else {}
+        out = self.model(
+            input_ids=chunk, position_ids=pos, cache=st.cache, logits_to_keep=1, use_cache=True, **kwargs
+        )
+        st.done = end
+        return out.logits[0, -1].float() if end == len(st.ids) else None
+
+    def admit(self, st: PrefillState) -> int:
+        """Move a finished prefill into the next free slot; returns the slot."""
+        slot = len(self.rows)
+        layers = [(layer.keys, layer.values) for layer in st.cache.layers]
+        self.kv.insert(slot, layers)
+        self._ensure_bias_capacity()
+        fill_row_bias(self.bias[slot], st.steer, len(st.ids))
+        self.rows.append(st.steer)
+        self._gates_dirty = True
+        return slot
+
+    def release(self, slot: int) -> int | None:
+        """Free a slot by moving the last row into it; returns the old index of the moved row (or None)."""
+        last = len(self.rows) - 1
+        moved = None
+        if slot != last:
+            self.kv.move(last, slot)
+            self.bias[slot].copy_(self.bias[last])
+            self.rows[slot] = self.rows[last]
+            moved = last
+        self.kv.lengths[last] = 0
+        self.bias[last].zero_()
+        self.rows.pop()
+        self._gates_dirty = True
+        return moved
+
+    # ---- decode --------------------------------------------------------------------------
+    def _ensure_bias_capacity(self) -> None:
+        cap = self.kv.capacity
+        if self.bias.shape[1] < cap:
+            self.bias = torch.nn.functional.pad(self.bias, (0, cap - self.bias.shape[1]))
+
+    @torch.inference_mode()
+    def decode(self, last_tokens: Sequence[int]) -> torch.Tensor:
+        """One decode step for slots [0, B); returns fp32 logits [B, V]."""
+        b = len(self.rows)
+        key_lengths = self.kv.begin_step(b)
+        self._ensure_bias_capacity()
+        width = self.kv.step_width
+        if self._gates_dirty:
+            self._gates = make_gates(
+                self.rows, self.bias[:b], num_layers=self.num_layers, num_heads=self.num_heads
+            )
+            self._gates_dirty = False
+        g = self._gates
+        steer = SteerBatch(self.bias[:b, :width], g.layer_gate, g.head_gate, g.active_layers, key_lengths)
+        ids = torch.tensor(list(last_tokens), dtype=torch.long, device=self.device)[:, None]
+        pos = (key_lengths - 1)[:, None]
+        out = self.model(
+            input_ids=ids, position_ids=pos, cache=self.kv.cache, use_cache=True, **{STEER_KWARG: steer}
+        )
+        self.kv.end_step()
+        return out.logits[:, -1].float()

@@ -1,0 +1,73 @@
+"""Per-row sampling: penalties, temperature, top-k, top-p, a per-row torch.Generator, logprobs.
+
+Rows are independent: a row's choice depends only on its own logits, params and generator, so seeds
+reproduce regardless of batch neighbours.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from ctxsteer.server.engine.request import SamplingParams
+
+
+@dataclass(slots=True)
+class RowSampler:
+    params: SamplingParams
+    generator: torch.Generator | None
+    counts: Counter[int]
+
+    @classmethod
+    def create(cls, params: SamplingParams) -> RowSampler:
+        gen = None
+        if params.temperature > 0:
+            gen = torch.Generator(device="cpu")
+            seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+            gen.manual_seed(seed)
+        return cls(params, gen, Counter())
+
+
+@dataclass(frozen=True, slots=True)
+class Sampled:
+    token_id: int
+    logprob: float | None  # of the chosen token under the model's raw distribution
+    top: tuple[tuple[int, float], ...]  # (token id, logprob), best first
+
+
+def sample_row(logits: torch.Tensor, row: RowSampler) -> Sampled:
+    """Pick the next token of one row from its fp32 logits [V]."""
+    p = row.params
+    raw = logits
+    x = logits
+    if row.counts and (p.presence_penalty or p.frequency_penalty):
+        ids = torch.tensor(list(row.counts), dtype=torch.long, device=x.device)
+        freq = torch.tensor(list(row.counts.values()), dtype=x.dtype, device=x.device)
+        x = x.clone()
+        x[ids] -= p.presence_penalty + p.frequency_penalty * freq
+    if p.temperature <= 0:
+        token = int(x.argmax())
+    else:
+        x = x / p.temperature
+        if 0 < p.top_k < x.shape[-1]:
+            kth = torch.topk(x, p.top_k).values[-1]
+            x = x.masked_fill(x < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_x, order = torch.sort(x, descending=True)
+            cum = torch.softmax(sorted_x, -1).cumsum(-1)
+            drop = cum - torch.softmax(sorted_x, -1) >= p.top_p  # keep the smallest prefix reaching top_p
+            x = x.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+        probs = torch.softmax(x.cpu(), -1)
+        token = int(torch.multinomial(probs, 1, generator=row.generator))
+    row.counts[token] += 1
+    if not p.logprobs:
+        return Sampled(token, None, ())
+    logp = torch.log_softmax(raw, -1)
+    top: tuple[tuple[int, float], ...] = ()
+    if p.top_logprobs:
+        vals, idx = torch.topk(logp, p.top_logprobs)
+        top = tuple(zip(idx.tolist(), vals.tolist(), strict=True))
+    return Sampled(token, float(logp[token]), top)

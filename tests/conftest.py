@@ -1,0 +1,48 @@
+"""Shared fixtures: hermetic tiny models and tokenizer from ``tests/tiny.py`` (no hub access)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+# Nothing in the suite may reach the hub; an explicit HF_HUB_OFFLINE=0 from the caller still wins.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+_TESTS_DIR = str(Path(__file__).resolve().parent)
+if _TESTS_DIR not in sys.path:
+    sys.path.insert(0, _TESTS_DIR)
+
+import pytest  # noqa: E402
+from tiny import ARCHS, make_model, make_tokenizer, make_trimming_tokenizer, save_tiny_model  # noqa: E402
+from transformers import PreTrainedModel, PreTrainedTokenizerFast  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    """The tiny tokenizer (default-system-prompt ChatML template). Shared by the session: don't mutate it."""
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def trimming_tokenizer() -> PreTrainedTokenizerFast:
+    """The tiny tokenizer whose template trims message content. Shared by the session: don't mutate it."""
+    return make_trimming_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A local HF directory with the tiny llama (seed 0) and the tiny tokenizer. Don't write into it."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(params=ARCHS)
+def tiny_arch(request: pytest.FixtureRequest) -> str:
+    """Parametrizes a test over every tiny architecture."""
+    return request.param
+
+
+@pytest.fixture
+def tiny_model(tiny_arch: str) -> PreTrainedModel:
+    """A fresh tiny model (seed 0, fp32, sdpa) for each architecture in turn; free to mutate."""
+    return make_model(tiny_arch)
