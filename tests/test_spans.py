@@ -1,0 +1,112 @@
+"""Chat rendering -> token spans of each message's content."""
+
+from __future__ import annotations
+
+import pytest
+from tiny import DEFAULT_SYSTEM_PROMPT, make_tokenizer, make_trimming_tokenizer
+
+from ctxsteer.steering.spans import render_chat, render_text, steered_ranges
+from ctxsteer.steering.spec import SteeringError, SteeringSpec
+
+
+def _span_text(tok, r, i: int) -> str:
+    s, e = r.message_spans[i]
+    return tok.decode(r.ids[s:e])
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+def test_ids_match_the_template_and_spans_cover_contents(tok) -> None:
+    msgs = [
+        {"role": "user", "content": "Here is a document about cats."},
+        {"role": "assistant", "content": "Noted."},
+        {"role": "user", "content": "What is it about?"},
+    ]
+    r = render_chat(tok, msgs)
+    assert r.ids == tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)["input_ids"]
+    assert DEFAULT_SYSTEM_PROMPT in r.text  # injected by the template, not a message of ours
+    for i, m in enumerate(msgs):
+        assert _span_text(tok, r, i).strip() == m["content"]
+    # The generation prompt comes after the last message, outside every span.
+    assert r.message_spans[-1][1] < len(r.ids)
+    assert tok.decode(r.ids[r.message_spans[-1][1] :]) == "<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_repeated_content_unicode_and_parts(tok) -> None:
+    msgs = [
+        {"role": "system", "content": "Say hi"},
+        {"role": "user", "content": "Say hi"},
+        {"role": "assistant", "content": "Say hi"},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Crème brûlée 🍮"}, {"type": "text", "text": "日本"}],
+        },
+    ]
+    r = render_chat(tok, msgs)
+    spans = r.message_spans
+    assert len(set(spans)) == 4 and all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
+    for i in range(3):
+        assert _span_text(tok, r, i) == "Say hi"
+    assert _span_text(tok, r, 3) == "Crème brûlée 🍮\n日本"
+
+
+def test_user_content_equal_to_default_system_prompt(tok) -> None:
+    # Plain text search would find the injected system prompt first; the sentinel render does not.
+    msgs = [{"role": "user", "content": DEFAULT_SYSTEM_PROMPT}]
+    r = render_chat(tok, msgs)
+    s, _ = r.message_spans[0]
+    assert r.offsets[s][0] > r.text.index(DEFAULT_SYSTEM_PROMPT)
+
+
+def test_trimming_template() -> None:
+    tok = make_trimming_tokenizer()
+    msgs = [{"role": "user", "content": "  padded question  \n"}]
+    r = render_chat(tok, msgs)
+    assert _span_text(tok, r, 0) == "padded question"
+
+
+def test_steered_ranges_targets_flags_and_spans(tok) -> None:
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Context: the sky is green. Question: what colour is the sky?"},
+        {"role": "assistant", "content": "Green."},
+        {"role": "user", "content": "Sure?", "steer": False},
+    ]
+    r = render_chat(tok, msgs)
+    assert steered_ranges(r, msgs, SteeringSpec(alpha=0.5)) == (r.message_spans[1],)
+    both = steered_ranges(r, msgs, SteeringSpec(alpha=0.5, targets=("user", "system")))
+    assert both == (r.message_spans[0], r.message_spans[1])
+    only_span = steered_ranges(r, msgs, SteeringSpec(alpha=0.5, targets=(), spans=("the sky is green",)))
+    (s, e) = only_span[0]
+    assert len(only_span) == 1 and tok.decode(r.ids[s:e]).strip() == "the sky is green"
+    with pytest.raises(SteeringError) as err:
+        steered_ranges(r, msgs, SteeringSpec(alpha=0.5, spans=("not there",)))
+    assert err.value.field == "steering.spans[0]"
+    with pytest.raises(SteeringError):
+        steered_ranges(r, [*msgs[:3], {"role": "user", "content": "Sure?", "steer": "yes"}], SteeringSpec())
+
+
+def test_render_text_for_completions(tok) -> None:
+    r = render_text(tok, "Alpha beta gamma. Delta.")
+    rng = steered_ranges(r, None, SteeringSpec(alpha=0.5, targets=(), spans=("gamma",)))
+    assert tok.decode(r.ids[rng[0][0] : rng[0][1]]).strip() == "gamma"
+
+
+def test_bad_messages(tok) -> None:
+    with pytest.raises(SteeringError):
+        render_chat(tok, [])
+    with pytest.raises(SteeringError) as err:
+        render_chat(tok, [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}])
+    assert err.value.field == "messages[0].content[0]"
+
+
+def test_offsets_fallback_matches_fast(tok) -> None:
+    from ctxsteer.steering.spans import _offsets_by_decoding
+
+    ids = tok("Crème brûlée and tea", add_special_tokens=False)["input_ids"]
+    slow = _offsets_by_decoding(tok, ids)
+    assert slow[-1][1] == len("Crème brûlée and tea")
+    assert all(a[1] <= b[1] for a, b in zip(slow, slow[1:], strict=False))
