@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -49,6 +49,10 @@ class LoadError(Exception):
 
 class MissingChatTemplate(LoadError):
     """The tokenizer has no chat template, so /v1/chat/completions could not render prompts."""
+
+
+class _BrokenFiles(LoadError):
+    """The files themselves did not load (vs. a bad argument): for a GGUF cache, a reason to rebuild it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +121,7 @@ def max_model_len(config: Any) -> int:
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where converted GGUFs live: the argument, else $CTXSTEER_CACHE_DIR, else the XDG cache dir."""
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
     if os.environ.get("CTXSTEER_CACHE_DIR"):
@@ -173,18 +178,16 @@ def _fast_gguf_parsing():
     is most of a conversion's time; memoize both while converting (read-only objects, so safe to share)."""
     import gguf
 
-    orig_reader, orig_map = gguf.GGUFReader, gguf.get_tensor_name_map
-
-    @functools.cache
-    def reader(path: Any, mode: str = "r") -> Any:
-        return orig_reader(path, mode)
-
+    names = ("GGUFReader", "get_tensor_name_map")
+    originals = {name: getattr(gguf, name) for name in names if hasattr(gguf, name)}
     with _PATCH_LOCK:
-        gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.cache(orig_map)
+        for name, fn in originals.items():
+            setattr(gguf, name, functools.cache(fn))
         try:
             yield
         finally:
-            gguf.GGUFReader, gguf.get_tensor_name_map = orig_reader, orig_map
+            for name, fn in originals.items():
+                setattr(gguf, name, fn)
 
 
 def _convert_gguf(gguf_file: Path, target: Path) -> None:
@@ -196,10 +199,13 @@ def _convert_gguf(gguf_file: Path, target: Path) -> None:
     log.info("converting %s to a transformers checkpoint (one time, ~15-40 s on CPU)", gguf_file)
     try:
         with _fast_gguf_parsing():
-            kw: dict[str, Any] = {"gguf_file": gguf_file.name}
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), **kw)
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
             log.info("tokenizer converted (%.1f s)", time.monotonic() - t0)
-            model = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), **kw)
+            # dequantize=True: architectures with native GGUF support would otherwise keep packed blocks
+            dense = GgufConfig(dequantize=True)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf_file.parent), gguf_file=gguf_file.name, quantization_config=dense
+            )
             log.info("weights dequantized to %s (%.1f s)", model.dtype, time.monotonic() - t0)
         # The weights are plain dense tensors now, but transformers still flags the model as GGUF-quantized
         # and refuses to save it; drop the flags so it serializes (and reloads) as an ordinary checkpoint.
@@ -245,16 +251,16 @@ def _load(
         config = AutoConfig.from_pretrained(ref)
     except OSError as err:
         msg = f"cannot load model {source!r}: not found locally, and nothing can be downloaded here ({err})"
-        raise LoadError(f"{msg}; {hint}") from err
+        raise _BrokenFiles(f"{msg}; {hint}") from err
     except ValueError as err:
-        raise LoadError(f"cannot load model {source!r}: unrecognized config ({err})") from err
+        raise _BrokenFiles(f"cannot load model {source!r}: unrecognized config ({err})") from err
     model_type = getattr(config, "model_type", "")
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise LoadError(f"model {source!r} (type {model_type!r}) is not a causal language model")
     try:
         tokenizer = AutoTokenizer.from_pretrained(ref)
     except (OSError, ValueError) as err:
-        raise LoadError(f"cannot load the tokenizer of {source!r}: {err}") from err
+        raise _BrokenFiles(f"cannot load the tokenizer of {source!r}: {err}") from err
     if need_template and getattr(tokenizer, "chat_template", None) is None:
         raise MissingChatTemplate(
             f"the tokenizer of {source!r} has no chat template, so chat requests cannot be rendered"
@@ -263,10 +269,12 @@ def _load(
         model = AutoModelForCausalLM.from_pretrained(
             ref, dtype=dtype, attn_implementation=attn, device_map={"": str(device)}
         )
-    except OSError as err:
-        raise LoadError(f"cannot load the weights of {source!r}: {err}; {hint}") from err
-    except Exception as err:  # corrupt weights, unknown attention, ...: say what and where, not a traceback
-        raise LoadError(f"cannot load model {source!r}: {type(err).__name__}: {err}") from err
+    except ValueError as err:  # e.g. an unknown attn_implementation
+        raise LoadError(f"cannot load model {source!r}: {err}") from err
+    except Exception as err:  # missing or corrupt weights (OSError, SafetensorError, shape mismatch, ...)
+        raise _BrokenFiles(
+            f"cannot load the weights of {source!r}: {type(err).__name__}: {err}; {hint}"
+        ) from err
     return model.eval(), tokenizer
 
 
@@ -293,8 +301,8 @@ def load_model(
         args = (ref, name, torch_dtype, dev, attn_implementation, require_chat_template)
         try:
             model, tokenizer = _load(*args)
-        except LoadError as err:
-            if not from_cache or isinstance(err, MissingChatTemplate):
+        except _BrokenFiles:
+            if not from_cache:
                 raise
             # a cache that passed the size check but does not load (e.g. bytes flipped): rebuild once
             log.warning("cached model %s failed to load; rebuilding it", checkpoint)

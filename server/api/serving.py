@@ -1,0 +1,245 @@
+"""What the endpoints share: the per-app serving context, body parsing, and `Generation`, which drives the
+engine requests of one HTTP request (n choices) and guarantees that every unfinished one is aborted when
+the client goes away, an error occurs or the response generator is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, TypeVar
+
+import anyio
+from fastapi import Request
+from pydantic import BaseModel
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive
+
+from ctxsteer.server.config import ServerConfig
+from ctxsteer.server.engine.interface import AsyncEngine
+from ctxsteer.server.engine.request import FinishReason, GenerationOutput, GenerationRequest, SteerRow
+from ctxsteer.server.errors import SERVER_ERROR, CtxsteerError, bad_request, context_too_long, model_not_found
+from ctxsteer.server.protocol import SteeringInfo, UsageInfo
+from ctxsteer.steering.spec import HeadMap, SteeringSpec, parse_steering
+
+M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+Range = tuple[int, int]
+LOGPROB_FLOOR = -9999.0  # -inf is not JSON; OpenAI clients expect a number
+
+
+@dataclass
+class ServingContext:
+    """Everything a route needs, built once by `build_app` and kept on `app.state.serving`."""
+
+    config: ServerConfig
+    engine: AsyncEngine
+    model_name: str
+    head_profiles: dict[str, HeadMap] | None = None
+    created: int = 0
+    # Tokenization runs off the event loop, one call at a time: HF fast tokenizers are not safe to
+    # reconfigure concurrently and rendering is cheap next to generation.
+    tokenize_limiter: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(1))
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.info.max_model_len
+
+    def check_model(self, name: str | None) -> None:
+        """Clients may omit `model`; a different name is a 404 like OpenAI's."""
+        if name and name != self.model_name:
+            raise model_not_found(name)
+
+    def parse_spec(self, obj: dict[str, Any] | None) -> SteeringSpec:
+        info = self.engine.info
+        return parse_steering(
+            obj,
+            num_layers=info.num_layers,
+            num_heads=info.num_heads,
+            head_profiles=self.head_profiles,
+            default_strength=self.config.default_steering_strength,
+        )
+
+    async def run_sync(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run tokenizer work in a worker thread so a long prompt never stalls other streams."""
+        return await anyio.to_thread.run_sync(partial(fn, *args, **kwargs), limiter=self.tokenize_limiter)
+
+
+def get_context(request: Request) -> ServingContext:
+    return request.app.state.serving
+
+
+async def read_json(request: Request, model: type[M]) -> M:
+    """Parse the body as `model`: 415 for a non-JSON Content-Type, 400 for bad JSON or bad fields."""
+    ctype = request.headers.get("content-type")
+    if ctype is not None:
+        mime = ctype.split(";", 1)[0].strip().lower()
+        if mime != "application/json" and not mime.endswith("+json"):
+            raise CtxsteerError(
+                415,
+                f"Content-Type must be application/json, got {mime or 'nothing'!r}.",
+                code="unsupported_media_type",
+            )
+    body = await request.body()
+    try:
+        obj = json.loads(body)
+    except UnicodeDecodeError:
+        raise bad_request("The request body is not valid UTF-8.", code="invalid_json") from None
+    except json.JSONDecodeError as e:
+        msg = f"The request body is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})."
+        raise bad_request(msg, code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise bad_request("The request body must be a JSON object.", code="invalid_json")
+    return model.model_validate(obj)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def resolve_max_tokens(
+    prompt_tokens: int, requested: int | None, max_model_len: int, *, default: int | None, prompt_param: str
+) -> int:
+    """max_tokens for the engine; 400 naming both numbers when the request cannot fit the context."""
+    room = max_model_len - prompt_tokens
+    if room < 1:
+        raise context_too_long(prompt_tokens, None, max_model_len, prompt_param)
+    if requested is None:
+        return room if default is None else min(default, room)
+    if requested > room:
+        raise context_too_long(prompt_tokens, requested, max_model_len, "max_tokens")
+    return requested
+
+
+def steer_row(spec: SteeringSpec, steered: Sequence[Range]) -> SteerRow:
+    return SteerRow(alpha=spec.alpha, steered=tuple(steered), layers=spec.layers, heads=spec.heads)
+
+
+def steering_info(spec: SteeringSpec, steered: Sequence[Range], prompt_tokens: int) -> SteeringInfo:
+    return SteeringInfo(
+        strength=spec.strength,
+        alpha=spec.alpha,
+        steered_tokens=sum(e - s for s, e in steered),
+        prompt_tokens=prompt_tokens,
+        layers="all" if spec.layers is None else list(spec.layers),
+    )
+
+
+def clamp_logprob(x: float) -> float:
+    return x if x > LOGPROB_FLOOR else LOGPROB_FLOOR  # also maps NaN to the floor
+
+
+_END = object()
+_DISCONNECTED = object()
+
+
+class Generation:
+    """The engine requests of one HTTP request, merged into one stream of `(choice, output)` events.
+
+    Each engine iterator is pumped by its own task into one queue, next to a watcher of the client
+    connection, so a disconnect is noticed even while no token is being sent. `close()` is synchronous
+    on purpose: it runs in `finally` blocks of cancelled tasks, where anyio would cancel any await.
+    """
+
+    def __init__(
+        self, engine: AsyncEngine, requests: Sequence[GenerationRequest], receive: Receive | None
+    ) -> None:
+        self.engine = engine
+        self.requests = list(requests)
+        self.finished = [False] * len(self.requests)
+        self.completion_tokens = [0] * len(self.requests)
+        self._receive = receive
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started: list[str] = []
+        self._closed = False
+
+    @property
+    def done(self) -> bool:
+        return all(self.finished)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.requests[0].prompt_ids)
+
+    def usage(self) -> UsageInfo:
+        completion = sum(self.completion_tokens)
+        return UsageInfo(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=completion,
+            total_tokens=self.prompt_tokens + completion,
+        )
+
+    def start(self) -> None:
+        """Admit every request now (QueueFull/EngineDead surface here, before any response is sent)."""
+        try:
+            for i, req in enumerate(self.requests):
+                iterator = self.engine.generate(req)
+                self._started.append(req.request_id)
+                self._tasks.append(asyncio.create_task(self._pump(i, iterator)))
+        except BaseException:
+            self.close()
+            raise
+        if self._receive is not None:
+            self._tasks.append(asyncio.create_task(self._watch(self._receive)))
+
+    async def next_event(self) -> tuple[int, GenerationOutput]:
+        """The next output of any choice. Raises ClientDisconnect, the engine's error, or a CtxsteerError
+        for outputs that finished with `error`/`abort` (which a connected client must not see as text)."""
+        while True:
+            item = await self._queue.get()
+            if item is _DISCONNECTED:
+                raise ClientDisconnect()
+            i, payload = item
+            if payload is _END:
+                if not self.finished[i]:  # the iterator stopped without a finish_reason
+                    raise CtxsteerError(
+                        500, "The generation ended unexpectedly.", SERVER_ERROR, code="engine_error"
+                    )
+                continue
+            if isinstance(payload, BaseException):
+                raise payload  # close() still aborts request i: abort() is idempotent
+            out: GenerationOutput = payload
+            self.completion_tokens[i] = max(
+                self.completion_tokens[i] + len(out.token_ids), out.completion_tokens
+            )
+            if out.finish_reason is not None:
+                self.finished[i] = True
+                if out.finish_reason == FinishReason.ERROR:
+                    msg = out.error or "The generation failed."
+                    raise CtxsteerError(500, msg, SERVER_ERROR, code="generation_error")
+                if out.finish_reason == FinishReason.ABORT:
+                    msg = "The request was cancelled by the server (shutting down?)."
+                    raise CtxsteerError(503, msg, SERVER_ERROR, code="request_aborted")
+            return i, out
+
+    def close(self) -> None:
+        """Abort unfinished engine requests and stop the pump/watcher tasks. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for i, req in enumerate(self.requests):
+            if req.request_id in self._started and not self.finished[i]:
+                self.engine.abort(req.request_id)
+        for task in self._tasks:
+            task.cancel()
+
+    async def _pump(self, i: int, iterator: Any) -> None:
+        try:
+            async for out in iterator:
+                self._queue.put_nowait((i, out))
+        except Exception as exc:  # handed to the consumer, which maps it to a response
+            self._queue.put_nowait((i, exc))
+        else:
+            self._queue.put_nowait((i, _END))
+
+    async def _watch(self, receive: Receive) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self._queue.put_nowait(_DISCONNECTED)
+                return

@@ -1,0 +1,75 @@
+"""The `ctxsteer` command: subcommands dispatch to their modules, imported lazily (fast --help)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _threads_env() -> None:
+    # Must happen before torch is imported: busy-waiting OpenMP threads starve each other (and the
+    # event loop) on small CPUs; PASSIVE restores single-digit-ms decode steps there.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _serve(argv: list[str]) -> int:
+    from ctxsteer.server.config import ServerConfig
+
+    ap = argparse.ArgumentParser(
+        prog="ctxsteer serve",
+        description="Serve an OpenAI-compatible API with per-request attention steering.",
+        epilog="example: ctxsteer serve --port 8000 --default-steering-strength 1.5",
+    )
+    ap.add_argument(
+        "model_pos", nargs="?", metavar="MODEL", help="HF id, local dir or .gguf (default: SmolLM2)"
+    )
+    ServerConfig.add_arguments(ap)
+    ns = ap.parse_args(argv)
+    if ns.model_pos is not None:
+        if ns.model is not None and ns.model != ns.model_pos:
+            ap.error("give MODEL either positionally or with --model, not both")
+        ns.model = ns.model_pos
+    try:
+        config = ServerConfig.from_args(ns)
+    except ValueError as e:
+        ap.error(str(e))
+    from ctxsteer.server.main import run
+
+    return run(config)
+
+
+def _bench(argv: list[str]) -> int:
+    kinds = {"steering": "ctxsteer.server.bench.steering", "server": "ctxsteer.server.bench.server"}
+    if not argv or argv[0] not in kinds:
+        print(f"usage: ctxsteer bench {{{','.join(kinds)}}} [--help]", file=sys.stderr)
+        return 2
+    import importlib
+
+    return importlib.import_module(kinds[argv[0]]).main(argv[1:])
+
+
+COMMANDS = {
+    "serve": (_serve, "serve the OpenAI-compatible API (default model: embedded SmolLM2-135M-Instruct)"),
+    "bench": (_bench, "benchmarks: `bench steering` (attention cost), `bench server` (throughput)"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: ctxsteer <command> [options]\n\ncommands:")
+        for name, (_, help_) in COMMANDS.items():
+            print(f"  {name:<8} {help_}")
+        print("\nexample: ctxsteer serve --port 8000")
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        print(f"ctxsteer: unknown command {argv[0]!r}; try ctxsteer --help", file=sys.stderr)
+        return 2
+    _threads_env()
+    return COMMANDS[argv[0]][0](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

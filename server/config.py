@@ -1,0 +1,177 @@
+"""ServerConfig: the one frozen object built from command-line flags and `CTXSTEER_*` environment variables.
+
+Nothing else in the server reads flags or the environment. Precedence: flag > `CTXSTEER_<FLAG>` env var >
+default (e.g. `--max-num-seqs` <- `CTXSTEER_MAX_NUM_SEQS`). Invalid values raise ValueError naming the
+flag, so the CLI can print one clear line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MiB = 1024 * 1024
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    model: str | None = None  # HF id, local dir or .gguf file; None = the embedded default model
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None  # None = the engine's model name
+    api_keys: tuple[str, ...] = ()  # empty = no auth on /v1/*
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"
+    max_model_len: int | None = None  # None = the model's own limit
+    max_num_seqs: int = 8  # sequences decoded together
+    max_queue: int = 64  # waiting requests beyond max_num_seqs before 429
+    default_steering_strength: float = 1.0  # applied when a request has no steering (1 = off)
+    head_profiles: str | None = None  # JSON/TOML file of named head profiles
+    max_body_bytes: int = 4 * MiB
+    threads: int | None = None  # torch intra-op threads; None = torch's default
+    log_level: str = "info"
+    metrics_api_key: str | None = None  # if set, GET /metrics requires this bearer key
+    drain_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may finish
+
+    def __post_init__(self) -> None:
+        _check(self.host, "--host", "must not be empty")
+        _check(1 <= self.port <= 65535 or self.port == 0, "--port", f"must be in 0..65535, got {self.port}")
+        _check(self.model is None or self.model.strip() != "", "--model", "must not be empty")
+        _check(
+            self.served_model_name is None or self.served_model_name.strip() != "",
+            "--served-model-name",
+            "must not be empty",
+        )
+        _check(all(k.strip() for k in self.api_keys), "--api-key", "keys must not be empty")
+        _check(all(k.isascii() for k in self.api_keys), "--api-key", "keys must be ASCII")
+        dev = self.device
+        ok_dev = dev in DEVICES or (dev.startswith("cuda:") and dev[5:].isdigit())
+        _check(ok_dev, "--device", f"must be one of {DEVICES} or cuda:N, got {dev!r}")
+        _check(self.dtype in DTYPES, "--dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+        _check(self.max_model_len is None or self.max_model_len >= 16, "--max-model-len", "must be >= 16")
+        _check(self.max_num_seqs >= 1, "--max-num-seqs", f"must be >= 1, got {self.max_num_seqs}")
+        _check(self.max_queue >= 0, "--max-queue", f"must be >= 0, got {self.max_queue}")
+        s = self.default_steering_strength
+        _check(
+            math.isfinite(s) and s >= 1.0, "--default-steering-strength", f"must be finite and >= 1, got {s}"
+        )
+        if self.head_profiles is not None:
+            _check(
+                Path(self.head_profiles).is_file(), "--head-profiles", f"no such file: {self.head_profiles}"
+            )
+        _check(self.max_body_bytes >= 1024, "--max-body-bytes", "must be >= 1024")
+        _check(self.threads is None or self.threads >= 1, "--threads", "must be >= 1")
+        _check(self.log_level in LOG_LEVELS, "--log-level", f"must be one of {LOG_LEVELS}")
+        _check(
+            self.metrics_api_key is None or self.metrics_api_key.isascii(),
+            "--metrics-api-key",
+            "must be ASCII",
+        )
+        d = self.drain_timeout_s
+        _check(math.isfinite(d) and d >= 0, "--drain-timeout", f"must be >= 0, got {d}")
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """Add every server flag. Defaults stay None so `from_args` can tell "not given" from a value."""
+        for f in _FLAGS:
+            kwargs: dict[str, Any] = {"default": None, "dest": f.field, "help": f.help}
+            if f.kind is tuple:
+                kwargs["action"] = "append"
+            else:
+                kwargs["type"] = f.kind
+            if f.choices:
+                kwargs["choices"] = f.choices
+            parser.add_argument(f.flag, **kwargs)
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServerConfig:
+        """Build from parsed flags; unset flags fall back to `CTXSTEER_*` env vars, then defaults."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in _FLAGS:
+            given = getattr(ns, f.field, None)
+            if given is not None:
+                values[f.field] = tuple(given) if f.kind is tuple else given
+            elif (raw := env.get(f.env)) is not None and raw.strip() != "":
+                values[f.field] = _from_env(f, raw.strip())
+        if "api_keys" in values:  # "--api-key a,b" and repeated flags both work
+            values["api_keys"] = tuple(
+                k.strip() for v in values["api_keys"] for k in v.split(",") if k.strip()
+            )
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> ServerConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True, slots=True)
+class _Flag:
+    flag: str
+    field: str
+    kind: type
+    help: str
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def env(self) -> str:
+        return "CTXSTEER_" + self.flag.lstrip("-").replace("-", "_").upper()
+
+
+_FLAGS: tuple[_Flag, ...] = (
+    _Flag("--model", "model", str, "HF hub id, local model dir or .gguf file (default: the embedded model)"),
+    _Flag("--host", "host", str, "bind address (default 127.0.0.1)"),
+    _Flag("--port", "port", int, "port (default 8000)"),
+    _Flag(
+        "--served-model-name", "served_model_name", str, "model id clients must send (default: model name)"
+    ),
+    _Flag(
+        "--api-key", "api_keys", tuple, "require this bearer key on /v1/*; repeat or comma-separate for more"
+    ),
+    _Flag("--device", "device", str, "auto | cpu | cuda | cuda:N | mps (default auto)"),
+    _Flag("--dtype", "dtype", str, "weights dtype (default auto)", DTYPES),
+    _Flag("--max-model-len", "max_model_len", int, "prompt + completion token limit (default: the model's)"),
+    _Flag("--max-num-seqs", "max_num_seqs", int, "sequences decoded together (default 8)"),
+    _Flag("--max-queue", "max_queue", int, "waiting requests before answering 429 (default 64)"),
+    _Flag(
+        "--default-steering-strength",
+        "default_steering_strength",
+        float,
+        "steering strength for requests that give none (default 1 = off)",
+    ),
+    _Flag("--head-profiles", "head_profiles", str, "JSON/TOML file of named head profiles"),
+    _Flag("--max-body-bytes", "max_body_bytes", int, "largest accepted request body (default 4 MiB)"),
+    _Flag("--threads", "threads", int, "torch CPU threads (default: torch's choice)"),
+    _Flag("--log-level", "log_level", str, "log level (default info)", LOG_LEVELS),
+    _Flag("--metrics-api-key", "metrics_api_key", str, "require this bearer key on GET /metrics"),
+    _Flag(
+        "--drain-timeout", "drain_timeout_s", float, "seconds in-flight requests get on shutdown (default 30)"
+    ),
+)
+
+
+def _from_env(f: _Flag, raw: str) -> Any:
+    if f.kind is tuple:
+        return (raw,)
+    if f.choices and raw.lower() in f.choices:
+        raw = raw.lower()
+    try:
+        value = f.kind(raw)
+    except ValueError:
+        raise ValueError(f"{f.env}={raw!r}: expected {f.kind.__name__}") from None
+    if f.choices and value not in f.choices:
+        raise ValueError(f"{f.env}={raw!r}: expected one of {f.choices}")
+    return value
+
+
+def _check(ok: bool, flag: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"{flag}: {message}")

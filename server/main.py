@@ -1,0 +1,131 @@
+"""`ctxsteer serve`: load the model, build the engine and app, serve with uvicorn, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import torch
+import uvicorn
+from fastapi import FastAPI
+
+from ctxsteer.server.app import build_app
+from ctxsteer.server.config import ServerConfig
+from ctxsteer.server.engine.engine import EngineObserver, LocalEngine
+from ctxsteer.server.engine.interface import ModelInfo
+from ctxsteer.server.engine.loader import LoadedInfo, LoadError, load_model
+from ctxsteer.steering.attention import ATTN_NAME, register
+
+log = logging.getLogger("ctxsteer.server")
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def model_name(config: ServerConfig, info: LoadedInfo) -> str:
+    if config.served_model_name:
+        return config.served_model_name
+    if info.source in ("default", None) or info.source.lower() in ("smollm2", DEFAULT_MODEL_NAME.lower()):
+        return DEFAULT_MODEL_NAME
+    p = Path(info.source)
+    return p.stem if p.suffix == ".gguf" else (p.name if p.exists() else info.source)
+
+
+def build_engine(config: ServerConfig, observer: EngineObserver | None = None) -> LocalEngine:
+    """Load the model (raises LoadError / ValueError with a user-facing message) and wrap it in an engine."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    register()
+    model, tokenizer, info = load_model(
+        config.model, device=config.device, dtype=config.dtype, attn_implementation=ATTN_NAME
+    )
+    max_len = info.max_model_len
+    if config.max_model_len is not None:
+        if config.max_model_len > info.max_model_len:
+            raise ValueError(
+                f"--max-model-len {config.max_model_len} exceeds the model's limit "
+                f"of {info.max_model_len} tokens"
+            )
+        max_len = config.max_model_len
+    minfo = ModelInfo(
+        name=model_name(config, info),
+        path=info.path,
+        device=info.device,
+        dtype=info.dtype,
+        max_model_len=max_len,
+        num_layers=info.num_layers,
+        num_heads=info.num_heads,
+    )
+    return LocalEngine(
+        model,
+        tokenizer,
+        minfo,
+        max_num_seqs=config.max_num_seqs,
+        max_queue=config.max_queue,
+        kv_budget_tokens=getattr(config, "kv_budget_tokens", None),
+        prefill_chunk=getattr(config, "prefill_chunk", 512),
+        observer=observer,
+    )
+
+
+def create_app(config: ServerConfig, engine: LocalEngine, **app_kwargs) -> FastAPI:
+    """The app plus the engine's lifecycle: warm-up once the socket is open (/ready then flips to 200),
+    drain at exit."""
+    app = build_app(config, engine, **app_kwargs)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(_start(engine))
+        try:
+            yield
+        finally:
+            task.cancel()
+            await engine.shutdown(config.drain_timeout_s)
+
+    app.router.lifespan_context = lifespan
+    return app
+
+
+async def _start(engine: LocalEngine) -> None:
+    try:
+        await engine.start()
+        log.info("ready: warm-up generation succeeded")
+    except Exception:  # noqa: BLE001 - /ready stays 503 and says so in the log
+        log.exception("engine warm-up failed; /ready will stay 503")
+
+
+def run(config: ServerConfig) -> int:
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        engine = build_engine(config, observer=_metrics_observer(config))
+    except (LoadError, ValueError) as e:
+        print(f"ctxsteer serve: {e}", file=sys.stderr)
+        return 2
+    app = create_app(config, engine, **_metrics_app_kwargs(config))
+    i = engine.info
+    log.info("model %s (%s) on %s, %s, max_model_len %d", i.name, i.path, i.device, i.dtype, i.max_model_len)
+    log.info("serving on http://%s:%d/v1", config.host, config.port)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level=config.log_level,
+            timeout_graceful_shutdown=int(config.drain_timeout_s) or None,
+        )
+    )
+    server.run()
+    return 0
+
+
+def _metrics_observer(config: ServerConfig) -> EngineObserver | None:
+    """Metrics are the observability layer's; absent until it exists."""
+    return None
+
+
+def _metrics_app_kwargs(config: ServerConfig) -> dict:
+    return {}

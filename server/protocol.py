@@ -1,0 +1,443 @@
+"""Wire schemas of the OpenAI-compatible API (pydantic v2) and their conversions to engine types.
+
+Requests are strict (no "5" -> 5 coercion, no NaN/inf) so a wrong type is a 400 naming the parameter.
+Unknown fields are accepted and logged, as OpenAI clients send many we do not use; fields OpenAI defines
+but we cannot honour (tools, response_format, ...) are rejected with `unsupported_parameter` rather than
+silently ignored, because ignoring them would change what the client gets.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from ctxsteer.server.engine.request import SamplingParams
+
+logger = logging.getLogger("ctxsteer.server.protocol")
+
+MAX_STOP = 4
+MAX_TOP_LOGPROBS = 20
+ROLES = ("system", "user", "assistant")
+SEED_RANGE = (-(2**63), 2**63 - 1)
+_TOOLS = "is not supported (tool calling is not available)"
+_NOT = "is not supported by this server"
+# field -> (harmless values generic clients send anyway, why anything else is refused)
+_UNSUPPORTED: dict[str, tuple[list[Any], str]] = {
+    "logit_bias": ([{}], _NOT),
+    "response_format": ([{"type": "text"}], "is not supported; only {'type': 'text'} is"),
+    "tools": ([[]], _TOOLS),
+    "tool_choice": (["none"], _TOOLS),
+    "functions": ([[]], _TOOLS),
+    "function_call": (["none"], _TOOLS),
+    "audio": ([], _NOT),
+    "modalities": ([["text"]], "is not supported; only ['text'] is"),
+    "prediction": ([], _NOT),
+}
+
+
+def _unsupported(name: str, why: str) -> PydanticCustomError:
+    return PydanticCustomError("unsupported_parameter", "'{name}' {why}", {"name": name, "why": why})
+
+
+def _invalid(message: str) -> PydanticCustomError:
+    return PydanticCustomError("invalid_value", message)
+
+
+class OpenAIBaseModel(BaseModel):
+    """Request base: strict types, finite numbers, unknown fields kept (and logged) instead of rejected."""
+
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+    def model_post_init(self, context: Any, /) -> None:
+        if self.model_extra:
+            logger.info("ignoring unknown %s fields: %s", type(self).__name__, sorted(self.model_extra))
+
+
+class ResponseModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------- requests
+
+
+class ContentPart(OpenAIBaseModel):
+    type: str
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self) -> ContentPart:
+        if self.type != "text":
+            raise _invalid(f"content part type {self.type!r} is not supported; only 'text' parts are")
+        if self.text is None:
+            raise _invalid("a 'text' content part needs a 'text' string")
+        return self
+
+
+class ChatMessage(OpenAIBaseModel):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    steer: bool | None = None  # ctxsteer: force this message in (True) or out (False) of the steered context
+
+    @field_validator("role")
+    @classmethod
+    def _role(cls, role: str) -> str:
+        if role == "developer":  # OpenAI's newer name for the system role
+            return "system"
+        if role in ("tool", "function"):
+            raise PydanticCustomError("unsupported_parameter", f"role {role!r} {_TOOLS}")
+        if role not in ROLES:
+            raise _invalid(f"unknown role {role!r}; expected one of {ROLES}")
+        return role
+
+    def text(self) -> str:
+        """Content as one string: text parts are joined with newlines."""
+        if isinstance(self.content, list):
+            return "\n".join(p.text or "" for p in self.content)
+        return self.content or ""
+
+    def to_render(self) -> dict[str, Any]:
+        """The dict `steering.spans.render_chat` expects."""
+        return {"role": self.role, "content": self.text(), "steer": self.steer}
+
+
+class StreamOptions(OpenAIBaseModel):
+    include_usage: bool | None = None
+
+
+class _GenerationRequest(OpenAIBaseModel):
+    """Fields shared by chat and legacy completions. Order matters: validators read earlier fields."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1)  # -1 or 0 = off
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    stop: str | list[str] | None = None
+    n: int | None = Field(None, ge=1, le=128)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    ignore_eos: bool | None = None  # vLLM extension: keep generating past EOS (benchmarks)
+    steering: dict[str, Any] | None = None  # validated by ctxsteer.steering.spec.parse_steering
+    steering_strength: float | None = Field(None, ge=1.0)  # shorthand for {"steering": {"strength": x}}
+    # Known OpenAI fields we cannot honour: declared so that they are rejected, not ignored.
+    logit_bias: Any = None
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, stop: str | list[str] | None) -> list[str] | None:
+        if stop is None:
+            return None
+        stops = [stop] if isinstance(stop, str) else stop
+        if len(stops) > MAX_STOP:
+            raise _invalid(f"at most {MAX_STOP} stop sequences are allowed, got {len(stops)}")
+        if any(s == "" for s in stops):
+            raise _invalid("stop sequences must not be empty")
+        return stops
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options(cls, opts: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if opts is not None and not info.data.get("stream"):
+            raise _invalid("stream_options is only allowed when stream is true")
+        return opts
+
+    @field_validator("steering_strength")
+    @classmethod
+    def _one_steering(cls, strength: float | None, info: ValidationInfo) -> float | None:
+        if strength is not None and info.data.get("steering") is not None:
+            raise _invalid("give either 'steering' or 'steering_strength', not both")
+        return strength
+
+    @field_validator(*_UNSUPPORTED)
+    @classmethod
+    def _reject_unsupported(cls, v: Any, info: ValidationInfo) -> None:
+        name = str(info.field_name)
+        allowed, why = _UNSUPPORTED[name]
+        if v is not None and v not in allowed:
+            raise _unsupported(name, why)
+        return None
+
+    # ------------------------------------------------------------ conversions
+
+    @property
+    def num_choices(self) -> int:
+        return self.n or 1
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def steering_object(self) -> dict[str, Any] | None:
+        """The steering request as `parse_steering` takes it (the flat shorthand folded in)."""
+        if self.steering_strength is not None:
+            return {"strength": self.steering_strength}
+        return self.steering
+
+    def _logprob_params(self) -> tuple[bool, int]:
+        return False, 0
+
+    def to_sampling_params(self, *, max_tokens: int, choice: int = 0) -> SamplingParams:
+        """Engine params of choice `choice`; seeded requests give choice i the seed `seed + i`."""
+        seed = None if self.seed is None else _wrap_seed(self.seed + choice)
+        logprobs, top = self._logprob_params()
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=max(self.top_k or 0, 0),
+            seed=seed,
+            stop=tuple(self.stop or ()),
+            ignore_eos=bool(self.ignore_eos),
+            logprobs=logprobs,
+            top_logprobs=top,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+        )
+
+
+def _wrap_seed(seed: int) -> int:
+    lo, hi = SEED_RANGE
+    return (seed - lo) % (hi - lo + 1) + lo
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    parallel_tool_calls: bool | None = None  # harmless without tools
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
+        if top and not info.data.get("logprobs"):
+            raise _invalid("top_logprobs requires logprobs to be true")
+        return top
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def _logprob_params(self) -> tuple[bool, int]:
+        return bool(self.logprobs), (self.top_logprobs or 0) if self.logprobs else 0
+
+    def render_messages(self) -> list[dict[str, Any]]:
+        return [m.to_render() for m in self.messages]
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, v: Any) -> Any:
+        if isinstance(v, list) and v and not all(isinstance(p, str) for p in v):
+            raise _unsupported(
+                "prompt", "must be a string or a list of one string (token ids are not supported)"
+            )
+        if isinstance(v, list) and len(v) != 1:
+            raise _invalid("only one prompt per request is supported (send a string or a list of one string)")
+        return v
+
+    @field_validator("echo", "suffix")
+    @classmethod
+    def _reject(cls, v: Any, info: ValidationInfo) -> Any:
+        if v:
+            raise _unsupported(str(info.field_name), _NOT)
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and v != (info.data.get("n") or 1):
+            raise _unsupported("best_of", "is not supported (only best_of == n)")
+        return v
+
+    @property
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def _logprob_params(self) -> tuple[bool, int]:
+        return self.logprobs is not None, self.logprobs or 0
+
+
+class TokenizeRequest(OpenAIBaseModel):
+    """POST /tokenize: exactly one of `messages` (chat-rendered) or `prompt` (raw text)."""
+
+    model: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    prompt: str | None = None
+    add_generation_prompt: bool | None = None
+    steering: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> TokenizeRequest:
+        if (self.messages is None) == (self.prompt is None):
+            raise _invalid("give exactly one of 'messages' or 'prompt'")
+        return self
+
+
+# ---------------------------------------------------------------- responses
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class ErrorInfo(ResponseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(ResponseModel):
+    error: ErrorInfo
+
+
+class UsageInfo(ResponseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class SteeringInfo(ResponseModel):
+    """What steering was applied: echoed so clients can log and compare runs."""
+
+    strength: float
+    alpha: float
+    steered_tokens: int
+    prompt_tokens: int
+    layers: Literal["all"] | list[int]
+
+
+class TopLogprob(ResponseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobInfo(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(ResponseModel):
+    content: list[TokenLogprobInfo] | None
+
+
+class AssistantMessage(ResponseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(ResponseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str | None
+
+
+def _omit_none(v: Any) -> bool:
+    return v is None
+
+
+class ChatCompletionResponse(ResponseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+    steering: SteeringInfo
+
+
+class DeltaMessage(ResponseModel):
+    role: Literal["assistant"] | None = Field(None, exclude_if=_omit_none)
+    content: str | None = Field(None, exclude_if=_omit_none)
+
+
+class ChatChunkChoice(ResponseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(ResponseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: UsageInfo | None = Field(None, exclude_if=_omit_none)
+    steering: SteeringInfo | None = Field(None, exclude_if=_omit_none)
+
+
+class CompletionLogprobs(ResponseModel):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(ResponseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None
+
+
+class CompletionResponse(ResponseModel):
+    """Also the streaming chunk type: OpenAI streams legacy completions as `text_completion` objects."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = Field(None, exclude_if=_omit_none)
+    steering: SteeringInfo | None = Field(None, exclude_if=_omit_none)
+
+
+class ModelCard(ResponseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "ctxsteer"
+    max_model_len: int
+
+
+class ModelList(ResponseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeResponse(ResponseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+    steered_spans: list[tuple[int, int]]
+    steered_tokens: int
