@@ -196,3 +196,29 @@ def test_stop_string_and_logprobs() -> None:
     assert stopped == text[: text.index(stop)]
     lps = [lp for o in outs for lp in o.logprobs]
     assert lps and all(len(lp.top) == 3 and lp.top[0][2] >= lp.logprob - 1e-6 for lp in lps)
+
+
+def test_a_failing_step_fails_in_flight_requests_and_the_engine_keeps_serving(monkeypatch) -> None:
+    async def main():
+        engine = _engine("llama", max_num_seqs=2)
+        await engine.start()
+        real = engine.runner.release
+        calls = {"n": 0}
+
+        def broken(slot: int):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("injected")
+            return real(slot)
+
+        monkeypatch.setattr(engine.runner, "release", broken)
+        reqs = _requests(3, max_tokens=5)
+        first = await asyncio.gather(*(_outs(engine, r) for r in reqs))
+        after = await _collect(engine, _requests(1, max_tokens=5, seed=9)[0])
+        await engine.shutdown()
+        return first, after
+
+    first, (ids, reason) = _run(main())
+    reasons = [outs[-1].finish_reason for outs in first]
+    assert FinishReason.ERROR in reasons  # nothing hangs: every accepted request got a final output
+    assert reason == FinishReason.LENGTH and len(ids) == 5

@@ -86,9 +86,10 @@ class LocalEngine(AsyncEngine):
         )
         self.observer = observer or EngineObserver()
         self.eos_ids = _eos_ids(model, tokenizer)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # _emit_final may run while the step holds it
         self._wake = threading.Event()
         self._aborts: set[str] = set()
+        self._live: dict[str, Sequence] = {}  # every accepted, unfinished request: none can be lost
         self._stop = False
         self._accepting = True
         self._ready = False
@@ -108,6 +109,7 @@ class LocalEngine(AsyncEngine):
         )
         with self._lock:
             self.sched.add(seq)  # raises QueueFull
+            self._live[request.request_id] = seq
         self._wake.set()
         return self._stream(seq, queue)
 
@@ -172,17 +174,27 @@ class LocalEngine(AsyncEngine):
 
     # ---- engine thread ---------------------------------------------------------------------
     def _loop(self) -> None:
-        try:
+        with torch.inference_mode():  # tensors made here are updated in place across steps
             while not self._stop:
-                if not self._step():
+                try:
+                    worked = self._step()
+                except Exception:  # noqa: BLE001 - fail what is in flight, keep serving
+                    log.exception("engine step failed; failing in-flight requests and resetting the batch")
+                    self._recover()
+                    continue
+                if not worked:
                     self._wake.wait(0.5)
                     self._wake.clear()
-        except BaseException:  # noqa: BLE001 - a dead engine must fail its requests, not hang them
-            log.exception("engine thread crashed")
-            self._fail_all("the engine stopped unexpectedly")
-            raise
-        finally:
-            self._fail_all("the server is shutting down", FinishReason.ABORT)
+        self._fail_all("the server is shutting down", FinishReason.ABORT)
+
+    def _recover(self) -> None:
+        self._fail_all("generation failed")
+        with self._lock:
+            self.sched.waiting.clear()
+            self.sched.prefilling.clear()
+            self.sched.running.clear()
+            self.sched.reserved = 0
+        self.runner.reset()
 
     def _step(self) -> bool:
         with self._lock:
@@ -327,7 +339,7 @@ class LocalEngine(AsyncEngine):
 
     def _fail_all(self, message: str, reason: FinishReason = FinishReason.ERROR) -> None:
         with self._lock:
-            seqs = list(self.sched.all())
+            seqs = list(self._live.values())
         for seq in seqs:
             if not seq.done:
                 self._emit_final(seq, reason, "", None, message)

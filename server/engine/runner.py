@@ -97,6 +97,13 @@ class ModelRunner:
         self._gates_dirty = True
         return moved
 
+    def reset(self) -> None:
+        """Forget every row (after a failed step); buffers are kept."""
+        self.rows.clear()
+        self.kv.lengths = [0] * self.kv.max_rows
+        self.bias.zero_()
+        self._gates_dirty = True
+
     # ---- decode --------------------------------------------------------------------------
     def _ensure_bias_capacity(self) -> None:
         cap = self.kv.capacity

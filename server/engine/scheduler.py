@@ -31,7 +31,8 @@ class Scheduler(Generic[S]):
         self.reserved = 0
 
     def add(self, seq: S) -> None:
-        if len(self.waiting) >= self.max_queue:
+        """Queue a sequence; refuses when the running slots are taken and `max_queue` already wait."""
+        if len(self.waiting) + self.active >= self.max_num_seqs + self.max_queue:
             raise QueueFull(retry_after_s=1)
         self.waiting.append(seq)
 
