@@ -60,7 +60,9 @@ async def ready(request: Request) -> dict[str, str]:
 
 @router.get("/version")
 async def version(request: Request) -> dict[str, str]:
-    return {"version": package_version(), "model": get_context(request).model_name}
+    ctx = get_context(request)
+    info = ctx.engine.info
+    return {"version": package_version(), "model": ctx.model_name, "device": info.device, "dtype": info.dtype}
 
 
 def _tokenize(ctx: ServingContext, req: TokenizeRequest) -> TokenizeResponse:

@@ -1,0 +1,272 @@
+"""`ctxsteer bench server`: throughput and latency of a running server over HTTP, in one run.
+
+Measures (streaming chat completions, same prompts for every case):
+- one stream: tok/s (completion tokens / wall, prefill included) and TTFT;
+- N concurrent streams: aggregate tok/s, TTFT p50, inter-token latency p50;
+- at the largest concurrency, all requests steered with mixed strengths vs none steered;
+- optionally the same load against `transformers serve --continuous-batching` on the same model
+  (the converted HF directory of the default model), started after ours is stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import httpx
+
+MIXED_STRENGTHS = (1.5, 2.0, 3.0, 1.25, 4.0, 2.5, 1.75, 6.0)
+_DOC = (
+    "The harbour board met every quarter to settle accounts with the fishing cooperatives. In the spring the "
+    "ledgers showed a shortfall in ice deliveries, and the clerk traced it to a miscounted shipment from the "
+    "northern depot. "
+)
+
+
+@dataclass
+class StreamResult:
+    ttft_s: float
+    itls: list[float] = field(default_factory=list)
+    tokens: int = 0
+    error: str | None = None
+
+
+def build_messages(prompt_tokens: int, i: int) -> list[dict]:
+    """~prompt_tokens tokens (4 chars/token estimate) of document + a request for a long answer.
+
+    No `ignore_eos` (transformers serve rejects it): greedy answers from the same model and prompt are
+    the same on both servers, and tok/s counts the tokens each server really produced.
+    """
+    doc = (_DOC * (prompt_tokens * 4 // len(_DOC) + 1))[: prompt_tokens * 4]
+    return [
+        {"role": "user", "content": f"Document {i}:\n{doc}\n\nRetell this document in detail, step by step."}
+    ]
+
+
+async def one_stream(
+    client: httpx.AsyncClient, model: str, msgs: list[dict], max_tokens: int, steering: dict | None
+):
+    body: dict = {
+        "model": model,
+        "messages": msgs,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if steering is not None:
+        body["steering"] = steering
+    t0 = time.perf_counter()
+    res = StreamResult(ttft_s=float("nan"))
+    last = None
+    chunks = 0
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            res.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+            return res
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            data = json.loads(line[6:])
+            if data.get("usage"):
+                res.tokens = data["usage"]["completion_tokens"]
+            for choice in data.get("choices") or []:
+                if (choice.get("delta") or {}).get("content"):
+                    now = time.perf_counter()
+                    if last is None:
+                        res.ttft_s = now - t0
+                    else:
+                        res.itls.append(now - last)
+                    last = now
+                    chunks += 1
+    res.tokens = res.tokens or chunks
+    return res
+
+
+async def load(url: str, model: str, concurrency: int, rounds: int, prompt_tokens: int, max_tokens: int,
+               steered: bool) -> dict:  # fmt: skip
+    """`rounds` waves of `concurrency` simultaneous streams; aggregate = all tokens / all wall time."""
+    results: list[StreamResult] = []
+    wall = 0.0
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        for rnd in range(rounds):
+            t0 = time.perf_counter()
+            batch = await asyncio.gather(
+                *(
+                    one_stream(
+                        client,
+                        model,
+                        build_messages(prompt_tokens, rnd * concurrency + i),
+                        max_tokens,
+                        {"strength": MIXED_STRENGTHS[i % len(MIXED_STRENGTHS)]} if steered else None,
+                    )
+                    for i in range(concurrency)
+                )
+            )
+            wall += time.perf_counter() - t0
+            results.extend(batch)
+    errors = [r.error for r in results if r.error]
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed, first: {errors[0]}")
+    tokens = sum(r.tokens for r in results)
+    itls = [x for r in results for x in r.itls]
+    return {
+        "concurrency": concurrency,
+        "steered": steered,
+        "aggregate_tok_s": tokens / wall,
+        "ttft_p50_s": statistics.median(r.ttft_s for r in results),
+        "itl_p50_s": statistics.median(itls) if itls else None,
+        "completion_tokens": tokens,
+        "requests": len(results),
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def started(cmd: list[str], url: str, ready_path: str, timeout_s: float = 600) -> Iterator[None]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{cmd[0]} exited: {proc.stderr.read()[-2000:]}")
+            try:
+                if httpx.get(url + ready_path, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{cmd} not ready after {timeout_s}s")
+            time.sleep(0.5)
+        yield
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def warmup(url: str, model: str) -> None:
+    asyncio.run(load(url, model, 1, 1, 32, 4, steered=False))
+
+
+def run_suite(url: str, model: str, args: argparse.Namespace, peer: bool = False) -> dict:
+    warmup(url, model)
+    top = max(args.concurrency)
+    out: dict = {"concurrent": []}
+    for c in args.concurrency:
+        rounds = args.rounds if c > 1 else max(args.rounds, 2)
+        steered = not peer and c == top  # the headline number: every request steered
+        res = asyncio.run(load(url, model, c, rounds, args.prompt_tokens, args.max_tokens, steered))
+        out["concurrent"].append(res)
+        tag = "peer " if peer else ""
+        print(
+            f"  {tag}c={c:<3} steered={steered!s:<5} {res['aggregate_tok_s']:7.1f} tok/s  "
+            f"ttft_p50 {res['ttft_p50_s']:.2f}s  itl_p50 {res['itl_p50_s'] or 0:.3f}s",
+            flush=True,
+        )
+    if not peer and top > 1:
+        res = asyncio.run(load(url, model, top, args.rounds, args.prompt_tokens, args.max_tokens, False))
+        out["unsteered_at_top"] = res
+        print(f"  c={top:<3} steered=False {res['aggregate_tok_s']:7.1f} tok/s", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="ctxsteer bench server",
+        description="Throughput/latency of ctxsteer (and optionally transformers serve) over HTTP.",
+        epilog="example: ctxsteer bench server --json bench-server.json --concurrency 1,8",
+    )
+    ap.add_argument("--json", metavar="PATH", help="write results as JSON here")
+    ap.add_argument("--url", help="a running server (default: start `ctxsteer serve` on the default model)")
+    ap.add_argument("--model", default="SmolLM2-135M-Instruct", help="model name to send")
+    ap.add_argument("--concurrency", default="1,8", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--prompt-tokens", type=int, default=256)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=2, help="waves of concurrent requests per case")
+    ap.add_argument(
+        "--peer",
+        choices=("transformers", "none"),
+        default="transformers",
+        help="also measure `transformers serve --continuous-batching` (only without --url)",
+    )
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for the servers started here")
+    args = ap.parse_args(argv)
+    env_threads = ["--threads", str(args.threads)] if args.threads else []
+    top = max(args.concurrency)
+    doc: dict = {"model": args.model, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens}
+    if args.url:
+        doc["device"] = "remote"
+        doc |= run_suite(args.url.rstrip("/").removesuffix("/v1"), args.model, args)
+    else:
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "ctxsteer.server.cli", "serve", "--port", str(port),
+               "--max-num-seqs", str(top), "--log-level", "warning", *env_threads]  # fmt: skip
+        print(f"starting ctxsteer on {url}", flush=True)
+        with started(cmd, url, "/ready"):
+            doc["device"] = httpx.get(url + "/version").json().get("device", "unknown")
+            doc |= run_suite(url, args.model, args)
+        if args.peer == "transformers":
+            doc["peer"] = run_peer(args, top)
+    by_c = {r["concurrency"]: r for r in doc["concurrent"]}
+    single = by_c.get(1, {}).get("aggregate_tok_s")
+    doc["single_tok_s"] = single
+    doc["single_ttft_s"] = by_c.get(1, {}).get("ttft_p50_s")
+    if single and top in by_c:
+        doc[f"batch_speedup_{top}"] = by_c[top]["aggregate_tok_s"] / single
+    if "unsteered_at_top" in doc:
+        doc["steered_throughput_ratio"] = (
+            by_c[top]["aggregate_tok_s"] / doc["unsteered_at_top"]["aggregate_tok_s"]
+        )
+    if doc.get("peer") and "concurrent" in doc["peer"]:
+        peer_top = {r["concurrency"]: r for r in doc["peer"]["concurrent"]}.get(top)
+        if peer_top:
+            doc[f"vs_transformers_serve_{top}"] = by_c[top]["aggregate_tok_s"] / peer_top["aggregate_tok_s"]
+    summary = {k: v for k, v in doc.items() if not isinstance(v, dict | list)}
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=2)
+    return 0
+
+
+def run_peer(args: argparse.Namespace, top: int) -> dict | None:
+    """transformers serve --continuous-batching on the converted HF directory of the default model."""
+    from ctxsteer.server.engine.loader import load_model
+
+    _, _, info = load_model(None, device="cpu")  # ensures the converted directory exists; cheap when cached
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    exe = os.path.join(os.path.dirname(sys.executable), "transformers")
+    cmd = [exe, "serve", info.path, "--port", str(port), "--host", "127.0.0.1", "--continuous-batching"]
+    # CB's default sizing wants GBs for its paged cache and mask on CPU: size it for 8 x (256 + 64) tokens.
+    cmd += ["--device", "cpu", "--attn-implementation", "sdpa", "--cb-max-batch-tokens", "256"]
+    cmd += ["--cb-block-size", "32", "--cb-num-blocks", "128"]
+    print(f"starting transformers serve (peer) on {url}", flush=True)
+    try:
+        with started(cmd, url, "/health"):
+            return run_suite(url, info.path, args, peer=True) | {
+                "server": "transformers serve --continuous-batching"
+            }
+    except RuntimeError as e:
+        print(f"peer failed: {e}", file=sys.stderr)
+        return {"error": str(e)[:500]}
