@@ -41,6 +41,10 @@ class ServerConfig:
     log_level: str = "info"
     metrics_api_key: str | None = None  # if set, GET /metrics requires this bearer key
     drain_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may finish
+    kv_budget_tokens: int | None = (
+        None  # KV tokens reserved by admitted requests; None = max_num_seqs x max_model_len
+    )
+    prefill_chunk: int = 512  # prompt tokens per prefill step (decoding of others interleaves between chunks)
 
     def __post_init__(self) -> None:
         _check(self.host, "--host", "must not be empty")
@@ -76,6 +80,12 @@ class ServerConfig:
             "--metrics-api-key",
             "must be ASCII",
         )
+        _check(
+            self.kv_budget_tokens is None or self.kv_budget_tokens >= 16,
+            "--kv-budget-tokens",
+            "must be >= 16",
+        )
+        _check(self.prefill_chunk >= 16, "--prefill-chunk", f"must be >= 16, got {self.prefill_chunk}")
         d = self.drain_timeout_s
         _check(math.isfinite(d) and d >= 0, "--drain-timeout", f"must be >= 0, got {d}")
 
@@ -155,6 +165,13 @@ _FLAGS: tuple[_Flag, ...] = (
     _Flag(
         "--drain-timeout", "drain_timeout_s", float, "seconds in-flight requests get on shutdown (default 30)"
     ),
+    _Flag(
+        "--kv-budget-tokens",
+        "kv_budget_tokens",
+        int,
+        "KV tokens admitted requests may reserve (prompt + max_tokens); default max-num-seqs x max-model-len",
+    ),
+    _Flag("--prefill-chunk", "prefill_chunk", int, "prompt tokens per prefill step (default 512)"),
 )
 
 

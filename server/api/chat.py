@@ -7,13 +7,12 @@ stream responses put it on their last chunk.
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
 from ctxsteer.server.api import sse
@@ -25,6 +24,7 @@ from ctxsteer.server.api.serving import (
     new_id,
     read_json,
     resolve_max_tokens,
+    respond,
     steer_row,
     steering_info,
 )
@@ -85,22 +85,9 @@ async def create_chat_completion(request: Request) -> Response:
     ctx.check_model(req.model)
     response_id = new_id("chatcmpl")
     prepared = await ctx.run_sync(_prepare, ctx, req, response_id)
-    gen = Generation(ctx.engine, prepared.requests, request.receive)
-    gen.start()
-    base = {"id": response_id, "model": ctx.model_name, "created": int(time.time())}
-    if req.stream:
-        try:
-            first = await gen.next_event()  # so that an immediate failure is still a real HTTP status
-        except BaseException:
-            gen.close()
-            raise
-        frames = _stream(base, req, prepared.steering, gen, first)
-        return StreamingResponse(frames, media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
-    try:
-        body = await _collect(base, req, prepared.steering, gen)
-    finally:
-        gen.close()
-    return JSONResponse(body.model_dump(mode="json"))
+    return await respond(
+        request, ctx, req, response_id, prepared.requests, prepared.steering, _stream, _collect
+    )
 
 
 def chat_logprobs(logprobs: Sequence[TokenLogprob], top_n: int) -> list[TokenLogprobInfo]:

@@ -7,18 +7,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
 import anyio
 from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive
 
+from ctxsteer.server.api import sse
 from ctxsteer.server.config import ServerConfig
 from ctxsteer.server.engine.interface import AsyncEngine
 from ctxsteer.server.engine.request import FinishReason, GenerationOutput, GenerationRequest, SteerRow
@@ -243,3 +246,32 @@ class Generation:
             if message["type"] == "http.disconnect":
                 self._queue.put_nowait(_DISCONNECTED)
                 return
+
+
+async def respond(
+    request: Request,
+    ctx: ServingContext,
+    req: Any,
+    response_id: str,
+    requests: list[GenerationRequest],
+    steering: SteeringInfo,
+    stream: Callable[..., AsyncIterator[str]],
+    collect: Callable[..., Awaitable[BaseModel]],
+) -> Response:
+    """Run the generation and answer with SSE frames (`stream`) or one JSON body (`collect`)."""
+    gen = Generation(ctx.engine, requests, request.receive)
+    gen.start()
+    base = {"id": response_id, "model": ctx.model_name, "created": int(time.time())}
+    if req.stream:
+        try:
+            first = await gen.next_event()  # so that an immediate failure is still a real HTTP status
+        except BaseException:
+            gen.close()
+            raise
+        frames = stream(base, req, steering, gen, first)
+        return StreamingResponse(frames, media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
+    try:
+        body = await collect(base, req, steering, gen)
+    finally:
+        gen.close()
+    return JSONResponse(body.model_dump(mode="json"))
