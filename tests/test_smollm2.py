@@ -132,3 +132,17 @@ def test_make_serve_readme_example(smol_server) -> None:
     r = httpx.post(smol_server.url + "/v1/chat/completions", json=body, timeout=60).json()
     assert r["steering"]["strength"] == 2 and r["steering"]["steered_tokens"] > 10
     assert "BANANA-42" in r["choices"][0]["message"]["content"]
+
+
+def test_spans_on_the_real_template(smol) -> None:
+    _, tok, _ = smol
+    msgs = [
+        {"role": "user", "content": "Résumé: naïve café ☕ — 東京"},
+        {"role": "assistant", "content": "Noted."},
+        {"role": "user", "content": "Noted."},
+    ]
+    r = render_chat(tok, msgs)
+    assert "You are a helpful AI assistant named SmolLM" in r.text  # injected by SmolLM2's template
+    for (s, e), m in zip(r.message_spans, msgs, strict=True):
+        assert tok.decode(r.ids[s:e]).strip() == m["content"]
+    assert r.message_spans[1] != r.message_spans[2]
