@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 
 
 def _threads_env() -> None:
@@ -50,9 +51,31 @@ def _bench(argv: list[str]) -> int:
     return importlib.import_module(kinds[argv[0]]).main(argv[1:])
 
 
+def _eval(argv: list[str]) -> int:
+    from ctxsteer.clients.eval.cli import main as eval_main  # torch-free, like the client commands
+
+    return eval_main(argv)
+
+
+def _client_command(name: str) -> Callable[[list[str]], int]:
+    def run(argv: list[str]) -> int:
+        from ctxsteer.clients.cli import main as client_main  # torch-free: starts fast
+
+        return client_main(name, argv)
+
+    return run
+
+
 COMMANDS = {
     "serve": (_serve, "serve the OpenAI-compatible API (default model: embedded SmolLM2-135M-Instruct)"),
     "bench": (_bench, "benchmarks: `bench steering` (attention cost), `bench server` (throughput)"),
+    "chat": (
+        _client_command("chat"),
+        "chat with a server, one-shot or interactive, with --strength/--context",
+    ),
+    "models": (_client_command("models"), "list the models a server serves"),
+    "health": (_client_command("health"), "check that a server is up and its model loaded"),
+    "eval": (_eval, "evaluate context awareness with/without steering: `eval nih|qa|paper`"),
 }
 
 
