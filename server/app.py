@@ -23,7 +23,13 @@ from ctxsteer.server.api import chat, completions, meta
 from ctxsteer.server.api.serving import ServingContext
 from ctxsteer.server.config import ServerConfig
 from ctxsteer.server.engine.interface import AsyncEngine
-from ctxsteer.server.errors import INVALID_REQUEST, CtxsteerError, error_response, install_exception_handlers
+from ctxsteer.server.errors import (
+    INVALID_REQUEST,
+    CtxsteerError,
+    error_response,
+    install_exception_handlers,
+    report_rejection,
+)
 from ctxsteer.server.errors import to_ctxsteer_error as _to_error
 from ctxsteer.steering.profiles import load_head_profiles
 from ctxsteer.steering.spec import HeadMap
@@ -63,11 +69,12 @@ def build_app(
     install_exception_handlers(app)
     for module in (meta, chat, completions):
         app.include_router(module.router)
+    app.add_middleware(GuardMiddleware, config=config)
+    # After the guard: a middleware the callable adds wraps it, so it also sees the guard's 401/413.
     if isinstance(metrics_router, APIRouter):
         app.include_router(metrics_router)
     elif metrics_router is not None:
         metrics_router(app)
-    app.add_middleware(GuardMiddleware, config=config)
     return app
 
 
@@ -100,6 +107,7 @@ class GuardMiddleware:
         try:
             denied = self._check_auth(scope["path"], headers) or self._check_length(headers)
             if denied is not None:
+                report_rejection(scope.get("app"), denied)
                 await error_response(denied)(scope, receive, send_with_id)
                 return
             await self.app(scope, self._limited(receive), send_with_id)
@@ -108,7 +116,9 @@ class GuardMiddleware:
         except Exception as exc:
             if started:
                 raise  # headers are out: let the server close the connection
-            await error_response(_to_error(exc, request_id))(scope, receive, send_with_id)
+            err = _to_error(exc, request_id)
+            report_rejection(scope.get("app"), err)
+            await error_response(err)(scope, receive, send_with_id)
 
     def _check_auth(self, path: str, headers: Headers) -> CtxsteerError | None:
         if path.startswith("/v1/") or path == "/v1":

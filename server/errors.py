@@ -163,10 +163,34 @@ def _root(param: str | None) -> str:
     return (param or "").split(".")[0].split("[")[0]
 
 
+def rejection_reason(err: CtxsteerError) -> str | None:
+    """The `requests_rejected_total` reason of an error answered before generation; None = not one."""
+    if err.code == "queue_full":
+        return "queue_full"
+    if err.code == "context_length_exceeded":
+        return "too_long"
+    if err.status == 401:
+        return "unauthorized"
+    if 400 <= err.status < 500:
+        return "invalid"  # 400 / 404 / 405 / 413 / 415
+    return None
+
+
+def report_rejection(app: Any, err: CtxsteerError) -> None:
+    """Tell `app.state.rejection_hook(reason)` (set by the metrics layer; absent = no-op) that a request was
+    refused, so the HTTP layer counts rejections without importing prometheus."""
+    hook = getattr(getattr(app, "state", None), "rejection_hook", None)
+    reason = rejection_reason(err)
+    if hook is not None and reason is not None:
+        hook(reason)
+
+
 async def _handle(request: Request, exc: Exception) -> Response:
     if isinstance(exc, ClientDisconnect):
         return Response(status_code=CLIENT_CLOSED)
-    return error_response(to_ctxsteer_error(exc))
+    err = to_ctxsteer_error(exc)
+    report_rejection(request.app, err)
+    return error_response(err)
 
 
 def install_exception_handlers(app: FastAPI) -> None:

@@ -18,6 +18,7 @@ from ctxsteer.server.config import ServerConfig
 from ctxsteer.server.engine.engine import EngineObserver, LocalEngine
 from ctxsteer.server.engine.interface import ModelInfo
 from ctxsteer.server.engine.loader import LoadedInfo, LoadError, load_model
+from ctxsteer.server.metrics import MetricsObserver, install_metrics
 from ctxsteer.steering.attention import ATTN_NAME, register
 
 log = logging.getLogger("ctxsteer.server")
@@ -64,8 +65,8 @@ def build_engine(config: ServerConfig, observer: EngineObserver | None = None) -
         minfo,
         max_num_seqs=config.max_num_seqs,
         max_queue=config.max_queue,
-        kv_budget_tokens=getattr(config, "kv_budget_tokens", None),
-        prefill_chunk=getattr(config, "prefill_chunk", 512),
+        kv_budget_tokens=config.kv_budget_tokens,
+        prefill_chunk=config.prefill_chunk,
         observer=observer,
     )
 
@@ -123,9 +124,11 @@ def run(config: ServerConfig) -> int:
 
 
 def _metrics_observer(config: ServerConfig) -> EngineObserver | None:
-    """Metrics are the observability layer's; absent until it exists."""
-    return None
+    """The engine's metrics hooks. They exist before the app (and the served model name that labels every
+    series); `install_metrics` binds them when it mounts /metrics."""
+    return MetricsObserver()
 
 
 def _metrics_app_kwargs(config: ServerConfig) -> dict:
-    return {}
+    """GET /metrics, HTTP metrics and rejection counting; they read the observer back from the engine."""
+    return {"metrics_router": install_metrics}

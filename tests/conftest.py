@@ -8,6 +8,9 @@ from pathlib import Path
 
 # Nothing in the suite may reach the hub; an explicit HF_HUB_OFFLINE=0 from the caller still wins.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# As `ctxsteer` does before torch loads: spinning OpenMP workers next to another busy process turn
+# millisecond decode steps into hundreds of ms on small CPUs.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _TESTS_DIR = str(Path(__file__).resolve().parent)
 if _TESTS_DIR not in sys.path:

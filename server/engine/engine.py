@@ -188,13 +188,20 @@ class LocalEngine(AsyncEngine):
         self._fail_all("the server is shutting down", FinishReason.ABORT)
 
     def _recover(self) -> None:
-        self._fail_all("generation failed")
+        """After a failed step: fail the admitted rows, reset the batch; waiting requests stay queued.
+
+        The snapshot is taken under the lock, so a request that arrives meanwhile is never dropped.
+        """
         with self._lock:
-            self.sched.waiting.clear()
             self.sched.prefilling.clear()
             self.sched.running.clear()
             self.sched.reserved = 0
+            waiting = set(map(id, self.sched.waiting))
+            orphans = [s for s in self._live.values() if id(s) not in waiting and not s.done]
         self.runner.reset()
+        for seq in orphans:
+            seq.prefill = None
+            self._emit_final(seq, FinishReason.ERROR, "", None, "generation failed")
 
     def _step(self) -> bool:
         with self._lock:
@@ -227,10 +234,10 @@ class LocalEngine(AsyncEngine):
             if logits is not None:
                 self._on_prefill_done(seq, logits)
         if self.sched.running:
-            self._decode()
+            self._decode(prefill_tokens)
             worked = True
-        if worked:
-            self.observer.on_step(len(self.sched.running), prefill_tokens)
+        elif worked:
+            self.observer.on_step(0, prefill_tokens)
         return worked
 
     def _on_prefill_done(self, seq: Sequence, logits: torch.Tensor) -> None:
@@ -241,7 +248,7 @@ class LocalEngine(AsyncEngine):
             raise RuntimeError("scheduler and runner disagree on KV slots")
         self._accept(seq, sample_row(logits, seq.sampler), first=True)
 
-    def _decode(self) -> None:
+    def _decode(self, prefill_tokens: int) -> None:
         running = list(self.sched.running)
         try:
             logits = self.runner.decode([s.last_token for s in running])
@@ -250,6 +257,9 @@ class LocalEngine(AsyncEngine):
             for seq in running:
                 self._finish(seq, FinishReason.ERROR, "generation failed")
             return
+        # Reported before any row's output is emitted: rows in the forward, and the warm-up's last step
+        # is seen while the engine is still not ready.
+        self.observer.on_step(len(running), prefill_tokens)
         for i, seq in enumerate(running):
             self._accept(seq, sample_row(logits[i], seq.sampler))
 

@@ -1,0 +1,377 @@
+"""Prometheus metrics at `GET /metrics`: every prometheus_client object of the server lives here.
+
+Names and histogram buckets follow vLLM's (`vllm:x` -> `ctxsteer_x`) wherever vLLM has the metric, so
+dashboards and alerts written for vLLM carry over by renaming. Every series carries `model_name`, and
+label values are always strings from a closed set (never a raw float), so cardinality stays bounded.
+
+Each app gets its own CollectorRegistry: tests build several apps in one process, and the global default
+registry would refuse the second set of names. Engine numbers arrive through `MetricsObserver` hooks on
+the engine thread; the running/waiting/KV gauges are read from `engine.stats()` at scrape time, so they
+are never stale; rejections come from the error translation path through `app.state.rejection_hook`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, ProcessCollector
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ctxsteer.server.engine.engine import EngineObserver
+from ctxsteer.server.engine.interface import AsyncEngine
+from ctxsteer.server.engine.request import FinishReason, GenerationOutput, GenerationRequest
+from ctxsteer.server.errors import CLIENT_CLOSED
+
+log = logging.getLogger("ctxsteer.server.metrics")
+
+NAMESPACE = "ctxsteer"
+PREFIX = NAMESPACE + "_"
+MODEL_LABEL = "model_name"
+FINISH_REASONS: tuple[str, ...] = tuple(r.value for r in FinishReason)
+REJECT_REASONS = ("queue_full", "too_long", "invalid", "unauthorized")
+# Probes and scrapes would drown the request rate; vLLM leaves them out of its HTTP metrics too.
+UNTRACKED_PATHS = frozenset({"/metrics", "/health", "/ready"})
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+UNMATCHED_ROUTE = "unmatched"  # one label for every unknown path: scanners cannot blow up cardinality
+WARMUP_REQUEST_ID = "warmup"  # LocalEngine.start()'s own generation: not user traffic
+
+# vLLM's buckets (vllm/v1/metrics/loggers.py).
+# fmt: off
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+               40.0, 80.0)
+REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                           120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+# No vLLM counterpart: chosen here.
+HTTP_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+                        300.0)
+STRENGTH_BUCKETS = (1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0, 1000.0)  # strength = 1/alpha > 1
+FRACTION_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+# fmt: on
+
+
+def build_1_2_5_buckets(max_value: int) -> tuple[float, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to `max_value` (vLLM's token-count buckets)."""
+    out: list[float] = []
+    scale = 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > max_value:
+                return tuple(out)
+            out.append(float(m * scale))
+        scale *= 10
+
+
+def batch_buckets(max_rows: int) -> tuple[float, ...]:
+    """Powers of two up to the batch limit, plus the limit itself: the interesting value is "full"."""
+    out = [float(1 << i) for i in range(max_rows.bit_length()) if 1 << i < max_rows]
+    return (*out, float(max_rows))
+
+
+class Metrics:
+    """The metric objects of one app in their own registry, with `model_name` bound on every series.
+
+    Every label combination known up front (finish and rejection reasons, steered true/false) is created
+    at once, so dashboards see zero-valued series instead of "no data" before the first event.
+    """
+
+    def __init__(self, *, model_name: str, engine: AsyncEngine, version: str, max_num_seqs: int) -> None:
+        self.engine = engine
+        self.model_name = m = model_name
+        self.registry = r = CollectorRegistry()
+        info = engine.info
+
+        def counter(name: str, doc: str, *labels: str) -> Counter:
+            return Counter(PREFIX + name, doc, [MODEL_LABEL, *labels], registry=r)
+
+        def histogram(name: str, doc: str, buckets: Iterable[float], *labels: str) -> Histogram:
+            return Histogram(PREFIX + name, doc, [MODEL_LABEL, *labels], registry=r, buckets=tuple(buckets))
+
+        token_buckets = build_1_2_5_buckets(info.max_model_len)
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens prefilled.").labels(m)
+        self.generation_tokens = counter("generation_tokens", "Tokens generated.").labels(m)
+        success = counter(
+            "request_success",
+            "Finished requests by finish reason (aborted and failed ones too).",
+            "finished_reason",
+        )
+        self.finished = {reason: success.labels(m, reason) for reason in FINISH_REASONS}
+        rejected = counter("requests_rejected", "Requests refused before generation, by reason.", "reason")
+        self.rejected = {reason: rejected.labels(m, reason) for reason in REJECT_REASONS}
+        self.ttft = histogram("time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS).labels(m)
+        self.itl = histogram("inter_token_latency_seconds", "Time between two tokens.", ITL_BUCKETS).labels(m)
+        self.e2e = histogram(
+            "e2e_request_latency_seconds", "Arrival to last token.", REQUEST_LATENCY_BUCKETS
+        ).labels(m)
+        self.queue = histogram(
+            "request_queue_time_seconds", "Time waiting for a batch slot.", REQUEST_LATENCY_BUCKETS
+        ).labels(m)
+        self.request_prompt = histogram(
+            "request_prompt_tokens", "Prompt tokens per request.", token_buckets
+        ).labels(m)
+        self.request_generation = histogram(
+            "request_generation_tokens", "Generated tokens per request.", token_buckets
+        ).labels(m)
+        self.batch_size = histogram(
+            "batch_size", "Rows decoded together per engine step.", batch_buckets(max_num_seqs)
+        ).labels(m)
+        self.strength = histogram(
+            "steering_strength", "Applied steering strength (1/alpha) of steered requests.", STRENGTH_BUCKETS
+        ).labels(m)
+        steered = counter("steered_requests", "Finished requests by whether steering was on.", "steered")
+        self.steered = {True: steered.labels(m, "true"), False: steered.labels(m, "false")}
+        self.steered_tokens = counter(
+            "steered_prompt_tokens", "Prompt tokens of steered requests that keep full attention."
+        ).labels(m)
+        self.steered_fraction = histogram(
+            "steered_token_fraction", "Steered / prompt tokens per steered request.", FRACTION_BUCKETS
+        ).labels(m)
+        self.http_requests = counter(
+            "http_requests", "HTTP responses by method, route and status.", "method", "route", "status"
+        )
+        self.http_latency = histogram(
+            "http_request_duration_seconds",
+            "HTTP request duration to the last body byte.",
+            HTTP_LATENCY_BUCKETS,
+            "method",
+            "route",
+        )
+        Info(PREFIX + "model", "The served model.", [MODEL_LABEL], registry=r).labels(m).info(
+            {"model": info.path, "device": info.device, "dtype": info.dtype, "version": version}
+        )
+        r.register(_EngineGauges(engine, m))
+        r.register(_WithModelName(ProcessCollector(namespace=NAMESPACE, registry=None), m))
+
+    # ---- engine side (engine thread)
+
+    def record_step(self, batch_size: int) -> None:
+        # 0 = a prefill-only step (no decode forward).
+        if batch_size > 0:
+            self.batch_size.observe(batch_size)
+
+    def record_first_token(self, request: GenerationRequest, ttft_s: float, queue_s: float) -> None:
+        self.prompt_tokens.inc(len(request.prompt_ids))
+        self.generation_tokens.inc()
+        self.ttft.observe(ttft_s)
+        self.queue.observe(queue_s)
+
+    def record_token(self, itl_s: float) -> None:
+        self.generation_tokens.inc()
+        self.itl.observe(itl_s)
+
+    def record_finish(self, request: GenerationRequest, out: GenerationOutput, e2e_s: float) -> None:
+        self.finished[str(out.finish_reason)].inc()
+        self.e2e.observe(e2e_s)
+        self.request_prompt.observe(out.prompt_tokens)
+        self.request_generation.observe(out.completion_tokens)
+        row = request.steer
+        self.steered[row.active].inc()
+        if row.active:
+            n_prompt = len(request.prompt_ids)
+            n_steered = row.steered_count(n_prompt)
+            self.strength.observe(1.0 / row.alpha)
+            self.steered_tokens.inc(n_steered)
+            if n_prompt:
+                self.steered_fraction.observe(n_steered / n_prompt)
+
+    # ---- HTTP side (event loop)
+
+    def record_rejection(self, reason: str) -> None:
+        """`app.state.rejection_hook`: errors.report_rejection calls it with one of REJECT_REASONS."""
+        counter = self.rejected.get(reason)
+        if counter is not None:
+            counter.inc()
+
+    def record_http(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.http_requests.labels(self.model_name, method, route, str(status)).inc()
+        self.http_latency.labels(self.model_name, method, route).observe(seconds)
+
+    def endpoint(self, request: Request) -> Response:
+        """GET /metrics. Sync on purpose: it runs in the threadpool, so waiting for the engine lock in
+        `engine.stats()` never stalls the event loop. OpenMetrics when the scraper asks for it."""
+        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+        return Response(encoder(_WithoutCreated(self.registry)), headers={"Content-Type": content_type})
+
+
+class MetricsObserver(EngineObserver):
+    """Engine hooks -> Metrics. main.py hands it to the engine before the app exists (and with it the
+    served model name every series carries); until `install_metrics` binds it, events are dropped.
+
+    A hook that raised would fail the engine step and every request in it, so failures are logged instead.
+    """
+
+    def __init__(self) -> None:
+        self.metrics: Metrics | None = None
+
+    def on_step(self, batch_size: int, prefill_tokens: int) -> None:
+        m = self.metrics
+        if m is not None and m.engine.ready:  # before ready, the only step is the warm-up's
+            _guarded(m.record_step, batch_size)
+
+    def on_first_token(self, request: GenerationRequest, ttft_s: float, queue_s: float) -> None:
+        if self.metrics is not None and request.request_id != WARMUP_REQUEST_ID:
+            _guarded(self.metrics.record_first_token, request, ttft_s, queue_s)
+
+    def on_token(self, request: GenerationRequest, itl_s: float) -> None:
+        if self.metrics is not None and request.request_id != WARMUP_REQUEST_ID:
+            _guarded(self.metrics.record_token, itl_s)
+
+    def on_finish(self, request: GenerationRequest, out: GenerationOutput, e2e_s: float) -> None:
+        if self.metrics is not None and request.request_id != WARMUP_REQUEST_ID:
+            _guarded(self.metrics.record_finish, request, out, e2e_s)
+
+
+def _guarded(record: Callable[..., None], *args: Any) -> None:
+    try:
+        record(*args)
+    except Exception:  # noqa: BLE001 - metrics must never take generation down
+        log.exception("recording metrics failed")
+
+
+def install_metrics(app: FastAPI, observer: MetricsObserver | None = None) -> Metrics:
+    """Mount GET /metrics, the HTTP middleware and the rejection hook on an app from `build_app` (pass it
+    as `metrics_router`). Engine events feed the metrics through `observer`, by default the engine's own
+    (`engine.observer`, which main.py sets); the app's `--metrics-api-key` guard already covers /metrics."""
+    ctx = app.state.serving
+    metrics = Metrics(
+        model_name=ctx.model_name,
+        engine=ctx.engine,
+        version=app.version,
+        max_num_seqs=ctx.config.max_num_seqs,
+    )
+    observer = observer if observer is not None else getattr(ctx.engine, "observer", None)
+    if isinstance(observer, MetricsObserver):
+        observer.metrics = metrics
+    else:
+        log.warning("the engine has no MetricsObserver: engine metrics will stay at zero")
+    app.state.metrics = metrics
+    app.state.rejection_hook = metrics.record_rejection
+    app.add_api_route("/metrics", metrics.endpoint, methods=["GET"], include_in_schema=False)
+    app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
+    return metrics
+
+
+class HttpMetricsMiddleware:
+    """Counts and times every response by method, route template and status. Plain ASGI (not
+    BaseHTTPMiddleware): streamed responses are timed to their last byte and cancellation still reaches
+    them. Installed outside the guard, so 401/413 answers it gives are counted too."""
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in UNTRACKED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        status: int | None = None
+        started = time.perf_counter()
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        except BaseException:
+            status = status or 500
+            raise
+        finally:
+            seconds = time.perf_counter() - started
+            # no response at all: the client left first (the guard swallows that disconnect)
+            method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
+            self.metrics.record_http(method, _route(scope), status or CLIENT_CLOSED, seconds)
+
+
+def _route(scope: Scope) -> str:
+    """The route template ("/v1/models/{model_id:path}"), never the raw path: label values stay bounded."""
+    path = getattr(scope.get("route"), "path", None)
+    if isinstance(path, str):
+        return path
+    # Answered before routing (the guard's 401/413): the path itself when it is a fixed route's.
+    app = scope.get("app")
+    return scope["path"] if scope["path"] in _fixed_paths(app) else UNMATCHED_ROUTE
+
+
+def _fixed_paths(app: Any) -> frozenset[str]:
+    """Parameter-free paths of the app's documented routes, from its OpenAPI schema (public and cached,
+    unlike FastAPI's internal route tree)."""
+    cached = getattr(getattr(app, "state", None), "metrics_fixed_paths", None)
+    if cached is None:
+        try:
+            cached = frozenset(p for p in app.openapi().get("paths", {}) if "{" not in p)
+        except Exception:  # noqa: BLE001 - a label is not worth a failed request
+            cached = frozenset()
+        if app is not None:
+            app.state.metrics_fixed_paths = cached
+    return cached
+
+
+class _EngineGauges(Collector):
+    """Running/waiting/KV usage straight from the engine at scrape time: never stale, no update path."""
+
+    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+        self.engine = engine
+        self.model_name = model_name
+
+    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+        def gauge(name: str, doc: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(PREFIX + name, doc, labels=[MODEL_LABEL])
+
+        return (
+            gauge("num_requests_running", "Requests in the running batch (prefilling or decoding)."),
+            gauge("num_requests_waiting", "Requests waiting for a batch slot."),
+            gauge(
+                "kv_cache_usage_perc", "Fraction (0-1) of the KV/token budget reserved by admitted requests."
+            ),
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.engine.stats()
+        for family, value in zip(
+            self._families(), (stats.running, stats.waiting, stats.kv_usage), strict=True
+        ):
+            family.add_metric([self.model_name], float(value))
+            yield family
+
+
+class _WithModelName(Collector):
+    """Adds `model_name` to another collector's series (ProcessCollector has no labels of its own)."""
+
+    def __init__(self, inner: Collector, model_name: str) -> None:
+        self.inner = inner
+        self.model_name = model_name
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.inner.collect():
+            family.samples = [
+                s._replace(labels={**s.labels, MODEL_LABEL: self.model_name}) for s in family.samples
+            ]
+            yield family
+
+
+class _WithoutCreated(Collector):
+    """The registry minus prometheus_client's `*_created` samples, which the text format exposes as one
+    extra gauge series per counter/histogram (a per-instance setting; the library's switch is global)."""
+
+    def __init__(self, inner: Collector) -> None:
+        self.inner = inner
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.inner.collect():
+            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family

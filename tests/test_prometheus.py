@@ -1,0 +1,330 @@
+"""A real Prometheus scrapes a live `ctxsteer serve` every second: every metric family has series, and every
+PromQL expression of the Grafana dashboard (docker/grafana/dashboards) parses and returns data.
+
+Prometheus comes from the Debian `prometheus` package, installed here when missing (CI machines are fresh);
+the test skips, saying why, only where the package cannot be installed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from server_process import ServerProcess, free_port, serve
+from tiny import save_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+DASHBOARD = REPO / "docker" / "grafana" / "dashboards" / "ctxsteer.json"
+INSTALL_LOCK = Path(tempfile.gettempdir()) / "ctxsteer-prometheus-install.lock"
+API_KEY = "test-api-key"
+METRICS_KEY = "test-metrics-key"
+RATE_WINDOW = "1m"  # what the test puts for Grafana's $__rate_interval: covers the whole test
+
+# Every family a served server must export (histograms by their _bucket series).
+FAMILIES = (
+    "ctxsteer_num_requests_running",
+    "ctxsteer_num_requests_waiting",
+    "ctxsteer_kv_cache_usage_perc",
+    "ctxsteer_model_info",
+    "ctxsteer_prompt_tokens_total",
+    "ctxsteer_generation_tokens_total",
+    "ctxsteer_request_success_total",
+    "ctxsteer_requests_rejected_total",
+    "ctxsteer_time_to_first_token_seconds_bucket",
+    "ctxsteer_inter_token_latency_seconds_bucket",
+    "ctxsteer_e2e_request_latency_seconds_bucket",
+    "ctxsteer_request_queue_time_seconds_bucket",
+    "ctxsteer_request_prompt_tokens_bucket",
+    "ctxsteer_request_generation_tokens_bucket",
+    "ctxsteer_batch_size_bucket",
+    "ctxsteer_steering_strength_bucket",
+    "ctxsteer_steered_requests_total",
+    "ctxsteer_steered_prompt_tokens_total",
+    "ctxsteer_steered_token_fraction_bucket",
+    "ctxsteer_http_requests_total",
+    "ctxsteer_http_request_duration_seconds_bucket",
+    "ctxsteer_process_cpu_seconds_total",
+    "ctxsteer_process_resident_memory_bytes",
+)
+
+
+def _install_prometheus() -> str | None:
+    """apt-get install the Debian package; None on success, else why it failed. Services are kept from
+    starting (policy-rc.d), so no packaged Prometheus runs beside the test's own."""
+    if os.geteuid() != 0:
+        return "not root, and the Debian 'prometheus' package is not installed"
+    if shutil.which("apt-get") is None:
+        return "no apt-get on this machine to install the Debian 'prometheus' package"
+    policy = Path("/usr/sbin/policy-rc.d")
+    made_policy = not policy.exists()
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        if made_policy:
+            policy.write_text("#!/bin/sh\nexit 101\n")
+            policy.chmod(0o755)
+        for cmd in (
+            ["apt-get", "update"],
+            ["apt-get", "install", "-y", "--no-install-recommends", "prometheus"],
+        ):
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+            if done.returncode != 0:
+                return f"`{' '.join(cmd)}` failed ({done.returncode}): {done.stderr.strip()[-500:]}"
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"installing the Debian 'prometheus' package failed: {e}"
+    finally:
+        if made_policy:
+            policy.unlink(missing_ok=True)
+    return None
+
+
+def ensure_prometheus() -> tuple[str, str]:
+    """(prometheus, promtool) paths; installs the package once (a file lock serialises parallel sessions)
+    and skips the calling test with the reason when that is impossible."""
+    with open(INSTALL_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        found = shutil.which("prometheus"), shutil.which("promtool")
+        if None in found:
+            failure = _install_prometheus()
+            found = shutil.which("prometheus"), shutil.which("promtool")
+            if None in found:
+                pytest.skip(failure or "the 'prometheus' package installed no prometheus/promtool binaries")
+    return found[0], found[1]  # type: ignore[return-value]
+
+
+@dataclass
+class Prometheus:
+    url: str
+    http: httpx.Client
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """An instant query; fails the test when Prometheus rejects it (a PromQL parse error, say)."""
+        r = self.http.get("/api/v1/query", params={"query": expr})
+        body = r.json()
+        assert r.status_code == 200 and body["status"] == "success", f"{expr}\n-> {r.status_code} {body}"
+        return body["data"]["result"]
+
+    def scalar(self, expr: str) -> float:
+        result = self.query(expr)
+        return float(result[0]["value"][1]) if result else math.nan
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.25)
+
+
+@pytest.fixture(scope="module")
+def prometheus_bins() -> tuple[str, str]:
+    """Before the server starts: a skip or a slow install should not keep a server idling."""
+    return ensure_prometheus()
+
+
+@pytest.fixture(scope="module")
+def server(
+    prometheus_bins: tuple[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """One running slot and no queue, so a second concurrent request is refused (queue_full). The long
+    context lets the aborted request hold the slot for seconds, however fast the machine."""
+    model_dir = save_tiny_model(
+        tmp_path_factory.mktemp("long") / "llama", "llama", max_position_embeddings=4096
+    )
+    args = ("--max-num-seqs", "1", "--max-queue", "0", "--api-key", API_KEY, "--metrics-api-key", METRICS_KEY)
+    with serve(str(model_dir), *args, log_dir=tmp_path_factory.mktemp("serve-logs")) as sp:
+        yield sp
+
+
+@pytest.fixture(scope="module")
+def prometheus(
+    prometheus_bins: tuple[str, str], server: ServerProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Prometheus]:
+    binary, promtool = prometheus_bins
+    work = tmp_path_factory.mktemp("prometheus")
+    config = {  # JSON is YAML
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [
+            {
+                "job_name": "ctxsteer",
+                "metrics_path": "/metrics",
+                "authorization": {"type": "Bearer", "credentials": METRICS_KEY},
+                "static_configs": [{"targets": [server.url.removeprefix("http://")]}],
+            }
+        ],
+    }
+    config_file = work / "prometheus.yml"
+    config_file.write_text(json.dumps(config, indent=1))
+    check = subprocess.run([promtool, "check", "config", str(config_file)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    port = free_port()
+    log = open(work / "prometheus.log", "wb")  # noqa: SIM115 - closed in finally
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={config_file}",
+            f"--storage.tsdb.path={work / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=url, timeout=10) as http:
+
+            def ready() -> bool:
+                assert proc.poll() is None, (work / "prometheus.log").read_text()
+                try:
+                    return http.get("/-/ready").status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            wait_for(ready, "Prometheus to start")
+            yield Prometheus(url, http)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _drive_traffic(sp: ServerProcess, model: str) -> None:
+    """Steered and plain, streamed and not, one aborted, and one rejection of each reason."""
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    msgs = [{"role": "user", "content": "Context: the vault code is 4127. Question: what is the vault code?"}]
+    base = {"model": model, "messages": msgs, "temperature": 0, "ignore_eos": True}
+    with httpx.Client(base_url=sp.url, headers=auth, timeout=60) as http:
+
+        def ok(body: dict[str, Any]) -> None:
+            r = http.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200, r.text
+
+        ok({**base, "max_tokens": 6, "steering": {"strength": 3}})
+        ok({**base, "max_tokens": 5, "steering": {"strength": 1.5}})
+        ok({**base, "max_tokens": 4})
+        with http.stream(
+            "POST", "/v1/chat/completions", json={**base, "max_tokens": 4, "stream": True}
+        ) as st:
+            assert st.status_code == 200 and any(line == "data: [DONE]" for line in st.iter_lines())
+        with http.stream(
+            "POST", "/v1/chat/completions", json={**base, "max_tokens": 3000, "stream": True}
+        ) as st:
+            assert next(st.iter_lines()).startswith("data: ")
+            refused = http.post("/v1/chat/completions", json={**base, "max_tokens": 2})
+            assert refused.status_code == 429, refused.text  # queue_full
+        # closing the stream aborted it
+        too_long = http.post("/v1/chat/completions", json={**base, "max_tokens": 100_000})
+        assert too_long.json()["error"]["code"] == "context_length_exceeded"
+        bad = http.post(
+            "/v1/chat/completions", content=b"{nope", headers={"Content-Type": "application/json"}
+        )
+        assert bad.status_code == 400  # invalid
+        assert httpx.post(sp.url + "/v1/chat/completions", json=base).status_code == 401  # unauthorized
+
+
+def _dashboard_queries() -> tuple[list[str], list[str]]:
+    """(every target expression of every panel, every template-variable query) of the dashboard JSON."""
+    dash = json.loads(DASHBOARD.read_text())
+    exprs: list[str] = []
+
+    def walk(panels: list[dict[str, Any]]) -> None:
+        for panel in panels:
+            exprs.extend(t["expr"] for t in panel.get("targets", []) if t.get("expr"))
+            walk(panel.get("panels", []))
+
+    walk(dash["panels"])
+    variables = [v["query"]["query"] for v in dash["templating"]["list"] if v["type"] == "query"]
+    return exprs, variables
+
+
+def _bind(expr: str, model: str) -> str:
+    """Put in what Grafana would for the dashboard's variables."""
+    expr = re.sub(r"\$\{?__(rate_interval|interval|range)\}?", RATE_WINDOW, expr)
+    value = re.escape(model).replace("\\", "\\\\")  # a regex inside a PromQL string: backslashes doubled
+    return re.sub(r"\$\{?model_name\}?", lambda _: value, expr)
+
+
+def test_prometheus_scrapes_every_family_and_dashboard_query(
+    server: ServerProcess, prometheus: Prometheus
+) -> None:
+    started = time.monotonic()
+    model = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    model = model["data"][0]["id"]
+    # One request and a scrape before the traffic, so that rate() over the window sees every counter rise,
+    # including the HTTP series, which exist only once their route has answered.
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    assert (
+        httpx.post(server.url + "/v1/chat/completions", json=body, headers=auth, timeout=60).status_code
+        == 200
+    )
+    wait_for(
+        lambda: prometheus.scalar('sum(ctxsteer_http_requests_total{route="/v1/chat/completions"})') == 1,
+        "a scrape after the first request",
+    )
+    _drive_traffic(server, model)
+    wait_for(
+        lambda: (
+            prometheus.scalar('sum(ctxsteer_request_success_total{finished_reason="abort"})') == 1
+            and prometheus.scalar("sum(ctxsteer_requests_rejected_total)") == 4
+            and prometheus.scalar("sum(ctxsteer_request_success_total)") == 6
+        ),
+        "Prometheus to scrape the traffic",
+    )
+    time.sleep(2.5)  # two more scrapes: every window has samples on both sides of the traffic
+    # A failed scrape marks every series stale until the next one: query after a good one.
+    wait_for(lambda: prometheus.scalar('up{job="ctxsteer"}') == 1, "a successful scrape")
+
+    reasons = {
+        r["metric"]["reason"]: float(r["value"][1])
+        for r in prometheus.query("ctxsteer_requests_rejected_total")
+    }
+    assert reasons == {"queue_full": 1, "too_long": 1, "invalid": 1, "unauthorized": 1}
+    assert prometheus.scalar('sum(ctxsteer_steered_requests_total{steered="true"})') == 2
+    assert prometheus.scalar("sum(ctxsteer_steering_strength_count)") == 2
+
+    empty = [f for f in FAMILIES if not prometheus.query(f'count({f}{{model_name="{model}"}})')]
+    assert not empty, f"families without series in Prometheus: {empty}"
+
+    exprs, variables = _dashboard_queries()
+    assert len(exprs) >= 20
+
+    def without_data(exprs: list[str]) -> list[str]:
+        out = []
+        for expr in exprs:
+            result = prometheus.query(_bind(expr, model))  # asserts that it parses
+            if not any(math.isfinite(float(r["value"][1])) for r in result):
+                out.append(expr)
+        return out
+
+    no_data = without_data(exprs)
+    if no_data:  # once more after the next scrape, in case the last one failed (slow machine)
+        time.sleep(1.5)
+        no_data = without_data(no_data)
+    health = prometheus.query('{__name__=~"up|scrape_duration_seconds", job="ctxsteer"}')
+    assert not no_data, f"dashboard queries without data ({health}):\n" + "\n".join(no_data)
+
+    for var in variables:  # Grafana's label_values(metric, label), asked the way Grafana asks it
+        metric, label = re.fullmatch(r"label_values\((\w+),\s*(\w+)\)", var).groups()
+        r = prometheus.http.get(f"/api/v1/label/{label}/values", params={"match[]": metric}).json()
+        assert model in r["data"], f"{var} -> {r}"
+    assert time.monotonic() - started < 60
