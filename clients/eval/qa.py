@@ -1,0 +1,171 @@
+"""`ctxsteer eval qa`: reading comprehension (SQuAD EM/F1, DROP F1) and knowledge conflict (share of
+answers that follow the edited context vs give the memorised answer), at each steering strength.
+
+Short-answer prompting: the system prompt asks for the bare answer, and the user turn repeats that after
+the question, right where the reply starts, so chatty instruct models are scored on answers. Scores are
+then computed on `scoring.short_answer(reply)`: the first non-empty line, with an "Answer:" prefix and a
+final period removed. `contains` (a gold answer occurs anywhere in the reply) is reported beside EM/F1 as
+the lenient measure. The context and question sit in the user turn, the part that steering emphasises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ctxsteer.clients.eval.api import ContextTooLong, EvalAPI
+from ctxsteer.clients.eval.datasets import QAItem, load_items
+from ctxsteer.clients.eval.plots import strength_label
+from ctxsteer.clients.eval.results import ResultStore
+from ctxsteer.clients.eval.runner import Job, RunReport, run_jobs
+from ctxsteer.clients.eval.scoring import (
+    answer_in_reply,
+    conflict_outcome,
+    drop_scores,
+    short_answer,
+    squad_em,
+    squad_f1,
+)
+from ctxsteer.clients.eval.tokens import make_counter
+
+QA_SYSTEM = (
+    "You answer questions about a text. Reply with the answer only: a few words, a name, a number or a "
+    "date, copied from the text where possible. Never write a full sentence."
+)
+QA_USER = "Context: {context}\n\nQuestion: {question}\nAnswer with a few words only."
+# BIG-bench's own instruction for the conflict task ("assuming the context is true").
+CONFLICT_USER = (
+    "Context: {context}\n\nQuestion: {question}\n"
+    "Assume the context is true, even where it contradicts what you know. Answer with a few words only."
+)
+METRICS = {
+    "squad": ("em", "f1", "contains"),
+    "drop": ("em", "f1", "contains"),
+    "conflict": ("context", "memory", "other"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class QAConfig:
+    url: str
+    task: str
+    out: Path
+    model: str | None = None
+    limit: int | None = 200
+    strengths: Sequence[float] = (1, 1.5, 2, 4)
+    seed: int = 0
+    concurrency: int = 8
+    max_tokens: int = 24
+    tokenizer: str | None = None
+    api_key: str | None = None
+    progress: bool = True
+
+
+@dataclass(slots=True)
+class QAResult:
+    task: str
+    model: str
+    source: str
+    cells: list[dict[str, Any]]
+    report: RunReport
+    files: list[Path] = field(default_factory=list)
+
+    def summary(self) -> dict[float, dict[str, float]]:
+        """strength -> {metric: mean in percent, "n": items}."""
+        by: dict[float, list[dict[str, Any]]] = {}
+        for c in self.cells:
+            by.setdefault(float(c["strength"]), []).append(c)
+        out: dict[float, dict[str, float]] = {}
+        for s, cells in sorted(by.items()):
+            row = {m: 100 * sum(float(c[m]) for c in cells) / len(cells) for m in METRICS[self.task]}
+            out[s] = {**row, "n": float(len(cells))}
+        return out
+
+
+def qa_messages(task: str, item: QAItem) -> list[dict[str, str]]:
+    template = CONFLICT_USER if task == "conflict" else QA_USER
+    return [
+        {"role": "system", "content": QA_SYSTEM},
+        {"role": "user", "content": template.format(context=item.context, question=item.question)},
+    ]
+
+
+def score_item(task: str, item: QAItem, reply: str) -> dict[str, Any]:
+    """Metric fields of one reply (each 0/1 or a fraction, averaged into percentages by `summary`)."""
+    answer = short_answer(reply)
+    if task == "squad":
+        em, f1 = squad_em(answer, item.answers), round(squad_f1(answer, item.answers), 4)
+        return {"em": em, "f1": f1, "contains": answer_in_reply(reply, item.answers)}
+    if task == "drop":
+        em, f1 = drop_scores(answer, item.answers)
+        return {"em": em, "f1": f1, "contains": answer_in_reply(reply, item.answers)}
+    outcome = conflict_outcome(reply, item.context_answer, item.memory_answer)
+    return {
+        "context": float(outcome == "context"),
+        "memory": float(outcome == "memory"),
+        "other": float(outcome == "other"),
+    }
+
+
+async def run_qa(cfg: QAConfig) -> QAResult:
+    """Run (or resume) one task over its seeded subset and write results.json and results.csv."""
+    items, source = load_items(cfg.task, limit=cfg.limit, seed=cfg.seed)
+    async with EvalAPI(cfg.url, model=cfg.model, api_key=cfg.api_key) as api:
+        info = await api.model_info()
+        counter = await make_counter(api, cfg.tokenizer) if info.max_model_len is not None else None
+        meta = {
+            "model": info.name,
+            "task": cfg.task,
+            "source": source,
+            "seed": cfg.seed,
+            "system_prompt": QA_SYSTEM,
+            "user_template": CONFLICT_USER if cfg.task == "conflict" else QA_USER,
+            "max_tokens": cfg.max_tokens,
+        }
+        store = ResultStore(cfg.out, cfg.task, meta, ("id", "strength"))
+
+        def job(item: QAItem, strength: float) -> Job:
+            async def run() -> dict[str, Any]:
+                messages = qa_messages(cfg.task, item)
+                if counter is not None and info.max_model_len is not None:
+                    n_prompt = await counter.count_chat(messages)
+                    if n_prompt + cfg.max_tokens > info.max_model_len:
+                        raise ContextTooLong(
+                            f"{n_prompt} prompt + {cfg.max_tokens} answer tokens > {info.max_model_len}"
+                        )
+                out = await api.chat(messages, strength=strength, max_tokens=cfg.max_tokens)
+                return {
+                    **score_item(cfg.task, item, out.text),
+                    "answer": out.text,
+                    "gold": item.answers
+                    if cfg.task != "conflict"
+                    else [item.context_answer, item.memory_answer],
+                    "prompt_tokens": out.prompt_tokens,
+                    "alpha": (out.steering or {}).get("alpha"),
+                }
+
+            return Job({"id": item.id, "strength": strength}, run)
+
+        # item-major order: the strengths of one item run together and share the server's prefix work
+        jobs = [job(it, s) for it in items for s in cfg.strengths]
+        report = await run_jobs(
+            jobs, store, concurrency=cfg.concurrency, desc=f"{cfg.task} {info.name}", progress=cfg.progress
+        )
+    wanted = {store.key(j.fields) for j in jobs}
+    cells = [c for k, c in store.cells.items() if k in wanted]
+    store.write_csv(cfg.out / "results.csv", ("id", "strength", *METRICS[cfg.task], "answer"))
+    result = QAResult(cfg.task, info.name, source, cells, report)
+    result.files = [cfg.out / "results.json", cfg.out / "results.csv"]
+    return result
+
+
+def summary_table(result: QAResult) -> str:
+    """Markdown: the task's metrics (percent) per strength."""
+    metrics = METRICS[result.task]
+    lines = [f"| strength | n | {' | '.join(metrics)} |", "|---" * (len(metrics) + 2) + "|"]
+    for s, row in result.summary().items():
+        vals = " | ".join(f"{row[m]:.1f}" for m in metrics)
+        lines.append(f"| {strength_label(s)} | {int(row['n'])} | {vals} |")
+    return "\n".join(lines)
