@@ -12,6 +12,9 @@ from typing import Any
 
 import httpx
 
+# Generous: on a CPU, a long prompt queued behind seven others can take many minutes.
+DEFAULT_TIMEOUT_S = 1800.0
+
 
 class EvalError(RuntimeError):
     """Base class of harness errors that the CLI reports in one line."""
@@ -57,7 +60,12 @@ class EvalAPI:
     """Async client for one server; use as `async with EvalAPI(url) as api:`."""
 
     def __init__(
-        self, url: str, *, model: str | None = None, api_key: str | None = None, timeout_s: float = 900.0
+        self,
+        url: str,
+        *,
+        model: str | None = None,
+        api_key: str | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         self.url = root_url(url)
         self.model = model

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ctxsteer.clients.eval.api import EvalError
+from ctxsteer.clients.eval.api import DEFAULT_TIMEOUT_S, EvalError
 from ctxsteer.clients.eval.datasets import TASKS
 from ctxsteer.clients.eval.haystack import DataMissing
 from ctxsteer.clients.eval.needle import DEFAULT_NEEDLE, DEFAULT_QUESTION
@@ -68,6 +68,12 @@ def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--tokenizer",
         help="local HF tokenizer dir/id for servers without /tokenize (default: ask the server)",
+    )
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help="seconds per request, queueing included; a request over it skips its cell (default %(default)g)",
     )
     ap.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
@@ -135,7 +141,7 @@ async def _run(ns: argparse.Namespace) -> int:
     from ctxsteer.clients.eval.runner import print_skipped
 
     common = {"url": ns.url, "model": ns.model, "concurrency": ns.concurrency, "api_key": ns.api_key}
-    common |= {"tokenizer": ns.tokenizer, "progress": ns.progress}
+    common |= {"tokenizer": ns.tokenizer, "progress": ns.progress, "timeout_s": ns.timeout}
     if ns.command == "nih":
         from ctxsteer.clients.eval.nih import NIHConfig, run_nih, summary_table
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ctxsteer.clients.eval.api import ContextTooLong, EvalAPI
+from ctxsteer.clients.eval.api import DEFAULT_TIMEOUT_S, ContextTooLong, EvalAPI
 from ctxsteer.clients.eval.haystack import load_haystack
 from ctxsteer.clients.eval.needle import (
     DEFAULT_NEEDLE,
@@ -46,6 +46,7 @@ class NIHConfig:
     max_tokens: int = 64
     tokenizer: str | None = None
     api_key: str | None = None
+    timeout_s: float = DEFAULT_TIMEOUT_S
     progress: bool = True
 
 
@@ -99,7 +100,7 @@ def _meta(cfg: NIHConfig, model: str) -> dict[str, Any]:
 async def run_nih(cfg: NIHConfig) -> NIHResult:
     """Run (or resume) the grid and write results.json, results.csv and the figures."""
     haystack = load_haystack(cfg.haystack)
-    async with EvalAPI(cfg.url, model=cfg.model, api_key=cfg.api_key) as api:
+    async with EvalAPI(cfg.url, model=cfg.model, api_key=cfg.api_key, timeout_s=cfg.timeout_s) as api:
         info = await api.model_info()
         counter = await make_counter(api, cfg.tokenizer)
         meta = {**_meta(cfg, info.name), "token_counter": counter.name}

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ctxsteer.clients.eval.api import DEFAULT_TIMEOUT_S
 from ctxsteer.clients.eval.needle import DEFAULT_NEEDLE, DEFAULT_QUESTION
 from ctxsteer.clients.eval.nih import NIHConfig, NIHResult, run_nih
 from ctxsteer.clients.eval.plots import strength_label
@@ -45,6 +46,7 @@ class PaperConfig:
     concurrency: int = 8
     tokenizer: str | None = None
     api_key: str | None = None
+    timeout_s: float = DEFAULT_TIMEOUT_S
     progress: bool = True
     plan: Plan | None = None  # overrides QUICK/FULL (tests, custom sizes)
 
@@ -113,7 +115,7 @@ async def run_paper(cfg: PaperConfig) -> PaperResult:
     plan = cfg.plan or (QUICK if cfg.quick else FULL)
     start = time.monotonic()
     common = {"url": cfg.url, "model": cfg.model, "concurrency": cfg.concurrency, "api_key": cfg.api_key}
-    common |= {"tokenizer": cfg.tokenizer, "progress": cfg.progress}
+    common |= {"tokenizer": cfg.tokenizer, "progress": cfg.progress, "timeout_s": cfg.timeout_s}
     nih = await run_nih(
         NIHConfig(
             out=cfg.out / "nih",

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ctxsteer.clients.eval.api import ContextTooLong, EvalAPI
+from ctxsteer.clients.eval.api import DEFAULT_TIMEOUT_S, ContextTooLong, EvalAPI
 from ctxsteer.clients.eval.datasets import QAItem, load_items
 from ctxsteer.clients.eval.plots import strength_label
 from ctxsteer.clients.eval.results import ResultStore
@@ -60,6 +60,7 @@ class QAConfig:
     max_tokens: int = 24
     tokenizer: str | None = None
     api_key: str | None = None
+    timeout_s: float = DEFAULT_TIMEOUT_S
     progress: bool = True
 
 
@@ -112,7 +113,7 @@ def score_item(task: str, item: QAItem, reply: str) -> dict[str, Any]:
 async def run_qa(cfg: QAConfig) -> QAResult:
     """Run (or resume) one task over its seeded subset and write results.json and results.csv."""
     items, source = load_items(cfg.task, limit=cfg.limit, seed=cfg.seed)
-    async with EvalAPI(cfg.url, model=cfg.model, api_key=cfg.api_key) as api:
+    async with EvalAPI(cfg.url, model=cfg.model, api_key=cfg.api_key, timeout_s=cfg.timeout_s) as api:
         info = await api.model_info()
         counter = await make_counter(api, cfg.tokenizer) if info.max_model_len is not None else None
         meta = {
