@@ -15,6 +15,7 @@ from fastapi import FastAPI
 
 from ctxsteer.server.app import build_app
 from ctxsteer.server.config import ServerConfig
+from ctxsteer.server.engine.cpu_prepack import prepack_linears
 from ctxsteer.server.engine.engine import EngineObserver, LocalEngine
 from ctxsteer.server.engine.interface import ModelInfo
 from ctxsteer.server.engine.loader import LoadedInfo, LoadError, load_model
@@ -42,6 +43,8 @@ def build_engine(config: ServerConfig, observer: EngineObserver | None = None) -
     model, tokenizer, info = load_model(
         config.model, device=config.device, dtype=config.dtype, attn_implementation=ATTN_NAME
     )
+    if config.cpu_prepack == "auto" and (n := prepack_linears(model, batch_hint=config.max_num_seqs)):
+        log.info("prepacked %d Linear weights for oneDNN (--cpu-prepack off disables)", n)
     max_len = info.max_model_len
     if config.max_model_len is not None:
         if config.max_model_len > info.max_model_len:

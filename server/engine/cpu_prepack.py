@@ -1,0 +1,60 @@
+"""oneDNN weight prepacking for the Linear layers of a CPU fp32 model.
+
+Batched decoding multiplies a few rows (B = 2..32) by every weight matrix. MKL's path for such short
+products was about 2x slower than oneDNN with weights reordered once into its blocked layout: on the
+2-core EPYC here, a SmolLM2 decode step at B=8 went from 224 to 164 ms (B=1 and a 256-token prefill
+were unchanged). vLLM's CPU backend and IPEX prepack weights in the same way. Results differ from
+MKL's only by summation order (SmolLM2 logits within 1e-4).
+
+The reordered copy replaces the original weight (memory stays one copy), except where the weight is
+shared, e.g. an LM head tied to the input embeddings, which keep theirs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class PrepackedLinear(nn.Module):
+    """y = x W^T + b with W held in oneDNN's blocked layout (inference only)."""
+
+    def __init__(self, linear: nn.Linear, batch_hint: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        with torch.no_grad():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_hint)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, onednn_prepacked"
+
+
+def prepack_supported(model: Any) -> bool:
+    p = next(model.parameters())
+    return (
+        p.device.type == "cpu"
+        and p.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
+
+
+def prepack_linears(model: nn.Module, batch_hint: int = 8) -> int:
+    """Replace every plain nn.Linear of a CPU fp32 model in place; returns how many were replaced."""
+    if not prepack_supported(model):
+        return 0
+    targets = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child) is nn.Linear
+    ]
+    for parent, name, child in targets:
+        setattr(parent, name, PrepackedLinear(child, batch_hint))
+    return len(targets)
