@@ -35,6 +35,7 @@ class SteerBatch:
     active_layers: frozenset[int]
     key_lengths: torch.Tensor | None = None
     _base_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    _step_masks: dict[tuple, torch.Tensor] = field(default_factory=dict)  # decode masks shared by layers
 
     def decode_mask(
         self, layer: int, num_keys: int, sliding_window: int | None, dtype: torch.dtype
@@ -53,10 +54,17 @@ class SteerBatch:
             self._base_masks[sliding_window] = base
         if layer not in self.active_layers:
             return base[:, None, None, :].to(dtype)
+        uniform = self.layer_gate is None and self.head_gate is None  # same mask in every steered layer
+        key = ("steered", sliding_window, dtype)
+        if uniform and (hit := self._step_masks.get(key)) is not None and hit.shape[-1] == num_keys:
+            return hit
         bias = self.bias_for(layer, num_keys)
         heads = self.heads_for(layer)
         add = bias[:, None, :] if heads is None else heads[:, :, None] * bias[:, None, :]
-        return (base[:, None, :] + add)[:, :, None, :].to(dtype)
+        mask = (base[:, None, :] + add)[:, :, None, :].to(dtype)
+        if uniform:
+            self._step_masks[key] = mask
+        return mask
 
     def bias_for(self, layer: int, num_keys: int) -> torch.Tensor:
         """[B, num_keys] fp32 bias of this layer (row gating applied)."""
