@@ -13,7 +13,6 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from starlette.requests import ClientDisconnect
 
 from ctxsteer.server.api import sse
 from ctxsteer.server.api.serving import (
@@ -25,11 +24,11 @@ from ctxsteer.server.api.serving import (
     read_json,
     resolve_max_tokens,
     respond,
+    sse_body,
     steer_row,
     steering_info,
 )
 from ctxsteer.server.engine.request import GenerationRequest, TokenLogprob
-from ctxsteer.server.errors import error_payload
 from ctxsteer.server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -132,7 +131,7 @@ async def _collect(
     return ChatCompletionResponse(**base, choices=choices, usage=gen.usage(), steering=steering)
 
 
-async def _stream(
+def _stream(
     base: dict[str, Any],
     req: ChatCompletionRequest,
     steering: SteeringInfo,
@@ -140,35 +139,26 @@ async def _stream(
     first: tuple[int, Any],
 ) -> AsyncIterator[bytes]:
     """SSE frames: a role chunk per choice, content chunks, finish chunks, optional usage chunk, [DONE].
-    The `steering` object rides on the last chunk before [DONE]. Closing this iterator aborts the rest."""
+    The `steering` object rides on the last chunk before [DONE]."""
 
     def chunk(choices: list[ChatChunkChoice], **extra: Any) -> bytes:
         return sse.frame(ChatCompletionChunk(**base, choices=choices, **extra))
 
-    try:
-        for i in range(req.num_choices):
-            yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
-        event: tuple[int, Any] | None = first
-        while event is not None:
-            i, out = event
-            lps = chat_logprobs(out.logprobs, req.top_logprobs or 0) if req.logprobs else None
-            if out.text or lps or out.finish_reason is not None:
-                last = gen.done and not req.include_usage
-                choice = ChatChunkChoice(
-                    index=i,
-                    delta=DeltaMessage(content=out.text or None),
-                    logprobs=ChoiceLogprobs(content=lps) if lps else None,
-                    finish_reason=None if out.finish_reason is None else str(out.finish_reason),
-                )
-                yield chunk([choice], steering=steering if last else None)
-            event = None if gen.done else await gen.next_event()
-        if req.include_usage:
-            yield chunk([], usage=gen.usage(), steering=steering)
-        yield sse.DONE
-    except ClientDisconnect:
-        return  # nobody left to tell
-    except Exception as exc:  # after the 200 headers an error can only be a frame
-        yield sse.error_frame(error_payload(exc))
-        yield sse.DONE
-    finally:
-        gen.close()
+    def frame_for(i: int, out: Any, last: bool) -> bytes | None:
+        lps = chat_logprobs(out.logprobs, req.top_logprobs or 0) if req.logprobs else None
+        if not (out.text or lps or out.finish_reason is not None):
+            return None
+        choice = ChatChunkChoice(
+            index=i,
+            delta=DeltaMessage(content=out.text or None),
+            logprobs=ChoiceLogprobs(content=lps) if lps else None,
+            finish_reason=None if out.finish_reason is None else str(out.finish_reason),
+        )
+        return chunk([choice], steering=steering if last else None)
+
+    roles = [
+        chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+        for i in range(req.num_choices)
+    ]
+    usage = (lambda: chunk([], usage=gen.usage(), steering=steering)) if req.include_usage else None
+    return sse_body(gen, first, frame_for=frame_for, usage_frame=usage, head=roles)

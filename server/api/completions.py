@@ -14,7 +14,6 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from starlette.requests import ClientDisconnect
 
 from ctxsteer.server.api import sse
 from ctxsteer.server.api.serving import (
@@ -26,11 +25,11 @@ from ctxsteer.server.api.serving import (
     read_json,
     resolve_max_tokens,
     respond,
+    sse_body,
     steer_row,
     steering_info,
 )
 from ctxsteer.server.engine.request import GenerationRequest, TokenLogprob
-from ctxsteer.server.errors import error_payload
 from ctxsteer.server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -148,7 +147,7 @@ async def _collect(
     return CompletionResponse(**base, choices=choices, usage=gen.usage(), steering=steering)
 
 
-async def _stream(
+def _stream(
     base: dict[str, Any],
     req: CompletionRequest,
     steering: SteeringInfo,
@@ -156,26 +155,16 @@ async def _stream(
     first: tuple[int, Any],
 ) -> AsyncIterator[bytes]:
     trackers = [_Logprobs(req.logprobs or 0, len(req.prompt_text)) for _ in range(req.num_choices)]
-    try:
-        event: tuple[int, Any] | None = first
-        while event is not None:
-            i, out = event
-            lps = trackers[i].convert(out.logprobs) if req.logprobs is not None else None
-            if out.text or out.logprobs or out.finish_reason is not None:
-                last = gen.done and not req.include_usage
-                reason = None if out.finish_reason is None else str(out.finish_reason)
-                choice = CompletionChoice(index=i, text=out.text, logprobs=lps, finish_reason=reason)
-                yield sse.frame(
-                    CompletionResponse(**base, choices=[choice], steering=steering if last else None)
-                )
-            event = None if gen.done else await gen.next_event()
-        if req.include_usage:
-            yield sse.frame(CompletionResponse(**base, choices=[], usage=gen.usage(), steering=steering))
-        yield sse.DONE
-    except ClientDisconnect:
-        return
-    except Exception as exc:  # after the 200 headers an error can only be a frame
-        yield sse.error_frame(error_payload(exc))
-        yield sse.DONE
-    finally:
-        gen.close()
+
+    def frame_for(i: int, out: Any, last: bool) -> bytes | None:
+        lps = trackers[i].convert(out.logprobs) if req.logprobs is not None else None
+        if not (out.text or out.logprobs or out.finish_reason is not None):
+            return None
+        reason = None if out.finish_reason is None else str(out.finish_reason)
+        choice = CompletionChoice(index=i, text=out.text, logprobs=lps, finish_reason=reason)
+        return sse.frame(CompletionResponse(**base, choices=[choice], steering=steering if last else None))
+
+    def usage() -> bytes:
+        return sse.frame(CompletionResponse(**base, choices=[], usage=gen.usage(), steering=steering))
+
+    return sse_body(gen, first, frame_for=frame_for, usage_frame=usage if req.include_usage else None)

@@ -25,7 +25,14 @@ from ctxsteer.server.api import sse
 from ctxsteer.server.config import ServerConfig
 from ctxsteer.server.engine.interface import AsyncEngine
 from ctxsteer.server.engine.request import FinishReason, GenerationOutput, GenerationRequest, SteerRow
-from ctxsteer.server.errors import SERVER_ERROR, CtxsteerError, bad_request, context_too_long, model_not_found
+from ctxsteer.server.errors import (
+    SERVER_ERROR,
+    CtxsteerError,
+    bad_request,
+    context_too_long,
+    error_payload,
+    model_not_found,
+)
 from ctxsteer.server.protocol import SteeringInfo, UsageInfo
 from ctxsteer.steering.spec import HeadMap, SteeringSpec, parse_steering
 
@@ -275,3 +282,38 @@ async def respond(
     finally:
         gen.close()
     return JSONResponse(body.model_dump(mode="json"))
+
+
+async def sse_body(
+    gen: Generation,
+    first: tuple[int, GenerationOutput],
+    *,
+    frame_for: Callable[[int, GenerationOutput, bool], bytes | None],
+    usage_frame: Callable[[], bytes] | None,
+    head: Sequence[bytes] = (),
+) -> AsyncIterator[bytes]:
+    """The SSE body both endpoints send: `head`, one frame per engine event that `frame_for(choice, out,
+    last)` turns into one (`last`: no choice frame follows), the usage frame when asked for, `[DONE]`.
+
+    An error after the 200 headers can only be reported as an error frame; a client that went away is
+    not written to; closing the iterator aborts what is still generating.
+    """
+    try:
+        for data in head:
+            yield data
+        event: tuple[int, GenerationOutput] | None = first
+        while event is not None:
+            data = frame_for(*event, gen.done and usage_frame is None)
+            if data is not None:
+                yield data
+            event = None if gen.done else await gen.next_event()
+        if usage_frame is not None:
+            yield usage_frame()
+        yield sse.DONE
+    except ClientDisconnect:
+        return
+    except Exception as exc:  # noqa: BLE001
+        yield sse.error_frame(error_payload(exc))
+        yield sse.DONE
+    finally:
+        gen.close()
