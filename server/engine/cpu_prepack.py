@@ -49,12 +49,14 @@ def prepack_linears(model: nn.Module, batch_hint: int = 8) -> int:
     """Replace every plain nn.Linear of a CPU fp32 model in place; returns how many were replaced."""
     if not prepack_supported(model):
         return 0
+    # Only (parent, name) is kept, so each original weight is freed as soon as its copy exists:
+    # peak memory is one layer above the model, not twice the model.
     targets = [
-        (parent, name, child)
+        (parent, name)
         for parent in model.modules()
         for name, child in parent.named_children()
         if type(child) is nn.Linear
     ]
-    for parent, name, child in targets:
-        setattr(parent, name, PrepackedLinear(child, batch_hint))
+    for parent, name in targets:
+        setattr(parent, name, PrepackedLinear(getattr(parent, name), batch_hint))
     return len(targets)
