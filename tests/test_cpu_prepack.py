@@ -82,3 +82,14 @@ def test_cpu_prepack_flag() -> None:
     assert ServerConfig(cpu_prepack="off").cpu_prepack == "off"
     with pytest.raises(ValueError, match="--cpu-prepack"):
         ServerConfig(cpu_prepack="always")
+
+
+def test_a_build_whose_onednn_fails_keeps_stock_torch(monkeypatch) -> None:
+    def broken(self, x):
+        raise RuntimeError("could not create a primitive")
+
+    monkeypatch.setattr(PrepackedLinear, "forward", broken)
+    model = make_model("llama")
+    before = sum(type(m) is nn.Linear for m in model.modules())
+    assert prepack_linears(model) == 0
+    assert sum(type(m) is nn.Linear for m in model.modules()) == before

@@ -12,10 +12,13 @@ shared, e.g. an LM head tied to the input embeddings, which keep theirs.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 from torch import nn
+
+log = logging.getLogger("ctxsteer.engine")
 
 
 class PrepackedLinear(nn.Module):
@@ -45,6 +48,19 @@ def prepack_supported(model: Any) -> bool:
     )
 
 
+def _packing_works(linear: nn.Linear, batch_hint: int) -> bool:
+    """Try one layer first: a torch build whose oneDNN cannot do it keeps stock torch, not a broken model."""
+    try:
+        x = torch.randn(3, linear.in_features, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            want = nn.functional.linear(x, linear.weight, linear.bias)
+            got = PrepackedLinear(linear, batch_hint)(x)
+        return bool(torch.allclose(got, want, rtol=1e-4, atol=1e-4))
+    except (RuntimeError, NotImplementedError) as e:
+        log.warning("oneDNN weight prepacking unavailable (%s); using stock torch", e)
+        return False
+
+
 def prepack_linears(model: nn.Module, batch_hint: int = 8) -> int:
     """Replace every plain nn.Linear of a CPU fp32 model in place; returns how many were replaced."""
     if not prepack_supported(model):
@@ -57,6 +73,8 @@ def prepack_linears(model: nn.Module, batch_hint: int = 8) -> int:
         for name, child in parent.named_children()
         if type(child) is nn.Linear
     ]
+    if not targets or not _packing_works(getattr(*targets[0]), batch_hint):
+        return 0
     for parent, name in targets:
         setattr(parent, name, PrepackedLinear(getattr(parent, name), batch_hint))
     return len(targets)
