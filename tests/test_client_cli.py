@@ -302,5 +302,8 @@ def test_repl_ctrl_c_stops_the_answer_not_the_chat(
             pytest.fail("the interrupted answer is still generating on the server")
     t.send("/strength 3\r")  # the chat goes on
     t.expect(r"(?m)^strength 3\r?$")
+    # Ctrl-D only once the next prompt is up: readline switches the terminal to raw mode before it draws
+    # the prompt, and an EOF typed in the canonical-mode gap before that is dropped by the tty.
+    t.expect(PROMPT)
     t.send("\x04")  # Ctrl-D leaves
     assert t.wait() == 0
