@@ -28,7 +28,7 @@ from ctxsteer.server.engine.request import (
     TokenLogprob,
 )
 from ctxsteer.server.engine.runner import ModelRunner, PrefillState
-from ctxsteer.server.engine.sampler import RowSampler, Sampled, sample_row
+from ctxsteer.server.engine.sampler import RowSampler, Sampled, sample_row, sample_rows
 from ctxsteer.server.engine.scheduler import Scheduler
 
 log = logging.getLogger("ctxsteer.engine")
@@ -260,8 +260,8 @@ class LocalEngine(AsyncEngine):
         # Reported before any row's output is emitted: rows in the forward, and the warm-up's last step
         # is seen while the engine is still not ready.
         self.observer.on_step(len(running), prefill_tokens)
-        for i, seq in enumerate(running):
-            self._accept(seq, sample_row(logits[i], seq.sampler))
+        for seq, s in zip(running, sample_rows(logits, [q.sampler for q in running]), strict=True):
+            self._accept(seq, s)
 
     def _accept(self, seq: Sequence, s: Sampled, first: bool = False) -> None:
         now = time.monotonic()

@@ -71,3 +71,23 @@ def sample_row(logits: torch.Tensor, row: RowSampler) -> Sampled:
         vals, idx = torch.topk(logp, p.top_logprobs)
         top = tuple(zip(idx.tolist(), vals.tolist(), strict=True))
     return Sampled(token, float(logp[token]), top)
+
+
+def _plain_greedy(row: RowSampler) -> bool:
+    p = row.params
+    return p.temperature <= 0 and not p.logprobs and not (p.presence_penalty or p.frequency_penalty)
+
+
+def sample_rows(logits: torch.Tensor, rows: list[RowSampler]) -> list[Sampled]:
+    """Sample every row of [B, V] logits. Plain greedy rows share one argmax and one device-to-host copy
+    (B separate `.item()` syncs per step add up on a GPU); the others go through `sample_row`."""
+    greedy = [i for i, r in enumerate(rows) if _plain_greedy(r)]
+    picks = dict(zip(greedy, logits[greedy].argmax(-1).tolist(), strict=True)) if greedy else {}
+    out = []
+    for i, row in enumerate(rows):
+        if i in picks:
+            row.counts[picks[i]] += 1
+            out.append(Sampled(picks[i], None, ()))
+        else:
+            out.append(sample_row(logits[i], row))
+    return out
