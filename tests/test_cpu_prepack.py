@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import torch
-from test_engine import _collect, _requests
+from test_engine import _requests, solo_then_busy
 from tiny import ARCHS, make_model, make_tokenizer
 from torch import nn
 
@@ -58,15 +56,7 @@ def test_busy_batch_equals_solo_with_prepacked_weights() -> None:
     info = ModelInfo("qwen2", "qwen2", "cpu", "float32", 512, cfg.num_hidden_layers, cfg.num_attention_heads)
     reqs = _requests(8, max_tokens=10, seed=11)
 
-    async def main() -> tuple[list[list[int]], list[list[int]]]:
-        engine = LocalEngine(model, make_tokenizer(), info, max_num_seqs=8)
-        await engine.start()
-        solo = [(await _collect(engine, r))[0] for r in reqs]
-        busy = await asyncio.gather(*(_collect(engine, r) for r in reqs))
-        await engine.shutdown()
-        return solo, [ids for ids, _ in busy]
-
-    solo, busy = asyncio.run(main())
+    solo, busy = solo_then_busy(LocalEngine(model, make_tokenizer(), info, max_num_seqs=8), reqs)
     assert all(len(s) == 10 for s in solo)
     assert busy == solo
 

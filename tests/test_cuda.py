@@ -7,12 +7,10 @@ reference at 5 % of the logit range, the rounding of a bf16 forward.
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import torch
 from steer_reference import RefSteer, register_reference
-from test_engine import _collect, _requests
+from test_engine import _requests, solo_then_busy
 from tiny import ARCHS, make_model, make_tokenizer
 
 from ctxsteer.server.engine.engine import LocalEngine
@@ -69,14 +67,8 @@ def test_cuda_busy_batch_equals_solo() -> None:
     info = ModelInfo("qwen2", "qwen2", "cuda", "float32", 512, cfg.num_hidden_layers, cfg.num_attention_heads)
     reqs = _requests(8, max_tokens=10, seed=5)
 
-    async def main() -> tuple[list[list[int]], list[list[int]]]:
-        engine = LocalEngine(model, make_tokenizer(), info, max_num_seqs=8, prefill_chunk=16)
-        await engine.start()
-        solo = [(await _collect(engine, r))[0] for r in reqs]
-        busy = await asyncio.gather(*(_collect(engine, r) for r in reqs))
-        await engine.shutdown()
-        return solo, [ids for ids, _ in busy]
-
-    solo, busy = asyncio.run(main())
+    solo, busy = solo_then_busy(
+        LocalEngine(model, make_tokenizer(), info, max_num_seqs=8, prefill_chunk=16), reqs
+    )
     assert all(len(s) == 10 for s in solo)
     assert busy == solo

@@ -51,19 +51,24 @@ def _run(coro):
     return asyncio.run(coro)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma3"])
-def test_busy_batch_equals_solo_and_core_loop(arch: str) -> None:
-    reqs = _requests(8)
+def solo_then_busy(engine: LocalEngine, reqs: list[GenerationRequest]) -> tuple[list[list[int]], ...]:
+    """Greedy token ids of each request run alone, then of all of them at once (same engine)."""
 
     async def main() -> tuple[list[list[int]], list[list[int]]]:
-        engine = _engine(arch, max_num_seqs=8, prefill_chunk=16)  # small chunks: chunked prefill too
         await engine.start()
         solo = [(await _collect(engine, r))[0] for r in reqs]
         busy = await asyncio.gather(*(_collect(engine, r) for r in reqs))
         await engine.shutdown()
         return solo, [ids for ids, _ in busy]
 
-    solo, busy = _run(main())
+    return _run(main())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma3"])
+def test_busy_batch_equals_solo_and_core_loop(arch: str) -> None:
+    reqs = _requests(8)
+    engine = _engine(arch, max_num_seqs=8, prefill_chunk=16)  # small chunks: chunked prefill too
+    solo, busy = solo_then_busy(engine, reqs)
     assert busy == solo
     # The engine's steered decoding equals the plain core loop (per row, its own strength).
     model = make_model(arch, attn_implementation=ATTN_NAME)
