@@ -35,7 +35,7 @@ class SteerBatch:
     active_layers: frozenset[int]
     key_lengths: torch.Tensor | None = None
     _base_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
-    _step_masks: dict[tuple, torch.Tensor] = field(default_factory=dict)  # decode masks shared by layers
+    _step_masks: dict[tuple[int | None, torch.dtype], torch.Tensor] = field(default_factory=dict)
 
     def decode_mask(
         self, layer: int, num_keys: int, sliding_window: int | None, dtype: torch.dtype
@@ -55,7 +55,7 @@ class SteerBatch:
         if layer not in self.active_layers:
             return base[:, None, None, :].to(dtype)
         uniform = self.layer_gate is None and self.head_gate is None  # same mask in every steered layer
-        key = ("steered", sliding_window, dtype)
+        key = (sliding_window, dtype)  # steered decode mask, shared by all steered layers
         if uniform and (hit := self._step_masks.get(key)) is not None and hit.shape[-1] == num_keys:
             return hit
         bias = self.bias_for(layer, num_keys)

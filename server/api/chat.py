@@ -160,5 +160,10 @@ def _stream(
         chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
         for i in range(req.num_choices)
     ]
-    usage = (lambda: chunk([], usage=gen.usage(), steering=steering)) if req.include_usage else None
-    return sse_body(gen, first, frame_for=frame_for, usage_frame=usage, head=roles)
+
+    def usage() -> bytes:
+        return chunk([], usage=gen.usage(), steering=steering)
+
+    return sse_body(
+        gen, first, frame_for=frame_for, usage_frame=usage if req.include_usage else None, head=roles
+    )

@@ -79,15 +79,16 @@ def _plain_greedy(row: RowSampler) -> bool:
 
 
 def sample_rows(logits: torch.Tensor, rows: list[RowSampler]) -> list[Sampled]:
-    """Sample every row of [B, V] logits. Plain greedy rows share one argmax and one device-to-host copy
-    (B separate `.item()` syncs per step add up on a GPU); the others go through `sample_row`."""
-    greedy = [i for i, r in enumerate(rows) if _plain_greedy(r)]
-    picks = dict(zip(greedy, logits[greedy].argmax(-1).tolist(), strict=True)) if greedy else {}
+    """Sample every row of [B, V] logits. Plain greedy rows take their token from one batched argmax and
+    one device-to-host copy (B separate `.item()` syncs per step add up on a GPU); the others go through
+    `sample_row`."""
+    greedy = [_plain_greedy(r) for r in rows]
+    best = logits.argmax(-1).tolist() if any(greedy) else []
     out = []
     for i, row in enumerate(rows):
-        if i in picks:
-            row.counts[picks[i]] += 1
-            out.append(Sampled(picks[i], None, ()))
+        if greedy[i]:
+            row.counts[best[i]] += 1
+            out.append(Sampled(best[i], None, ()))
         else:
             out.append(sample_row(logits[i], row))
     return out
