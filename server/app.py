@@ -1,8 +1,9 @@
 """build_app(config, engine): the FastAPI app; no module-level app or engine, so tests inject fakes.
 
 The guard middleware is plain ASGI (not BaseHTTPMiddleware, which buffers and breaks cancellation of
-streamed responses). It runs before any route and in this order: request id, API key (only /v1/*, and
-/metrics when a metrics key is set), body size (Content-Length first, then counted while reading).
+streamed responses). It runs before any route and in this order: request id, API key (every route but
+PUBLIC_PATHS, and /metrics only when a metrics key is set), body size (Content-Length first, then
+counted while reading).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from ctxsteer.steering.spec import HeadMap
 logger = logging.getLogger("ctxsteer.server.app")
 
 REQUEST_ID_HEADER = "X-Request-Id"
+# Answer without an API key: liveness/readiness probes, version, and the API description itself.
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/version", "/openapi.json", "/docs", "/docs/oauth2-redirect"})
 _CLIENT_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
@@ -121,12 +124,15 @@ class GuardMiddleware:
             await error_response(err)(scope, receive, send_with_id)
 
     def _check_auth(self, path: str, headers: Headers) -> CtxsteerError | None:
-        if path.startswith("/v1/") or path == "/v1":
-            keys = self.keys
-        elif path == "/metrics" and self.metrics_key is not None:
-            keys = (self.metrics_key,)
-        else:
+        """Deny by default: with keys set, every route but the probes, the API document and /metrics needs
+        one (/tokenize and anything added later touch the tokenizer or model). /metrics takes its own
+        key, or is public without one, as in vLLM."""
+        if path == "/metrics":
+            keys: tuple[bytes, ...] = (self.metrics_key,) if self.metrics_key is not None else ()
+        elif path in PUBLIC_PATHS:
             return None
+        else:
+            keys = self.keys
         if not keys:
             return None
         scheme, _, token = headers.get("authorization", "").partition(" ")

@@ -146,7 +146,7 @@ class Metrics:
             "route",
         )
         Info(PREFIX + "model", "The served model.", [MODEL_LABEL], registry=r).labels(m).info(
-            {"model": info.path, "device": info.device, "dtype": info.dtype, "version": version}
+            {"model": m, "device": info.device, "dtype": info.dtype, "version": version}
         )
         r.register(_EngineGauges(engine, m))
         r.register(_WithModelName(ProcessCollector(namespace=NAMESPACE, registry=None), m))

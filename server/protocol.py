@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pydantic_core import PydanticCustomError
 
 from ctxsteer.server.engine.request import SamplingParams
+from ctxsteer.steering.spec import MAX_STRENGTH
 
 logger = logging.getLogger("ctxsteer.server.protocol")
 
@@ -127,7 +128,8 @@ class _GenerationRequest(OpenAIBaseModel):
     user: str | None = None
     ignore_eos: bool | None = None  # vLLM extension: keep generating past EOS (benchmarks)
     steering: dict[str, Any] | None = None  # validated by ctxsteer.steering.spec.parse_steering
-    steering_strength: float | None = Field(None, ge=1.0)  # shorthand for {"steering": {"strength": x}}
+    # shorthand for {"steering": {"strength": x}}
+    steering_strength: float | None = Field(None, ge=1.0, le=MAX_STRENGTH)
     # Known OpenAI fields we cannot honour: declared so that they are rejected, not ignored.
     logit_bias: Any = None
     response_format: Any = None
@@ -260,6 +262,8 @@ class CompletionRequest(_GenerationRequest):
             )
         if isinstance(v, list) and len(v) != 1:
             raise _invalid("only one prompt per request is supported (send a string or a list of one string)")
+        if v == "" or v == [""]:
+            raise _invalid("the prompt must not be empty")
         return v
 
     @field_validator("echo", "suffix")

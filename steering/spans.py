@@ -116,15 +116,35 @@ def _tokenize(tokenizer: Any, text: str, add_special_tokens: bool) -> tuple[list
     return ids, _offsets_by_decoding(tokenizer, ids)
 
 
+class TokenIndex:
+    """char range -> token range in O(log n) per lookup, over a prompt's token offsets built once.
+
+    Span search runs once per occurrence of every steered substring, so a per-lookup scan of all
+    offsets would make one small request cost spans x matches x tokens.
+    """
+
+    def __init__(self, offsets: Sequence[Range]) -> None:
+        self.offsets = offsets
+        self.ends = [o[1] for o in offsets]
+        starts = [o[0] for o in offsets]
+        self.starts = starts if all(a <= b for a, b in zip(starts, starts[1:], strict=False)) else None
+
+    def token_range(self, start: int, end: int) -> Range:
+        """Tokens whose characters overlap [start, end); empty range at the right place if none do."""
+        first = bisect.bisect_right(self.ends, start)  # first token ending after `start`
+        if start >= end:
+            return first, first
+        if self.starts is not None:  # tokens from `first` on that start before `end`
+            return first, max(first, bisect.bisect_left(self.starts, end, lo=first))
+        last = first  # unsorted starts (rare special-token offsets): scan just this span's tokens
+        while last < len(self.offsets) and self.offsets[last][0] < end:
+            last += 1
+        return first, max(first, last)
+
+
 def char_to_token_range(offsets: Sequence[Range], start: int, end: int) -> Range:
-    """Tokens whose characters overlap [start, end); empty range at the right place if none do."""
-    ends = [o[1] for o in offsets]
-    first = bisect.bisect_right(ends, start)  # first token ending after `start`
-    last = first
-    while last < len(offsets) and offsets[last][0] < end and start < end:
-        last += 1
-    # Tokens with empty offsets (some special tokens) inside the range are kept by the loop above.
-    return first, max(first, last)
+    """Tokens whose characters overlap [start, end) (one-off lookup; use TokenIndex for many)."""
+    return TokenIndex(offsets).token_range(start, end)
 
 
 def render_chat(
@@ -144,7 +164,8 @@ def render_chat(
         msgs, text
     )
     ids, offsets = _tokenize(tokenizer, text, add_special_tokens=False)
-    spans = tuple(char_to_token_range(offsets, s, e) for s, e in chars)
+    index = TokenIndex(offsets)
+    spans = tuple(index.token_range(s, e) for s, e in chars)
     return RenderedPrompt(text, ids, spans, tuple(chars), tuple(offsets))
 
 
@@ -182,15 +203,16 @@ def steered_ranges(
                 raise SteeringError(f"messages[{i}].steer", "must be a boolean")
             if flag if flag is not None else m.get("role") in spec.targets:
                 ranges.append(span)
+    index = TokenIndex(rendered.offsets) if spec.spans else None
     for j, needle in enumerate(spec.spans):
         hits = 0
         for cs, ce in rendered.message_chars:
-            region = rendered.text[cs:ce]
-            start = region.find(needle)
+            # Non-overlapping occurrences, each mapped in O(log n): linear in the prompt per span.
+            start = rendered.text.find(needle, cs, ce)
             while start >= 0:
-                ranges.append(char_to_token_range(rendered.offsets, cs + start, cs + start + len(needle)))
+                ranges.append(index.token_range(start, start + len(needle)))  # type: ignore[union-attr]
                 hits += 1
-                start = region.find(needle, start + len(needle))
+                start = rendered.text.find(needle, start + len(needle), ce)
         if not hits:
             raise SteeringError(f"steering.spans[{j}]", f"{needle[:60]!r} was not found in any message")
     return merge_ranges(ranges)

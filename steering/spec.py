@@ -7,6 +7,7 @@ the factor applied to the attention paid to every prompt token outside the steer
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,10 +52,21 @@ class SteeringSpec:
         return self.alpha != 1.0
 
 
+# alpha and strength = 1/alpha are both used (the bias is log(alpha); responses report the strength), so
+# both must stay finite and normal: alpha in [MIN_ALPHA, 1], strength in [1, MAX_STRENGTH].
+MAX_STRENGTH = 1e300
+MIN_ALPHA = 1.0 / MAX_STRENGTH
+MAX_SPANS = 128  # each span is searched over the whole prompt
+_LAYER_KEY = re.compile(r"-?[0-9]+")  # ASCII only: int() also takes " 1 ", "1_0" and other scripts' digits
+
+
 def _number(value: Any, field: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise SteeringError(field, f"must be a number, got {type(value).__name__}")
-    x = float(value)
+    try:
+        x = float(value)
+    except OverflowError:  # an int beyond float range
+        raise SteeringError(field, "must be a finite number, got an integer too large for a float") from None
     if not math.isfinite(x):
         raise SteeringError(field, "must be finite")
     return x
@@ -75,8 +87,8 @@ def _int_list(value: Any, field: str, upper: int, what: str) -> tuple[int, ...]:
 
 def strength_to_alpha(strength: float, field: str = "strength") -> float:
     s = _number(strength, field)
-    if s < 1.0:
-        raise SteeringError(field, f"must be >= 1 (1 = off), got {s}")
+    if not 1.0 <= s <= MAX_STRENGTH:
+        raise SteeringError(field, f"must be in [1, {MAX_STRENGTH:g}] (1 = off), got {s}")
     return 1.0 / s
 
 
@@ -85,10 +97,12 @@ def parse_heads(value: Any, field: str, num_layers: int, num_heads: int) -> Head
     if isinstance(value, Mapping):
         out: HeadMap = {}
         for key, heads in value.items():
-            try:
+            if isinstance(key, int) and not isinstance(key, bool):
+                layer = key
+            elif isinstance(key, str) and _LAYER_KEY.fullmatch(key):
                 layer = int(key)
-            except (TypeError, ValueError):
-                raise SteeringError(f"{field}.{key}", "layer keys must be integers") from None
+            else:
+                raise SteeringError(f"{field}.{key}", "layer keys must be integers (ASCII digits)")
             if not -num_layers <= layer < num_layers:
                 raise SteeringError(f"{field}.{key}", f"layer {layer} out of range (model has {num_layers})")
             out[layer % num_layers] = _int_list(heads, f"{field}.{key}", num_heads, "head")
@@ -123,8 +137,8 @@ def parse_steering(
         raise SteeringError(field, "give either strength or alpha, not both")
     if has_a:
         alpha = _number(obj["alpha"], f"{field}.alpha")
-        if not 0.0 < alpha <= 1.0:
-            raise SteeringError(f"{field}.alpha", f"must be in (0, 1], got {alpha}")
+        if not MIN_ALPHA <= alpha <= 1.0:
+            raise SteeringError(f"{field}.alpha", f"must be in [{MIN_ALPHA:g}, 1] (1 = off), got {alpha}")
     elif has_s:
         alpha = strength_to_alpha(obj["strength"], f"{field}.strength")
     else:
@@ -133,6 +147,8 @@ def parse_steering(
     spans = obj.get("spans") or ()
     if not isinstance(spans, Sequence) or isinstance(spans, str):
         raise SteeringError(f"{field}.spans", "must be a list of strings")
+    if len(spans) > MAX_SPANS:
+        raise SteeringError(f"{field}.spans", f"at most {MAX_SPANS} spans are allowed, got {len(spans)}")
     for i, s in enumerate(spans):
         if not isinstance(s, str) or not s:
             raise SteeringError(f"{field}.spans[{i}]", "must be a non-empty string")

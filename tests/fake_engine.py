@@ -2,7 +2,8 @@
 
 It "generates" by echoing the prompt's non-special tokens one per step (so output is deterministic and
 decodable), and records every request and abort so tests can assert what the HTTP layer sent.
-Knobs: `delay_s` per token, `capacity` (admission beyond it raises QueueFull), `dead` (EngineDead),
+Knobs: `delay_s` per token, `capacity` (admission beyond it raises QueueFull), `max_requests`
+(choices beyond it are a 400), `dead` (EngineDead),
 `fail_after` (after that many tokens: raise, or emit a FinishReason.ERROR output when
 `fail_with_output`), `ready`.
 """
@@ -69,6 +70,7 @@ class FakeEngine(AsyncEngine):
         num_heads: int = 4,
         delay_s: float = 0.0,
         capacity: int = 1_000,
+        max_requests: int = 10_000,
         ready: bool = True,
     ) -> None:
         self.info = ModelInfo(
@@ -83,6 +85,7 @@ class FakeEngine(AsyncEngine):
         self.tokenizer = tokenizer
         self.delay_s = delay_s
         self.capacity = capacity
+        self._max_requests = max_requests
         self.dead = False
         self.fail_after: int | None = None
         self.fail_with_output = False
@@ -109,6 +112,10 @@ class FakeEngine(AsyncEngine):
         self.aborted.append(request_id)
         self.active.discard(request_id)
         self.abort_event.set()
+
+    @property
+    def max_requests(self) -> int:
+        return self._max_requests
 
     @property
     def ready(self) -> bool:

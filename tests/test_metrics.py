@@ -267,7 +267,8 @@ def test_http_and_info_series(served: tuple[Live, dict[str, Any]]) -> None:
     assert info.value == 1
     assert info.labels["model_name"] == facts["model"] and info.labels["device"] == "cpu"
     assert info.labels["dtype"] == "float32" and info.labels["version"] == s.app.version
-    assert info.labels["model"]  # what was loaded (here the tiny model's directory)
+    # The served name, never the local path of what was loaded (it leaks the host's file layout).
+    assert info.labels["model"] == facts["model"] and "/" not in info.labels["model"]
     assert m.value("ctxsteer_process_resident_memory_bytes") > 0
 
 
@@ -305,7 +306,7 @@ def test_rejection_reasons_are_counted() -> None:
             s.http.post("/v1/chat/completions", json={**chat, "model": "nope"}, headers=auth).status_code
             == 404
         )
-        assert s.http.get("/no/such/route").status_code == 404
+        assert s.http.get("/no/such/route", headers=auth).status_code == 404  # keyless: 401, deny by default
         engine.capacity = 0
         assert s.http.post("/v1/chat/completions", json=chat, headers=auth).status_code == 429
         engine.capacity = 1_000

@@ -15,13 +15,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from ctxsteer.server.api import sse
+from ctxsteer.server.api.body import read_json
 from ctxsteer.server.api.serving import (
     Generation,
     ServingContext,
     clamp_logprob,
     get_context,
     new_id,
-    read_json,
     resolve_max_tokens,
     respond,
     sse_body,
@@ -59,11 +59,11 @@ def _prepare(ctx: ServingContext, req: ChatCompletionRequest, response_id: str) 
     spec = ctx.parse_spec(req.steering_object())
     messages = req.render_messages()
     rendered = render_chat(ctx.engine.tokenizer, messages, add_generation_prompt=True)
-    steered = steered_ranges(rendered, messages, spec)
     n_prompt = len(rendered.ids)
-    max_tokens = resolve_max_tokens(
+    max_tokens = resolve_max_tokens(  # before any span work: an oversized prompt costs no more
         n_prompt, req.requested_max_tokens(), ctx.max_model_len, default=None, prompt_param="messages"
     )
+    steered = steered_ranges(rendered, messages, spec)
     row = steer_row(spec, steered)
     requests = [
         GenerationRequest(
@@ -82,6 +82,7 @@ async def create_chat_completion(request: Request) -> Response:
     ctx = get_context(request)
     req = await read_json(request, ChatCompletionRequest)
     ctx.check_model(req.model)
+    ctx.check_choices(req.num_choices)
     response_id = new_id("chatcmpl")
     prepared = await ctx.run_sync(_prepare, ctx, req, response_id)
     return await respond(

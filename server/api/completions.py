@@ -16,13 +16,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from ctxsteer.server.api import sse
+from ctxsteer.server.api.body import read_json
 from ctxsteer.server.api.serving import (
     Generation,
     ServingContext,
     clamp_logprob,
     get_context,
     new_id,
-    read_json,
     resolve_max_tokens,
     respond,
     sse_body,
@@ -30,6 +30,7 @@ from ctxsteer.server.api.serving import (
     steering_info,
 )
 from ctxsteer.server.engine.request import GenerationRequest, TokenLogprob
+from ctxsteer.server.errors import bad_request
 from ctxsteer.server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -67,15 +68,17 @@ class _Prepared:
 def _prepare(ctx: ServingContext, req: CompletionRequest, response_id: str) -> _Prepared:
     spec = completion_spec(ctx, req.steering_object())
     rendered = render_text(ctx.engine.tokenizer, req.prompt_text)
-    steered = steered_ranges(rendered, None, spec)
     n_prompt = len(rendered.ids)
-    max_tokens = resolve_max_tokens(
+    if n_prompt == 0:  # e.g. whitespace a tokenizer drops: there is nothing to continue from
+        raise bad_request("The prompt has no tokens; send a non-empty prompt.", "prompt", "empty_prompt")
+    max_tokens = resolve_max_tokens(  # before any span work: an oversized prompt costs no more
         n_prompt,
         req.requested_max_tokens(),
         ctx.max_model_len,
         default=DEFAULT_MAX_TOKENS,
         prompt_param="prompt",
     )
+    steered = steered_ranges(rendered, None, spec)
     row = steer_row(spec, steered)
     requests = [
         GenerationRequest(
@@ -94,6 +97,7 @@ async def create_completion(request: Request) -> Response:
     ctx = get_context(request)
     req = await read_json(request, CompletionRequest)
     ctx.check_model(req.model)
+    ctx.check_choices(req.num_choices)
     response_id = new_id("cmpl")
     prepared = await ctx.run_sync(_prepare, ctx, req, response_id)
     return await respond(

@@ -11,8 +11,9 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from ctxsteer.server.api.body import read_json
 from ctxsteer.server.api.completions import completion_spec
-from ctxsteer.server.api.serving import ServingContext, get_context, read_json
+from ctxsteer.server.api.serving import ServingContext, get_context
 from ctxsteer.server.errors import SERVER_ERROR, CtxsteerError, model_not_found
 from ctxsteer.server.protocol import ModelCard, ModelList, TokenizeRequest, TokenizeResponse
 from ctxsteer.steering.spans import render_chat, render_text, steered_ranges

@@ -6,7 +6,6 @@ the client goes away, an error occurs or the response generator is closed.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -36,7 +35,6 @@ from ctxsteer.server.errors import (
 from ctxsteer.server.protocol import SteeringInfo, UsageInfo
 from ctxsteer.steering.spec import HeadMap, SteeringSpec, parse_steering
 
-M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 Range = tuple[int, int]
 LOGPROB_FLOOR = -9999.0  # -inf is not JSON; OpenAI clients expect a number
@@ -64,6 +62,17 @@ class ServingContext:
         if name and name != self.model_name:
             raise model_not_found(name)
 
+    def check_choices(self, n: int) -> None:
+        """`n` beyond what the engine can ever hold would be refused forever: a 400 saying the limit,
+        not a 429 inviting a retry."""
+        limit = self.engine.max_requests
+        if n > limit:
+            raise bad_request(
+                f"n={n} is more choices than this server can ever run at once (at most {limit}).",
+                "n",
+                "n_too_large",
+            )
+
     def parse_spec(self, obj: dict[str, Any] | None) -> SteeringSpec:
         info = self.engine.info
         return parse_steering(
@@ -81,30 +90,6 @@ class ServingContext:
 
 def get_context(request: Request) -> ServingContext:
     return request.app.state.serving
-
-
-async def read_json(request: Request, model: type[M]) -> M:
-    """Parse the body as `model`: 415 for a non-JSON Content-Type, 400 for bad JSON or bad fields."""
-    ctype = request.headers.get("content-type")
-    if ctype is not None:
-        mime = ctype.split(";", 1)[0].strip().lower()
-        if mime != "application/json" and not mime.endswith("+json"):
-            raise CtxsteerError(
-                415,
-                f"Content-Type must be application/json, got {mime or 'nothing'!r}.",
-                code="unsupported_media_type",
-            )
-    body = await request.body()
-    try:
-        obj = json.loads(body)
-    except UnicodeDecodeError:
-        raise bad_request("The request body is not valid UTF-8.", code="invalid_json") from None
-    except json.JSONDecodeError as e:
-        msg = f"The request body is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})."
-        raise bad_request(msg, code="invalid_json") from None
-    if not isinstance(obj, dict):
-        raise bad_request("The request body must be a JSON object.", code="invalid_json")
-    return model.model_validate(obj)
 
 
 def new_id(prefix: str) -> str:

@@ -108,7 +108,9 @@ class LocalEngine(AsyncEngine):
             Detokenizer(self.tokenizer, request.prompt_ids, request.sampling.stop),
         )
         with self._lock:
-            self.sched.add(seq)  # raises QueueFull
+            # Rows whose abort is pending leave at the next step: their places are already free, so a
+            # client that cancels and retries at once is not told to retry later.
+            self.sched.add(seq, leaving=len(self._aborts))  # raises QueueFull
             self._live[request.request_id] = seq
         self._wake.set()
         return self._stream(seq, queue)
@@ -129,9 +131,18 @@ class LocalEngine(AsyncEngine):
                 self.abort(seq.request_id)
 
     def abort(self, request_id: str) -> None:
+        """A waiting request leaves now; an admitted one at the start of the next step."""
         with self._lock:
-            self._aborts.add(request_id)
+            waiting = self.sched.remove_waiting(request_id)
+            if waiting is None and request_id in self._live:
+                self._aborts.add(request_id)
+        if waiting is not None:
+            self._emit_final(waiting, FinishReason.ABORT, "", None)
         self._wake.set()
+
+    @property
+    def max_requests(self) -> int:
+        return self.sched.max_num_seqs + self.sched.max_queue
 
     @property
     def ready(self) -> bool:
@@ -246,7 +257,7 @@ class LocalEngine(AsyncEngine):
             slot = self.sched.start_decoding(seq)
         if self.runner.admit(state) != slot:
             raise RuntimeError("scheduler and runner disagree on KV slots")
-        self._accept(seq, sample_row(logits, seq.sampler), first=True)
+        self._sample_and_accept([seq], logits.unsqueeze(0), first=True)
 
     def _decode(self, prefill_tokens: int) -> None:
         running = list(self.sched.running)
@@ -260,8 +271,32 @@ class LocalEngine(AsyncEngine):
         # Reported before any row's output is emitted: rows in the forward, and the warm-up's last step
         # is seen while the engine is still not ready.
         self.observer.on_step(len(running), prefill_tokens)
-        for seq, s in zip(running, sample_rows(logits, [q.sampler for q in running]), strict=True):
-            self._accept(seq, s)
+        self._sample_and_accept(running, logits)
+
+    def _sample_and_accept(self, seqs: list[Sequence], logits: torch.Tensor, first: bool = False) -> None:
+        """Sample and book every row; a row whose own sampling or bookkeeping raises fails alone, so one
+        request's parameters can never fail its batch neighbours."""
+        try:
+            sampled: list[Sampled | None] = list(sample_rows(logits, [q.sampler for q in seqs]))
+        except Exception:  # noqa: BLE001 - fall back to row by row to find the culprit
+            log.exception("batched sampling failed; sampling row by row")
+            sampled = [self._sample_one(seq, logits[i]) for i, seq in enumerate(seqs)]
+        for seq, s in zip(seqs, sampled, strict=True):
+            if s is None:
+                self._finish(seq, FinishReason.ERROR, "sampling failed for this request")
+                continue
+            try:
+                self._accept(seq, s, first=first)
+            except Exception:  # noqa: BLE001
+                log.exception("output bookkeeping failed for %s", seq.request_id)
+                self._finish(seq, FinishReason.ERROR, "generation failed")
+
+    def _sample_one(self, seq: Sequence, logits: torch.Tensor) -> Sampled | None:
+        try:
+            return sample_row(logits, seq.sampler)
+        except Exception:  # noqa: BLE001
+            log.exception("sampling failed for %s", seq.request_id)
+            return None
 
     def _accept(self, seq: Sequence, s: Sampled, first: bool = False) -> None:
         now = time.monotonic()
@@ -341,6 +376,9 @@ class LocalEngine(AsyncEngine):
         error: str | None = None,
     ) -> None:
         seq.done = True
+        with self._lock:
+            if self._live.get(seq.request_id) is seq:
+                del self._live[seq.request_id]
         out = self._output(seq, text, lp, reason)
         if error is not None:
             out = dataclasses.replace(out, error=error)

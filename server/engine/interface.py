@@ -63,6 +63,12 @@ class AsyncEngine(abc.ABC):
 
     @property
     @abc.abstractmethod
+    def max_requests(self) -> int:
+        """The most requests the engine can ever hold at once (running + waiting): a request with more
+        choices than this can never be admitted, which is a 400, not a 429."""
+
+    @property
+    @abc.abstractmethod
     def ready(self) -> bool:
         """True once a warm-up generation succeeded and the engine thread is alive."""
 

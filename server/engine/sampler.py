@@ -51,7 +51,9 @@ def sample_row(logits: torch.Tensor, row: RowSampler) -> Sampled:
     if p.temperature <= 0:
         token = int(x.argmax())
     else:
-        x = x / p.temperature
+        # Shift before dividing: the best logit becomes 0, so a tiny temperature (the schema accepts any
+        # value > 0) sends the others to -inf instead of making inf - inf = NaN in the softmax.
+        x = (x - x.max()) / p.temperature
         if 0 < p.top_k < x.shape[-1]:
             kth = torch.topk(x, p.top_k).values[-1]
             x = x.masked_fill(x < kth, float("-inf"))
@@ -61,7 +63,10 @@ def sample_row(logits: torch.Tensor, row: RowSampler) -> Sampled:
             drop = cum - torch.softmax(sorted_x, -1) >= p.top_p  # keep the smallest prefix reaching top_p
             x = x.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
         probs = torch.softmax(x.cpu(), -1)
-        token = int(torch.multinomial(probs, 1, generator=row.generator))
+        if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+            token = int(torch.nan_to_num(raw, nan=float("-inf")).argmax())  # degenerate: the mode
+        else:
+            token = int(torch.multinomial(probs, 1, generator=row.generator))
     row.counts[token] += 1
     if not p.logprobs:
         return Sampled(token, None, ())

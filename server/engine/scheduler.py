@@ -30,9 +30,10 @@ class Scheduler(Generic[S]):
         self.running: list[S] = []  # decoding; index == KV slot
         self.reserved = 0
 
-    def add(self, seq: S) -> None:
-        """Queue a sequence; refuses when the running slots are taken and `max_queue` already wait."""
-        if len(self.waiting) + self.active >= self.max_num_seqs + self.max_queue:
+    def add(self, seq: S, leaving: int = 0) -> None:
+        """Queue a sequence; refuses when the running slots are taken and `max_queue` already wait.
+        `leaving`: admitted sequences already aborted, which free their places before the next admission."""
+        if len(self.waiting) + self.active - leaving >= self.max_num_seqs + self.max_queue:
             raise QueueFull(retry_after_s=1)
         self.waiting.append(seq)
 
