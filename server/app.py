@@ -21,6 +21,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ctxsteer.server.api import chat, completions, meta
+from ctxsteer.server.api.openapi import install_openapi
 from ctxsteer.server.api.serving import ServingContext
 from ctxsteer.server.config import ServerConfig
 from ctxsteer.server.engine.interface import AsyncEngine
@@ -70,6 +71,7 @@ def build_app(
         created=int(time.time()),
     )
     install_exception_handlers(app)
+    install_openapi(app, engine.info, auth=bool(config.api_keys), profiles=sorted(head_profiles or {}))
     for module in (meta, chat, completions):
         app.include_router(module.router)
     app.add_middleware(GuardMiddleware, config=config)

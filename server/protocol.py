@@ -27,7 +27,7 @@ SEED_RANGE = (-(2**63), 2**63 - 1)
 _TOOLS = "is not supported (tool calling is not available)"
 _NOT = "is not supported by this server"
 # field -> (harmless values generic clients send anyway, why anything else is refused)
-_UNSUPPORTED: dict[str, tuple[list[Any], str]] = {
+UNSUPPORTED: dict[str, tuple[list[Any], str]] = {
     "logit_bias": ([{}], _NOT),
     "response_format": ([{"type": "text"}], "is not supported; only {'type': 'text'} is"),
     "tools": ([[]], _TOOLS),
@@ -167,11 +167,11 @@ class _GenerationRequest(OpenAIBaseModel):
             raise _invalid("give either 'steering' or 'steering_strength', not both")
         return strength
 
-    @field_validator(*_UNSUPPORTED)
+    @field_validator(*UNSUPPORTED)
     @classmethod
     def _reject_unsupported(cls, v: Any, info: ValidationInfo) -> None:
         name = str(info.field_name)
-        allowed, why = _UNSUPPORTED[name]
+        allowed, why = UNSUPPORTED[name]
         if v is not None and v not in allowed:
             raise _unsupported(name, why)
         return None

@@ -144,7 +144,8 @@ def parse_steering(
     else:
         alpha = strength_to_alpha(default_strength, "default_steering_strength")
 
-    spans = obj.get("spans") or ()
+    spans = obj.get("spans")
+    spans = () if spans is None else spans
     if not isinstance(spans, Sequence) or isinstance(spans, str):
         raise SteeringError(f"{field}.spans", "must be a list of strings")
     if len(spans) > MAX_SPANS:

@@ -192,3 +192,26 @@ def test_token_index_matches_a_brute_force_scan() -> None:
         for start in range(17):
             for end in range(start, 18):
                 assert index.token_range(start, end) == _scan(offs, start, end), (offs, start, end)
+
+
+def test_the_openapi_document_states_the_real_contract(keyed) -> None:
+    doc = keyed.http.get("/openapi.json").json()
+    assert doc["components"]["securitySchemes"] == {"bearer": {"type": "http", "scheme": "bearer"}}
+    assert "HTTPValidationError" not in doc["components"]["schemas"]
+    for path, method, body in [
+        ("/v1/chat/completions", "post", "ChatCompletionRequest"),
+        ("/v1/completions", "post", "CompletionRequest"),
+        ("/tokenize", "post", "TokenizeRequest"),
+    ]:
+        op = doc["paths"][path][method]
+        ref = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        assert ref.endswith("/" + body) and op["security"] == [{"bearer": []}]
+        assert "422" not in op["responses"]
+        assert {"400", "401", "413", "415"} <= set(op["responses"])
+        err = op["responses"]["400"]["content"]["application/json"]["schema"]["$ref"]
+        assert err.endswith("/ErrorResponse")
+    for code in ("429", "503"):
+        assert code in doc["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert doc["paths"]["/health"]["get"]["security"] == []
+    steering = doc["components"]["schemas"]["ChatCompletionRequest"]["properties"]["steering"]
+    assert steering["anyOf"][0]["properties"]["strength"]["anyOf"][0]["maximum"] == 1e300

@@ -1,0 +1,268 @@
+"""The published OpenAPI document: the real request bodies, responses and errors, and the bearer scheme.
+
+Routes read their bodies themselves (`read_json`, so that every failure is one OpenAI-shaped 400), which
+hides the bodies from FastAPI's generator; this module states them, removes the 422 FastAPI assumes but
+the server never sends, and lists the errors each route can answer with. Client generators and fuzzers
+(schemathesis runs over this document in the test suite) then see the true contract.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+
+from ctxsteer.server.engine.interface import ModelInfo
+from ctxsteer.server.protocol import (
+    ROLES,
+    UNSUPPORTED,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from ctxsteer.steering.spec import MAX_SPANS, MAX_STRENGTH, MIN_ALPHA
+
+ERRORS = {
+    400: "Invalid request (the message names the parameter in `param`)",
+    401: "Missing or wrong API key",
+    404: "Unknown model or route",
+    405: "Method not allowed",
+    413: "Request body too large",
+    415: "Content-Type is not application/json",
+    429: "The server is at capacity; retry after `Retry-After` seconds",
+    503: "The engine is not ready or is shutting down",
+}
+_GENERATE = (400, 401, 404, 413, 415, 429, 503)
+
+
+@dataclass(frozen=True, slots=True)
+class _Op:
+    request: type[BaseModel] | None
+    response: type[BaseModel] | dict[str, Any]
+    errors: tuple[int, ...]
+    stream: bool = False
+    public: bool = False
+
+
+# One server-sent event: `data` is a JSON chunk (the 200 schema's streaming twin), an `{"error": ...}`
+# object if generation fails after the headers went out, or the final `[DONE]`.
+_SSE_EVENT = {
+    "type": "object",
+    "properties": {"event": {"type": "string"}, "data": {"type": "string"}, "id": {"type": "string"}},
+    "required": ["data"],
+    "description": "stream=true: SSE `data:` frames of JSON chunks, then `data: [DONE]`",
+}
+_STATUS = {"type": "object", "properties": {"status": {"type": "string"}}, "required": ["status"]}
+_VERSION = {
+    "type": "object",
+    "properties": {k: {"type": "string"} for k in ("version", "model", "device", "dtype")},
+    "required": ["version", "model", "device", "dtype"],
+}
+OPS: dict[tuple[str, str], _Op] = {
+    ("post", "/v1/chat/completions"): _Op(ChatCompletionRequest, ChatCompletionResponse, _GENERATE, True),
+    ("post", "/v1/completions"): _Op(CompletionRequest, CompletionResponse, _GENERATE, True),
+    ("post", "/tokenize"): _Op(TokenizeRequest, TokenizeResponse, (400, 401, 404, 413, 415)),
+    ("get", "/v1/models"): _Op(None, ModelList, (401,)),
+    ("get", "/v1/models/{model_id}"): _Op(None, ModelCard, (401, 404)),
+    ("get", "/health"): _Op(None, _STATUS, (), public=True),
+    ("get", "/ready"): _Op(None, _STATUS, (503,), public=True),
+    ("get", "/version"): _Op(None, _VERSION, (), public=True),
+}
+
+
+def install_openapi(app: FastAPI, info: ModelInfo, *, auth: bool, profiles: list[str]) -> None:
+    """Replace `app.openapi` with the generator below (built once, on first request)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = build_document(app, info, auth=auth, profiles=profiles)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def build_document(app: FastAPI, info: ModelInfo, *, auth: bool, profiles: list[str]) -> dict[str, Any]:
+    doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    components = doc.setdefault("components", {})
+    schemas: dict[str, Any] = {}
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.get("schemas", {}).pop(name, None)
+    schemas.update(components.get("schemas", {}))
+    ref = {cls: _add_schema(schemas, cls, mode) for cls, mode in _models()}
+    _tighten_requests(schemas, info, profiles)
+    components["schemas"] = schemas
+    if auth:
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    for (method, path), op in OPS.items():
+        operation = doc.get("paths", {}).get(path, {}).get(method)
+        if operation is None:
+            continue
+        operation.pop("requestBody", None)
+        responses: dict[str, Any] = {}
+        body = {"schema": ref[op.response]} if not isinstance(op.response, dict) else {"schema": op.response}
+        ok: dict[str, Any] = {"description": "Success", "content": {"application/json": body}}
+        if op.stream:
+            ok["content"]["text/event-stream"] = {"schema": _SSE_EVENT}
+        responses["200"] = ok
+        errors = [e for e in op.errors if auth or e != 401]
+        errors += [e for e in (405,) if e not in errors]
+        for status in errors:
+            responses[str(status)] = {
+                "description": ERRORS[status],
+                "content": {"application/json": {"schema": ref[ErrorResponse]}},
+            }
+        operation["responses"] = responses
+        if op.request is not None:
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": ref[op.request]}},
+            }
+        if auth:
+            operation["security"] = [] if op.public else [{"bearer": []}]
+    return doc
+
+
+def _models() -> list[tuple[type[BaseModel], str]]:
+    reqs = [(m, "validation") for m in (ChatCompletionRequest, CompletionRequest, TokenizeRequest)]
+    resps = [
+        ChatCompletionResponse,
+        CompletionResponse,
+        TokenizeResponse,
+        ModelList,
+        ModelCard,
+        ErrorResponse,
+    ]
+    return reqs + [(m, "serialization") for m in resps]
+
+
+def _add_schema(schemas: dict[str, Any], cls: type[BaseModel], mode: str) -> dict[str, str]:
+    schema = cls.model_json_schema(ref_template="#/components/schemas/{model}", mode=mode)  # type: ignore[arg-type]
+    for name, sub in schema.pop("$defs", {}).items():
+        schemas.setdefault(name, sub)
+    schemas[cls.__name__] = schema
+    return {"$ref": f"#/components/schemas/{cls.__name__}"}
+
+
+def _steering_schema(info: ModelInfo, profiles: list[str]) -> dict[str, Any]:
+    layer = {"type": "integer", "minimum": -info.num_layers, "maximum": info.num_layers - 1}
+    head = {"type": "integer", "minimum": -info.num_heads, "maximum": info.num_heads - 1}
+    heads_list = {"type": "array", "items": head, "minItems": 1}
+    schema = {
+        "type": "object",
+        "description": "Attention steering toward the given roles' messages (see README). 1 = off.",
+        "properties": {
+            "strength": {"type": "number", "minimum": 1, "maximum": MAX_STRENGTH},
+            "alpha": {"type": "number", "minimum": MIN_ALPHA, "maximum": 1},
+            "targets": {"type": "array", "items": {"enum": list(ROLES)}},
+            "spans": {
+                "type": "array",
+                "maxItems": MAX_SPANS,
+                "items": {"type": "string", "minLength": 1},
+                "description": "Substrings of the messages to steer; each must occur in one.",
+            },
+            "layers": {"anyOf": [{"const": "all"}, {"type": "array", "items": layer, "minItems": 1}]},
+            "heads": {
+                "anyOf": [
+                    heads_list,
+                    {
+                        "type": "object",
+                        "propertyNames": {"pattern": "^-?[0-9]+$"},
+                        "additionalProperties": heads_list,
+                        "minProperties": 1,
+                    },
+                ]
+            },
+            "head_profile": {"enum": profiles} if profiles else {"type": "null"},
+        },
+        "additionalProperties": False,
+        "allOf": [_not_both("strength", "alpha"), _not_both("heads", "head_profile")],
+    }
+    schema["properties"] = {k: _nullable(v) for k, v in schema["properties"].items()}  # null = not given
+    return schema
+
+
+def _not_both(a: str, b: str) -> dict[str, Any]:
+    """Schema: `a` and `b` are not both given (null counts as not given)."""
+    given = {"not": {"type": "null"}}
+    return {"not": {"required": [a, b], "properties": {a: given, b: given}}}
+
+
+def _if_given(field: str, then: dict[str, Any], given: dict[str, Any] | None = None) -> dict[str, Any]:
+    cond = given or {"not": {"type": "null"}}
+    return {"if": {"required": [field], "properties": {field: cond}}, "then": then}
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _tighten_requests(schemas: dict[str, Any], info: ModelInfo, profiles: list[str]) -> None:
+    """What pydantic cannot say from the type hints, written as JSON Schema so that the document is exact
+    where JSON Schema can be: roles and content parts, stop and prompt limits, the fields that depend on
+    one another, the steering object, and the only values accepted for OpenAI fields not implemented here.
+    What it cannot express (prompt + max_tokens within the context; spans that occur in the prompt) is
+    in the descriptions and answered with a 400 naming the parameter."""
+    steering = _steering_schema(info, profiles)
+    stop = {"type": "string", "minLength": 1}
+    for name in ("ChatCompletionRequest", "CompletionRequest", "TokenizeRequest"):
+        model = schemas[name]
+        props = model["properties"]
+        props["steering"] = _nullable(copy.deepcopy(steering))
+        for field, (allowed, why) in UNSUPPORTED.items():
+            if field in props:
+                props[field] = {"enum": [*allowed, None], "description": f"Not implemented: {why}."}
+        if "stop" in props:
+            props["stop"] = {
+                "anyOf": [stop, {"type": "array", "items": stop, "maxItems": 4}, {"type": "null"}]
+            }
+        rules = model.setdefault("allOf", [])
+        if "stream_options" in props:
+            rules.append(
+                _if_given(
+                    "stream_options", {"required": ["stream"], "properties": {"stream": {"const": True}}}
+                )
+            )
+            rules.append(_not_both("steering", "steering_strength"))
+        if "max_tokens" in props:
+            props["max_tokens"]["description"] = "prompt tokens + max_tokens must fit max_model_len"
+    chat = schemas["ChatCompletionRequest"]
+    chat["allOf"].append(
+        _if_given(
+            "top_logprobs",
+            {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
+            {"type": "integer", "minimum": 1},
+        )
+    )
+    cmpl = schemas["CompletionRequest"]["properties"]
+    text = {"type": "string", "minLength": 1}
+    cmpl["prompt"] = {"anyOf": [text, {"type": "array", "items": text, "minItems": 1, "maxItems": 1}]}
+    cmpl["echo"] = {"enum": [False, None], "description": "Not implemented."}
+    cmpl["suffix"] = {"enum": ["", None], "description": "Not implemented."}
+    cmpl["best_of"] = {
+        "anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}],
+        "description": "must equal n",
+    }
+    pair = {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2}
+    schemas["TokenizeResponse"]["properties"]["steered_spans"] = {"type": "array", "items": pair}
+    tok = schemas["TokenizeRequest"]
+    absent = {"type": "null"}
+    tok["oneOf"] = [
+        {"required": ["messages"], "properties": {"messages": {"type": "array"}, "prompt": absent}},
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}, "messages": absent}},
+    ]
+    message = schemas["ChatMessage"]["properties"]
+    message["role"] = {"enum": [*ROLES, "developer"]}
+    part = schemas["ContentPart"]
+    part["properties"]["type"] = {"const": "text"}
+    part["properties"]["text"] = {"type": "string"}
+    part["required"] = ["type", "text"]
