@@ -47,6 +47,11 @@ class ServerConfig:
     )
     prefill_chunk: int = 512  # prompt tokens per prefill step (decoding of others interleaves between chunks)
     cpu_prepack: str = "auto"  # auto = oneDNN-prepacked Linear weights on CPU fp32; off = stock torch
+    timeout_keep_alive_s: float = 5.0  # idle time before a keep-alive connection is closed
+    timeout_header_read_s: float = 10.0  # connection open / request start -> headers complete, else 408
+    timeout_body_read_s: float = 30.0  # longest body stall while the app waits for it, else 408
+    max_header_bytes: int = 64 * 1024  # request line + headers, else 431
+    max_connections: int = 1000  # open connections before 503; capped at startup by RLIMIT_NOFILE - 64
 
     def __post_init__(self) -> None:
         _check(self.host, "--host", "must not be empty")
@@ -91,6 +96,14 @@ class ServerConfig:
         _check(self.cpu_prepack in PREPACK, "--cpu-prepack", f"must be one of {PREPACK}")
         d = self.drain_timeout_s
         _check(math.isfinite(d) and d >= 0, "--drain-timeout", f"must be >= 0, got {d}")
+        for flag, t in (
+            ("--timeout-keep-alive", self.timeout_keep_alive_s),
+            ("--timeout-header-read", self.timeout_header_read_s),
+            ("--timeout-body-read", self.timeout_body_read_s),
+        ):
+            _check(math.isfinite(t) and t > 0, flag, f"must be > 0, got {t}")
+        _check(self.max_header_bytes >= 1024, "--max-header-bytes", "must be >= 1024")
+        _check(self.max_connections >= 1, "--max-connections", f"must be >= 1, got {self.max_connections}")
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -164,7 +177,13 @@ _FLAGS: tuple[_Flag, ...] = (
     _Flag("--max-body-bytes", "max_body_bytes", int, "largest accepted request body (default 4 MiB)"),
     _Flag("--threads", "threads", int, "torch CPU threads (default: torch's choice)"),
     _Flag("--log-level", "log_level", str, "log level (default info)", LOG_LEVELS),
-    _Flag("--metrics-api-key", "metrics_api_key", str, "require this bearer key on GET /metrics"),
+    _Flag(
+        "--metrics-api-key",
+        "metrics_api_key",
+        str,
+        "require this bearer key on GET /metrics; without it /metrics is public even when --api-key is set"
+        " (as vLLM does)",
+    ),
     _Flag(
         "--drain-timeout", "drain_timeout_s", float, "seconds in-flight requests get on shutdown (default 30)"
     ),
@@ -181,6 +200,38 @@ _FLAGS: tuple[_Flag, ...] = (
         str,
         "auto: oneDNN-prepacked Linear weights on CPU fp32 (faster batched decode); off: stock torch",
         PREPACK,
+    ),
+    _Flag(
+        "--timeout-keep-alive",
+        "timeout_keep_alive_s",
+        float,
+        "seconds an idle keep-alive connection stays open (default 5)",
+    ),
+    _Flag(
+        "--timeout-header-read",
+        "timeout_header_read_s",
+        float,
+        "seconds a client gets to send a request's headers, from connecting or its first byte; "
+        "then 408 and close (default 10)",
+    ),
+    _Flag(
+        "--timeout-body-read",
+        "timeout_body_read_s",
+        float,
+        "seconds the request body may stall while the server waits for it; then 408 and close (default 30)",
+    ),
+    _Flag(
+        "--max-header-bytes",
+        "max_header_bytes",
+        int,
+        "largest request line + headers; larger gets 431 and close (default 65536)",
+    ),
+    _Flag(
+        "--max-connections",
+        "max_connections",
+        int,
+        "open connections beyond which a new one gets 503 and close; never more than the open-file "
+        "limit minus 64 (default 1000)",
     ),
 )
 

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import torch
-import uvicorn
 from fastapi import FastAPI
 
 from ctxsteer.server.app import build_app
@@ -20,6 +19,7 @@ from ctxsteer.server.engine.engine import EngineObserver, LocalEngine
 from ctxsteer.server.engine.interface import ModelInfo
 from ctxsteer.server.engine.loader import LoadedInfo, LoadError, load_model
 from ctxsteer.server.metrics import MetricsObserver, install_metrics
+from ctxsteer.server.transport import GracefulServer, uvicorn_config
 from ctxsteer.steering.attention import ATTN_NAME, register
 
 log = logging.getLogger("ctxsteer.server")
@@ -113,16 +113,8 @@ def run(config: ServerConfig) -> int:
     i = engine.info
     log.info("model %s (%s) on %s, %s, max_model_len %d", i.name, i.path, i.device, i.dtype, i.max_model_len)
     log.info("serving on http://%s:%d/v1", config.host, config.port)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=config.host,
-            port=config.port,
-            log_level=config.log_level,
-            timeout_graceful_shutdown=int(config.drain_timeout_s) or None,
-        )
-    )
-    server.run()
+    server = GracefulServer(uvicorn_config(app, config))
+    server.run()  # returns after a clean SIGTERM/SIGINT drain (GracefulServer does not re-raise it)
     return 0
 
 

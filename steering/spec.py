@@ -87,8 +87,10 @@ def _int_list(value: Any, field: str, upper: int, what: str) -> tuple[int, ...]:
 
 def strength_to_alpha(strength: float, field: str = "strength") -> float:
     s = _number(strength, field)
-    if not 1.0 <= s <= MAX_STRENGTH:
-        raise SteeringError(field, f"must be in [1, {MAX_STRENGTH:g}] (1 = off), got {s}")
+    if s < 1.0:
+        raise SteeringError(field, f"must be >= 1 (1 = off), got {s}")
+    if s > MAX_STRENGTH:
+        raise SteeringError(field, f"must be <= {MAX_STRENGTH:g} (its alpha = 1/strength must stay normal)")
     return 1.0 / s
 
 

@@ -228,7 +228,8 @@ def _drive_traffic(sp: ServerProcess, model: str) -> None:
         with http.stream(
             "POST", "/v1/chat/completions", json={**base, "max_tokens": 3000, "stream": True}
         ) as st:
-            assert next(st.iter_lines()).startswith("data: ")
+            lines = st.iter_lines()  # kept: a dropped line iterator closes the stream, which aborts it
+            assert next(lines).startswith("data: ")
             refused = http.post("/v1/chat/completions", json={**base, "max_tokens": 2})
             assert refused.status_code == 429, refused.text  # queue_full
         # closing the stream aborted it

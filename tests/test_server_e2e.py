@@ -189,5 +189,4 @@ def test_sigterm_drains_in_flight_stream(model_dir, tmp_path) -> None:
         assert '"finish_reason":"length"' in rest[-2].replace(" ", "") or any(
             '"finish_reason":"length"' in x.replace(" ", "") for x in rest
         )
-        # uvicorn re-raises the captured SIGTERM after a graceful shutdown: exit by that signal.
-        assert sp.proc.wait(30) in (0, -signal.SIGTERM)
+        assert sp.proc.wait(30) == 0  # a clean drain is a clean exit (uvicorn alone re-raises SIGTERM: 143)
