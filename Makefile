@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.ctxsteer-installed
 ARGS ?=
 
-.PHONY: venv serve test lint bench clean
+.PHONY: venv serve test test-reliability lint bench clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,11 @@ serve: venv
 
 test: venv
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(ARGS)
+
+# Long-run reliability (overload, cancel storm, SIGTERM, slow clients, 10-min soak) on the embedded
+# model; about 20 minutes. ARGS=--quick for a smoke run.
+test-reliability: venv
+	$(PY) -m tests.reliability.long_run --out docs/reliability.md $(ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check steering server clients tests
