@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,6 +15,7 @@ import pytest
 import uvicorn
 from fake_engine import FakeEngine, make_byte_tokenizer
 from fastapi import APIRouter
+from uvicorn_thread import in_thread
 
 from ctxsteer.server.app import build_app
 from ctxsteer.server.config import ServerConfig
@@ -51,20 +50,10 @@ def live(engine: FakeEngine | None = None, metrics_router: Any = None, **config:
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
     )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    try:
+    with in_thread(server, start_timeout_s=10, stop_timeout_s=5) as port:
+        url = f"http://127.0.0.1:{port}"
         with httpx.Client(base_url=url, timeout=10) as http:
             yield Live(url, engine, http)
-    finally:
-        server.should_exit = True
-        thread.join(5)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,6 +18,7 @@ from fake_engine import FakeEngine, make_byte_tokenizer
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 from tiny import save_tiny_model
+from uvicorn_thread import in_thread
 
 from ctxsteer.server.app import build_app
 from ctxsteer.server.config import ServerConfig
@@ -111,19 +111,10 @@ def live(app: FastAPI, *, lifespan: str = "off") -> Iterator[Live]:
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan=lifespan)
     )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    try:
+    with in_thread(server) as port:
+        url = f"http://127.0.0.1:{port}"
         with httpx.Client(base_url=url, timeout=60) as http:
             yield Live(url, app, http)
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 def wait_for(check: Callable[[], bool], what: str, timeout_s: float = 30) -> None:

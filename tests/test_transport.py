@@ -9,7 +9,6 @@ import json
 import resource
 import signal
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +18,7 @@ from typing import Any
 
 import pytest
 from server_process import serve
+from uvicorn_thread import in_thread
 
 from ctxsteer.server import transport
 from ctxsteer.server.config import ServerConfig
@@ -55,17 +55,8 @@ def running(overrides: dict[str, Any] | None = None, **config: Any) -> Iterator[
             app, cfg, host="127.0.0.1", port=0, log_level="error", lifespan="off", **(overrides or {})
         )
     )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield server.servers[0].sockets[0].getsockname()[1]
-    finally:
-        server.should_exit = True
-        thread.join(5)
+    with in_thread(server, stop_timeout_s=5) as port:
+        yield port
 
 
 @dataclass
