@@ -66,7 +66,6 @@ def test_a_row_whose_sampling_raises_fails_alone(monkeypatch) -> None:
         return real(logits, row)
 
     monkeypatch.setattr(sampler_mod, "sample_row", flaky)
-    monkeypatch.setattr("ctxsteer.server.engine.engine.sample_row", flaky)
     healthy = _requests(3, max_tokens=10)
     culprit = GenerationRequest(
         "culprit", healthy[0].prompt_ids, SamplingParams(max_tokens=10, temperature=0.7, top_k=77)

@@ -28,7 +28,7 @@ from ctxsteer.server.engine.request import (
     TokenLogprob,
 )
 from ctxsteer.server.engine.runner import ModelRunner, PrefillState
-from ctxsteer.server.engine.sampler import RowSampler, Sampled, sample_row, sample_rows
+from ctxsteer.server.engine.sampler import RowSampler, Sampled, sample_rows
 from ctxsteer.server.engine.scheduler import Scheduler
 
 log = logging.getLogger("ctxsteer.engine")
@@ -276,11 +276,7 @@ class LocalEngine(AsyncEngine):
     def _sample_and_accept(self, seqs: list[Sequence], logits: torch.Tensor, first: bool = False) -> None:
         """Sample and book every row; a row whose own sampling or bookkeeping raises fails alone, so one
         request's parameters can never fail its batch neighbours."""
-        try:
-            sampled: list[Sampled | None] = list(sample_rows(logits, [q.sampler for q in seqs]))
-        except Exception:  # noqa: BLE001 - fall back to row by row to find the culprit
-            log.exception("batched sampling failed; sampling row by row")
-            sampled = [self._sample_one(seq, logits[i]) for i, seq in enumerate(seqs)]
+        sampled = sample_rows(logits, [q.sampler for q in seqs])
         for seq, s in zip(seqs, sampled, strict=True):
             if s is None:
                 self._finish(seq, FinishReason.ERROR, "sampling failed for this request")
@@ -290,13 +286,6 @@ class LocalEngine(AsyncEngine):
             except Exception:  # noqa: BLE001
                 log.exception("output bookkeeping failed for %s", seq.request_id)
                 self._finish(seq, FinishReason.ERROR, "generation failed")
-
-    def _sample_one(self, seq: Sequence, logits: torch.Tensor) -> Sampled | None:
-        try:
-            return sample_row(logits, seq.sampler)
-        except Exception:  # noqa: BLE001
-            log.exception("sampling failed for %s", seq.request_id)
-            return None
 
     def _accept(self, seq: Sequence, s: Sampled, first: bool = False) -> None:
         now = time.monotonic()

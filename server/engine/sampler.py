@@ -6,6 +6,7 @@ reproduce regardless of batch neighbours.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from ctxsteer.server.engine.request import SamplingParams
+
+log = logging.getLogger("ctxsteer.engine")
 
 
 @dataclass(slots=True)
@@ -83,17 +86,22 @@ def _plain_greedy(row: RowSampler) -> bool:
     return p.temperature <= 0 and not p.logprobs and not (p.presence_penalty or p.frequency_penalty)
 
 
-def sample_rows(logits: torch.Tensor, rows: list[RowSampler]) -> list[Sampled]:
+def sample_rows(logits: torch.Tensor, rows: list[RowSampler]) -> list[Sampled | None]:
     """Sample every row of [B, V] logits. Plain greedy rows take their token from one batched argmax and
     one device-to-host copy (B separate `.item()` syncs per step add up on a GPU); the others go through
-    `sample_row`."""
+    `sample_row`. A row whose own sampling raises gets None, so it fails alone and its neighbours' picks
+    (and generator states) are untouched."""
     greedy = [_plain_greedy(r) for r in rows]
     best = logits.argmax(-1).tolist() if any(greedy) else []
-    out = []
+    out: list[Sampled | None] = []
     for i, row in enumerate(rows):
         if greedy[i]:
             row.counts[best[i]] += 1
             out.append(Sampled(best[i], None, ()))
-        else:
+            continue
+        try:
             out.append(sample_row(logits[i], row))
+        except Exception:  # noqa: BLE001 - this row's parameters; never its batch's problem
+            log.exception("sampling failed for one row")
+            out.append(None)
     return out
