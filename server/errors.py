@@ -11,6 +11,7 @@ builds error responses itself.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -83,6 +84,11 @@ def _body(err: CtxsteerError) -> dict[str, Any]:
     return ErrorResponse(error=info).model_dump()
 
 
+def error_json(message: str, type: str, code: str) -> bytes:
+    """The error body as bytes, for answers written below the app (the transport's own 4xx/5xx)."""
+    return json.dumps(_body(CtxsteerError(0, message, type, code=code))).encode()
+
+
 def error_response(err: CtxsteerError) -> JSONResponse:
     return JSONResponse(_body(err), status_code=err.status, headers=err.headers)
 
@@ -143,8 +149,8 @@ def _from_validation(errors: Sequence[Any]) -> CtxsteerError:
     if not errors:
         return bad_request("Invalid request.")
     located = [(_clean_loc(e.get("loc", ())), e) for e in errors]
-    root = _root(located[0][0])
-    located = [(loc, e) for loc, e in located if _root(loc) == root]
+    root = param_root(located[0][0])
+    located = [(loc, e) for loc, e in located if param_root(loc) == root]
     depth = max(len(loc or "") for loc, _ in located)
     param, first = next((loc, e) for loc, e in located if len(loc or "") == depth)
     msgs: list[str] = []
@@ -159,7 +165,8 @@ def _from_validation(errors: Sequence[Any]) -> CtxsteerError:
     )
 
 
-def _root(param: str | None) -> str:
+def param_root(param: str | None) -> str:
+    """The top-level field of a dotted param path ("messages[0].content" -> "messages")."""
     return (param or "").split(".")[0].split("[")[0]
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import resource
 from collections.abc import Generator, Sequence
@@ -33,17 +32,13 @@ from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 from ctxsteer.server.config import ServerConfig
-from ctxsteer.server.errors import INVALID_REQUEST, SERVER_ERROR
+from ctxsteer.server.errors import INVALID_REQUEST, SERVER_ERROR, error_json
 
 log = logging.getLogger("ctxsteer.server.transport")
 
 FD_RESERVE = 64  # descriptors kept free for the listening socket, model files, logs and the like
 LINGER_S = 2.0  # after a refusal, read and drop the client's leftovers so its kernel gets FIN, not RST
 Headers = Sequence[tuple[bytes, bytes]]
-
-
-def error_body(message: str, type: str, code: str) -> bytes:
-    return json.dumps({"error": {"message": message, "type": type, "param": None, "code": code}}).encode()
 
 
 def connection_limit(requested: int) -> int:
@@ -59,7 +54,7 @@ async def _send_error(
     send: ASGISendCallable, status: int, type: str, code: str, message: str, headers: Headers = ()
 ) -> None:
     """An error as ASGI messages (for uvicorn's in-cycle responses: 500 and the concurrency 503)."""
-    body = error_body(message, type, code)
+    body = error_json(message, type, code)
     start: list[tuple[bytes, bytes]] = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
@@ -223,7 +218,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._unset_keepalive_if_required()
         if self.transport.is_closing():
             return
-        body = error_body(message, type, code)
+        body = error_json(message, type, code)
         head = [
             *self.server_state.default_headers,
             (b"content-type", b"application/json"),

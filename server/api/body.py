@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from pydantic import BaseModel
 
-from ctxsteer.server.errors import CtxsteerError, bad_request
+from ctxsteer.server.errors import CtxsteerError, bad_request, param_root
 
 M = TypeVar("M", bound=BaseModel)
 MAX_JSON_DEPTH = 64  # real requests nest 5 deep (messages[i].content[j].text); fuzzers go to thousands
@@ -69,7 +69,7 @@ def check_json(obj: Any) -> None:
                 )
         elif isinstance(value, dict | list):
             if depth >= MAX_JSON_DEPTH:
-                raise _too_deep(_root(path))
+                raise _too_deep(param_root(path) or None)
             items = value.items() if isinstance(value, dict) else enumerate(value)
             for key, child in items:
                 if isinstance(key, str) and _SURROGATE.search(key):
@@ -86,7 +86,3 @@ def _too_deep(param: str | None) -> CtxsteerError:
     return bad_request(
         f"The request body is nested more than {MAX_JSON_DEPTH} levels deep.", param, "invalid_json"
     )
-
-
-def _root(path: str) -> str | None:
-    return path.split(".")[0].split("[")[0] or None

@@ -142,7 +142,7 @@ class LocalEngine(AsyncEngine):
 
     @property
     def max_requests(self) -> int:
-        return self.sched.max_num_seqs + self.sched.max_queue
+        return self.sched.capacity
 
     @property
     def ready(self) -> bool:

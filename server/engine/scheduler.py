@@ -33,9 +33,14 @@ class Scheduler(Generic[S]):
     def add(self, seq: S, leaving: int = 0) -> None:
         """Queue a sequence; refuses when the running slots are taken and `max_queue` already wait.
         `leaving`: admitted sequences already aborted, which free their places before the next admission."""
-        if len(self.waiting) + self.active - leaving >= self.max_num_seqs + self.max_queue:
+        if len(self.waiting) + self.active - leaving >= self.capacity:
             raise QueueFull(retry_after_s=1)
         self.waiting.append(seq)
+
+    @property
+    def capacity(self) -> int:
+        """Sequences held at most (decoding + waiting)."""
+        return self.max_num_seqs + self.max_queue
 
     @property
     def active(self) -> int:
