@@ -21,6 +21,8 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 PREPACK = ("auto", "off")
+ENGINES = ("local", "vllm")
+EXECUTORS = ("mp", "ray", "uni")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +54,16 @@ class ServerConfig:
     timeout_body_read_s: float = 30.0  # longest body stall while the app waits for it, else 408
     max_header_bytes: int = 64 * 1024  # request line + headers, else 431
     max_connections: int = 1000  # open connections before 503; capped at startup by RLIMIT_NOFILE - 64
+    engine: str = "local"  # local = ctxsteer's own engine; vllm = vLLM's AsyncLLM with the steering plugin
+    # vLLM engine settings, under vLLM's names (--engine vllm only); None = vLLM's default.
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
+    gpu_memory_utilization: float | None = None
+    enforce_eager: bool = False
+    max_num_batched_tokens: int | None = None
+    enable_prefix_caching: bool | None = None
 
     def __post_init__(self) -> None:
         _check(self.host, "--host", "must not be empty")
@@ -104,6 +116,21 @@ class ServerConfig:
             _check(math.isfinite(t) and t > 0, flag, f"must be > 0, got {t}")
         _check(self.max_header_bytes >= 1024, "--max-header-bytes", "must be >= 1024")
         _check(self.max_connections >= 1, "--max-connections", f"must be >= 1, got {self.max_connections}")
+        _check(self.engine in ENGINES, "--engine", f"must be one of {ENGINES}, got {self.engine!r}")
+        for flag, n in (
+            ("--tensor-parallel-size", self.tensor_parallel_size),
+            ("--pipeline-parallel-size", self.pipeline_parallel_size),
+            ("--data-parallel-size", self.data_parallel_size),
+        ):
+            _check(n >= 1, flag, f"must be >= 1, got {n}")
+        g = self.gpu_memory_utilization
+        _check(g is None or 0 < g <= 1, "--gpu-memory-utilization", f"must be in (0, 1], got {g}")
+        b = self.max_num_batched_tokens
+        _check(b is None or b >= 16, "--max-num-batched-tokens", f"must be >= 16, got {b}")
+        if self.engine != "vllm":
+            for f in _FLAGS:
+                if f.vllm_only and getattr(self, f.field) != _DEFAULTS[f.field]:
+                    raise ValueError(f"{f.flag}: is a vLLM engine setting; add --engine vllm")
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -112,6 +139,8 @@ class ServerConfig:
             kwargs: dict[str, Any] = {"default": None, "dest": f.field, "help": f.help}
             if f.kind is tuple:
                 kwargs["action"] = "append"
+            elif f.kind is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction if f.negatable else "store_true"
             else:
                 kwargs["type"] = f.kind
             if f.choices:
@@ -146,6 +175,8 @@ class _Flag:
     kind: type
     help: str
     choices: tuple[str, ...] | None = None
+    vllm_only: bool = False  # a vLLM engine setting: refused with the local engine
+    negatable: bool = False  # bool flag with a --no- form
 
     @property
     def env(self) -> str:
@@ -233,12 +264,71 @@ _FLAGS: tuple[_Flag, ...] = (
         "open connections beyond which a new one gets 503 and close; never more than the open-file "
         "limit minus 64 (default 1000)",
     ),
+    _Flag(
+        "--engine",
+        "engine",
+        str,
+        "local: ctxsteer's own engine (default); vllm: vLLM's engine with ctxsteer's steering plugin",
+        ENGINES,
+    ),
+    _Flag(
+        "--tensor-parallel-size", "tensor_parallel_size", int, "vLLM: GPUs per model replica", vllm_only=True
+    ),
+    _Flag("--pipeline-parallel-size", "pipeline_parallel_size", int, "vLLM: pipeline stages", vllm_only=True),
+    _Flag("--data-parallel-size", "data_parallel_size", int, "vLLM: data-parallel replicas", vllm_only=True),
+    _Flag(
+        "--distributed-executor-backend",
+        "distributed_executor_backend",
+        str,
+        "vLLM: mp (one node) or ray (several nodes)",
+        EXECUTORS,
+        vllm_only=True,
+    ),
+    _Flag(
+        "--gpu-memory-utilization",
+        "gpu_memory_utilization",
+        float,
+        "vLLM: share of GPU memory for weights + KV cache",
+        vllm_only=True,
+    ),
+    _Flag("--enforce-eager", "enforce_eager", bool, "vLLM: no torch.compile / CUDA graphs", vllm_only=True),
+    _Flag(
+        "--max-num-batched-tokens",
+        "max_num_batched_tokens",
+        int,
+        "vLLM: tokens per engine step (chunked prefill budget)",
+        vllm_only=True,
+    ),
+    _Flag(
+        "--enable-prefix-caching",
+        "enable_prefix_caching",
+        bool,
+        "vLLM: reuse KV blocks of identical prefixes (on by default; steered requests only share with "
+        "identically steered ones)",
+        vllm_only=True,
+        negatable=True,
+    ),
 )
+_BOOLS = {
+    "1": True,
+    "true": True,
+    "yes": True,
+    "on": True,
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
 
 
 def _from_env(f: _Flag, raw: str) -> Any:
     if f.kind is tuple:
         return (raw,)
+    if f.kind is bool:
+        if raw.lower() not in _BOOLS:
+            raise ValueError(f"{f.env}={raw!r}: expected true or false")
+        return _BOOLS[raw.lower()]
     if f.choices and raw.lower() in f.choices:
         raw = raw.lower()
     try:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,8 +17,8 @@ from fastapi import FastAPI
 from ctxsteer.server.app import build_app
 from ctxsteer.server.config import ServerConfig
 from ctxsteer.server.engine.cpu_prepack import prepack_linears
-from ctxsteer.server.engine.engine import EngineObserver, LocalEngine
-from ctxsteer.server.engine.interface import ModelInfo
+from ctxsteer.server.engine.engine import LocalEngine
+from ctxsteer.server.engine.interface import AsyncEngine, EngineObserver, ModelInfo
 from ctxsteer.server.engine.loader import LoadedInfo, LoadError, load_model
 from ctxsteer.server.metrics import MetricsObserver, install_metrics
 from ctxsteer.server.transport import GracefulServer, uvicorn_config
@@ -35,8 +37,12 @@ def model_name(config: ServerConfig, info: LoadedInfo) -> str:
     return p.stem if p.suffix == ".gguf" else (p.name if p.exists() else info.source)
 
 
-def build_engine(config: ServerConfig, observer: EngineObserver | None = None) -> LocalEngine:
+def build_engine(config: ServerConfig, observer: EngineObserver | None = None) -> AsyncEngine:
     """Load the model (raises LoadError / ValueError with a user-facing message) and wrap it in an engine."""
+    if config.engine == "vllm":
+        from ctxsteer.server.engine.vllm.build import build_vllm_engine
+
+        return build_vllm_engine(config, observer, served_name=lambda info: model_name(config, info))
     if config.threads:
         torch.set_num_threads(config.threads)
     register()
@@ -45,20 +51,12 @@ def build_engine(config: ServerConfig, observer: EngineObserver | None = None) -
     )
     if config.cpu_prepack == "auto" and (n := prepack_linears(model, batch_hint=config.max_num_seqs)):
         log.info("prepacked %d Linear weights for oneDNN (--cpu-prepack off disables)", n)
-    max_len = info.max_model_len
-    if config.max_model_len is not None:
-        if config.max_model_len > info.max_model_len:
-            raise ValueError(
-                f"--max-model-len {config.max_model_len} exceeds the model's limit "
-                f"of {info.max_model_len} tokens"
-            )
-        max_len = config.max_model_len
     minfo = ModelInfo(
         name=model_name(config, info),
         path=info.path,
         device=info.device,
         dtype=info.dtype,
-        max_model_len=max_len,
+        max_model_len=served_max_len(config, info.max_model_len),
         num_layers=info.num_layers,
         num_heads=info.num_heads,
     )
@@ -74,7 +72,18 @@ def build_engine(config: ServerConfig, observer: EngineObserver | None = None) -
     )
 
 
-def create_app(config: ServerConfig, engine: LocalEngine, **app_kwargs) -> FastAPI:
+def served_max_len(config: ServerConfig, model_limit: int) -> int:
+    """--max-model-len, checked against the model's own limit (its default)."""
+    if config.max_model_len is None:
+        return model_limit
+    if config.max_model_len > model_limit:
+        raise ValueError(
+            f"--max-model-len {config.max_model_len} exceeds the model's limit of {model_limit} tokens"
+        )
+    return config.max_model_len
+
+
+def create_app(config: ServerConfig, engine: AsyncEngine, **app_kwargs) -> FastAPI:
     """The app plus the engine's lifecycle: warm-up once the socket is open (/ready then flips to 200),
     drain at exit."""
     app = build_app(config, engine, **app_kwargs)
@@ -92,7 +101,7 @@ def create_app(config: ServerConfig, engine: LocalEngine, **app_kwargs) -> FastA
     return app
 
 
-async def _start(engine: LocalEngine) -> None:
+async def _start(engine: AsyncEngine) -> None:
     try:
         await engine.start()
         log.info("ready: warm-up generation succeeded")
@@ -104,6 +113,8 @@ def run(config: ServerConfig) -> int:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if config.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        return _exec_in_vllm_env()
     try:
         engine = build_engine(config, observer=_metrics_observer(config))
     except (LoadError, ValueError) as e:
@@ -116,6 +127,25 @@ def run(config: ServerConfig) -> int:
     server = GracefulServer(uvicorn_config(app, config))
     server.run()  # returns after a clean SIGTERM/SIGINT drain (GracefulServer does not re-raise it)
     return 0
+
+
+def _exec_in_vllm_env() -> int:
+    """`--engine vllm` from an environment without vLLM: continue in the one `make venv-vllm` built beside
+    this checkout (or $CTXSTEER_VLLM_PYTHON), with the same arguments; else say how to get it."""
+    override = os.environ.get("CTXSTEER_VLLM_PYTHON")
+    python = (
+        Path(override) if override else Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
+    )
+    if not python.is_file() or Path(sys.prefix).resolve() == python.parent.parent.resolve():
+        print(
+            "ctxsteer serve: --engine vllm needs vLLM, which is not installed in this environment; "
+            "run `make venv-vllm` (scripts/vllm_env.sh) or install vllm, or set CTXSTEER_VLLM_PYTHON",
+            file=sys.stderr,
+        )
+        return 2
+    log.info("--engine vllm: continuing in %s", python)
+    os.execv(str(python), [str(python), "-m", "ctxsteer.server.cli", *sys.argv[1:]])
+    return 2  # not reached
 
 
 def _metrics_observer(config: ServerConfig) -> EngineObserver | None:

@@ -25,8 +25,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ctxsteer.server.engine.engine import EngineObserver
-from ctxsteer.server.engine.interface import AsyncEngine
+from ctxsteer.server.engine.interface import AsyncEngine, EngineObserver
 from ctxsteer.server.engine.request import FinishReason, GenerationOutput, GenerationRequest
 from ctxsteer.server.errors import CLIENT_CLOSED
 

@@ -322,10 +322,16 @@ class ErrorResponse(ResponseModel):
     error: ErrorInfo
 
 
+class PromptTokensDetails(ResponseModel):
+    cached_tokens: int
+
+
 class UsageInfo(ResponseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # Only from engines with a prefix cache (--engine vllm); left out of the JSON otherwise.
+    prompt_tokens_details: PromptTokensDetails | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class SteeringInfo(ResponseModel):

@@ -32,7 +32,7 @@ from ctxsteer.server.errors import (
     error_payload,
     model_not_found,
 )
-from ctxsteer.server.protocol import SteeringInfo, UsageInfo
+from ctxsteer.server.protocol import PromptTokensDetails, SteeringInfo, UsageInfo
 from ctxsteer.steering.spec import HeadMap, SteeringSpec, parse_steering
 
 T = TypeVar("T")
@@ -147,6 +147,7 @@ class Generation:
         self.requests = list(requests)
         self.finished = [False] * len(self.requests)
         self.completion_tokens = [0] * len(self.requests)
+        self.cached_tokens: int | None = None  # prefix-cache hits of the (shared) prompt, if reported
         self._receive = receive
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
@@ -167,6 +168,9 @@ class Generation:
             prompt_tokens=self.prompt_tokens,
             completion_tokens=completion,
             total_tokens=self.prompt_tokens + completion,
+            prompt_tokens_details=None
+            if self.cached_tokens is None
+            else PromptTokensDetails(cached_tokens=self.cached_tokens),
         )
 
     def start(self) -> None:
@@ -199,6 +203,8 @@ class Generation:
             if isinstance(payload, BaseException):
                 raise payload  # close() still aborts request i: abort() is idempotent
             out: GenerationOutput = payload
+            if out.cached_tokens is not None:
+                self.cached_tokens = max(self.cached_tokens or 0, out.cached_tokens)
             self.completion_tokens[i] = max(
                 self.completion_tokens[i] + len(out.token_ids), out.completion_tokens
             )

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ctxsteer.server.engine.detok import Detokenizer
-from ctxsteer.server.engine.interface import AsyncEngine, EngineDead, EngineStats, ModelInfo
+from ctxsteer.server.engine.interface import AsyncEngine, EngineDead, EngineObserver, EngineStats, ModelInfo
 from ctxsteer.server.engine.request import (
     FinishReason,
     GenerationOutput,
@@ -32,15 +32,6 @@ from ctxsteer.server.engine.sampler import RowSampler, Sampled, sample_rows
 from ctxsteer.server.engine.scheduler import Scheduler
 
 log = logging.getLogger("ctxsteer.engine")
-
-
-class EngineObserver:
-    """Hooks for metrics (all optional; called on the engine thread, must be cheap and never raise)."""
-
-    def on_step(self, batch_size: int, prefill_tokens: int) -> None: ...
-    def on_first_token(self, request: GenerationRequest, ttft_s: float, queue_s: float) -> None: ...
-    def on_token(self, request: GenerationRequest, itl_s: float) -> None: ...
-    def on_finish(self, request: GenerationRequest, out: GenerationOutput, e2e_s: float) -> None: ...
 
 
 @dataclass(eq=False)

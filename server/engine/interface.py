@@ -26,6 +26,15 @@ class EngineDead(EngineError):
     """The engine thread stopped (crash or shutdown): answer 503."""
 
 
+class EngineObserver:
+    """Hooks for metrics (all optional; called by the engine, must be cheap and never raise)."""
+
+    def on_step(self, batch_size: int, prefill_tokens: int) -> None: ...
+    def on_first_token(self, request: GenerationRequest, ttft_s: float, queue_s: float) -> None: ...
+    def on_token(self, request: GenerationRequest, itl_s: float) -> None: ...
+    def on_finish(self, request: GenerationRequest, out: GenerationOutput, e2e_s: float) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
     name: str  # served model name

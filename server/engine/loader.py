@@ -242,11 +242,12 @@ def _gguf_checkpoint(gguf_file: Path, root: Path) -> tuple[Path, bool]:
     return target, False
 
 
-def _load(
-    ref: str, source: str, dtype: torch.dtype, device: torch.device, attn: str, need_template: bool
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Config check first (cheap, clear error), then tokenizer (chat template check), then the weights."""
-    hint = "pass a local directory with config.json, tokenizer and weights, or a .gguf file"
+_HINT = "pass a local directory with config.json, tokenizer and weights, or a .gguf file"
+
+
+def _config_and_tokenizer(ref: str, source: str, need_template: bool) -> tuple[Any, PreTrainedTokenizerBase]:
+    """Config check first (cheap, clear error), then the tokenizer (chat template check)."""
+    hint = _HINT
     try:
         config = AutoConfig.from_pretrained(ref)
     except OSError as err:
@@ -265,6 +266,15 @@ def _load(
         raise MissingChatTemplate(
             f"the tokenizer of {source!r} has no chat template, so chat requests cannot be rendered"
         )
+    return config, tokenizer
+
+
+def _load(
+    ref: str, source: str, dtype: torch.dtype, device: torch.device, attn: str, need_template: bool
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Config and tokenizer (`_config_and_tokenizer`), then the weights."""
+    hint = _HINT
+    _, tokenizer = _config_and_tokenizer(ref, source, need_template)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             ref, dtype=dtype, attn_implementation=attn, device_map={"": str(device)}
@@ -325,3 +335,20 @@ def load_model(
         from_cache=from_cache,
     )
     return model, tokenizer, info
+
+
+def prepare_checkpoint(
+    source: str | None = None,
+    *,
+    require_chat_template: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> tuple[str, PreTrainedTokenizerBase, Any]:
+    """For an engine that loads the weights itself (vLLM): (directory or hub id it can load, tokenizer,
+    config), with GGUFs converted and cached exactly as `load_model` does; raises LoadError."""
+    ref, gguf_file = _resolve_source(source)
+    name = str(source) if source is not None else "default"
+    if gguf_file is not None:
+        checkpoint, _ = _gguf_checkpoint(gguf_file, cache_root(cache_dir))
+        ref = str(checkpoint)
+    config, tokenizer = _config_and_tokenizer(ref, name, require_chat_template)
+    return ref, tokenizer, config

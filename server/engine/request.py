@@ -67,4 +67,7 @@ class GenerationOutput:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0  # total so far
+    cached_tokens: int | None = (
+        None  # prompt tokens whose KV came from a prefix cache (engines that have one)
+    )
     error: str | None = None  # set with FinishReason.ERROR; safe to show to the client

@@ -1,0 +1,94 @@
+"""`ctxsteer serve --engine vllm`: the vLLM engine arguments from ServerConfig (under vLLM's own names)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from vllm.engine.arg_utils import AsyncEngineArgs
+
+from ctxsteer.server.config import ServerConfig
+from ctxsteer.server.engine.interface import EngineObserver, ModelInfo
+from ctxsteer.server.engine.loader import LoadedInfo, LoadError, max_model_len, prepare_checkpoint
+from ctxsteer.server.engine.vllm.engine import VllmEngine
+
+
+def engine_args(config: ServerConfig, model: str, max_len: int) -> AsyncEngineArgs:
+    """Only what the user set is passed; vLLM keeps its defaults for the rest (prefix caching on,
+    compiled mode, chunked prefill)."""
+    kwargs: dict[str, Any] = {
+        "model": model,
+        "tokenizer": model,
+        "dtype": config.dtype,
+        "max_model_len": max_len,
+        "max_num_seqs": config.max_num_seqs,
+        "tensor_parallel_size": config.tensor_parallel_size,
+        "pipeline_parallel_size": config.pipeline_parallel_size,
+        "data_parallel_size": config.data_parallel_size,
+        "enforce_eager": config.enforce_eager,
+        "disable_log_stats": False,  # the scheduler stats feed /metrics
+        "enable_log_requests": False,
+    }
+    if config.distributed_executor_backend is not None:
+        kwargs["distributed_executor_backend"] = config.distributed_executor_backend
+    if config.gpu_memory_utilization is not None:
+        kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+    if config.max_num_batched_tokens is not None:
+        kwargs["max_num_batched_tokens"] = config.max_num_batched_tokens
+    if config.enable_prefix_caching is not None:
+        kwargs["enable_prefix_caching"] = config.enable_prefix_caching
+    if config.device not in ("auto", "cpu") and config.device.startswith("cuda:"):
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", config.device.partition(":")[2])
+    return AsyncEngineArgs(**kwargs)
+
+
+def build_vllm_engine(
+    config: ServerConfig, observer: EngineObserver | None, served_name: Callable[[LoadedInfo], str]
+) -> VllmEngine:
+    """Resolve the model (GGUFs are converted to a directory vLLM can load, as for the local engine) and
+    describe it; vLLM itself starts in `VllmEngine.start`."""
+    from ctxsteer.server.main import served_max_len
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    ref, tokenizer, hf_config = prepare_checkpoint(config.model)
+    text = hf_config.get_text_config()
+    limit = max_model_len(hf_config)
+    max_len = served_max_len(config, limit)
+    heads = text.num_attention_heads
+    if config.tensor_parallel_size > 1 and heads % config.tensor_parallel_size:
+        raise LoadError(f"--tensor-parallel-size {config.tensor_parallel_size} does not divide {heads} heads")
+    loaded = LoadedInfo(
+        source=config.model or "default",
+        path=ref,
+        device="cpu",
+        dtype=config.dtype,
+        max_model_len=limit,
+        num_layers=text.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        model_type=hf_config.model_type,
+    )
+    info = ModelInfo(
+        name=served_name(loaded),
+        path=ref,
+        device=_device(),
+        dtype=config.dtype,
+        max_model_len=max_len,
+        num_layers=loaded.num_layers,
+        num_heads=heads,
+    )
+    return VllmEngine(
+        engine_args(config, ref, max_len),
+        tokenizer,
+        info,
+        max_num_seqs=config.max_num_seqs,
+        max_queue=config.max_queue,
+        observer=observer,
+    )
+
+
+def _device() -> str:
+    from vllm.platforms import current_platform
+
+    return "cpu" if current_platform.is_cpu() else f"{current_platform.device_type}:0"

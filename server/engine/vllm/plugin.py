@@ -1,0 +1,56 @@
+"""The `vllm.general_plugins` entry point `ctxsteer` (see pyproject.toml); vLLM runs it in every one of
+its processes, possibly more than once, so it is idempotent.
+
+It makes vLLM's attention backend the steered one and wraps the model runner's forward so the backend
+knows which rows of each batch are steered (from `SamplingParams.extra_args["ctxsteer"]`). Requests
+without that entry take vLLM's stock path. No vLLM file is edited; nothing changes when no request is
+steered besides one list scan per forward.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+log = logging.getLogger("ctxsteer.vllm")
+_done = False
+
+
+def register() -> None:
+    global _done
+    if _done:
+        return
+    _done = True
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        log.warning("ctxsteer: steering inside vLLM is implemented for its CPU backend only; not installed")
+        return
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    register_backend(
+        AttentionBackendEnum.CPU_ATTN,
+        "ctxsteer.server.engine.vllm.cpu_attention.SteeredCPUAttentionBackend",
+    )
+    _wrap_runner()
+
+
+def _wrap_runner() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from ctxsteer.server.engine.vllm.worker_state import STATE
+
+    original = GPUModelRunner._model_forward
+    if getattr(original, "_ctxsteer", False):
+        return
+
+    @functools.wraps(original)
+    def _model_forward(self, *args, **kwargs):  # noqa: ANN001, ANN202 - vLLM's signature
+        STATE.begin(self)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            STATE.end()
+
+    _model_forward._ctxsteer = True  # type: ignore[attr-defined]
+    GPUModelRunner._model_forward = _model_forward
