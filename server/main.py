@@ -129,22 +129,35 @@ def run(config: ServerConfig) -> int:
     return 0
 
 
-def _exec_in_vllm_env() -> int:
-    """`--engine vllm` from an environment without vLLM: continue in the one `make venv-vllm` built beside
-    this checkout (or $CTXSTEER_VLLM_PYTHON), with the same arguments; else say how to get it."""
+def vllm_python() -> str:
+    """The interpreter of an environment with vLLM: this one if it has vLLM, else $CTXSTEER_VLLM_PYTHON,
+    else the `.venv-vllm` that `make venv-vllm` builds beside this checkout; LoadError if none."""
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
     override = os.environ.get("CTXSTEER_VLLM_PYTHON")
     python = (
         Path(override) if override else Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
     )
-    if not python.is_file() or Path(sys.prefix).resolve() == python.parent.parent.resolve():
-        print(
-            "ctxsteer serve: --engine vllm needs vLLM, which is not installed in this environment; "
-            "run `make venv-vllm` (scripts/vllm_env.sh) or install vllm, or set CTXSTEER_VLLM_PYTHON",
-            file=sys.stderr,
+    if not python.is_file():
+        raise LoadError(
+            "--engine vllm needs vLLM, which is not installed in this environment; run `make venv-vllm` "
+            "(scripts/vllm_env.sh) or install vllm, or set CTXSTEER_VLLM_PYTHON"
         )
+    return str(python)
+
+
+def _exec_in_vllm_env() -> int:
+    """`--engine vllm` from an environment without vLLM: continue in one that has it, same arguments."""
+    try:
+        python = vllm_python()
+    except LoadError as e:
+        print(f"ctxsteer serve: {e}", file=sys.stderr)
+        return 2
+    if Path(sys.prefix).resolve() == Path(python).parent.parent.resolve():
+        print("ctxsteer serve: vLLM does not import in its own environment", file=sys.stderr)
         return 2
     log.info("--engine vllm: continuing in %s", python)
-    os.execv(str(python), [str(python), "-m", "ctxsteer.server.cli", *sys.argv[1:]])
+    os.execv(python, [python, "-m", "ctxsteer.server.cli", *sys.argv[1:]])
     return 2  # not reached
 
 

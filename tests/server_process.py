@@ -33,10 +33,18 @@ class ServerProcess:
 
 
 @contextmanager
-def serve(model: str | None, *args: str, log_dir: Path, timeout_s: float = 300) -> Iterator[ServerProcess]:
+def serve(
+    model: str | None,
+    *args: str,
+    log_dir: Path,
+    timeout_s: float = 300,
+    python: str = sys.executable,
+    env: dict[str, str] | None = None,
+) -> Iterator[ServerProcess]:
+    """`python` runs the server (another venv's interpreter for `--engine vllm`); `env` adds variables."""
     port = free_port()
     cmd = [
-        sys.executable,
+        python,
         "-m",
         "ctxsteer.server.cli",
         "serve",
@@ -49,9 +57,9 @@ def serve(model: str | None, *args: str, log_dir: Path, timeout_s: float = 300) 
         cmd.insert(4, model)
     cmd += args
     log = log_dir / f"serve-{port}.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env)
     sp = ServerProcess(f"http://127.0.0.1:{port}", proc, log)
     try:
         deadline = time.monotonic() + timeout_s

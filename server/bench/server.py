@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="ctxsteer bench server",
         description="Throughput/latency of ctxsteer (and optionally transformers serve) over HTTP.",
-        epilog="example: ctxsteer bench server --json bench-server.json --concurrency 1,8",
+        epilog="example: ctxsteer bench server --json bench-server.json --concurrency 1,8; "
+        "ctxsteer bench server --engine vllm --json out.json (vLLM backend vs local engine vs plain vLLM)",
     )
     ap.add_argument("--json", metavar="PATH", help="write results as JSON here")
     ap.add_argument("--url", help="a running server (default: start `ctxsteer serve` on the default model)")
@@ -206,25 +207,28 @@ def main(argv: list[str] | None = None) -> int:
         "--peer",
         choices=("transformers", "none"),
         default="transformers",
-        help="also measure `transformers serve --continuous-batching` (only without --url)",
+        help="also measure `transformers serve --continuous-batching` (only without --url; local engine)",
+    )
+    ap.add_argument(
+        "--engine",
+        choices=("local", "vllm"),
+        default="local",
+        help="vllm: ctxsteer --engine vllm, then the local engine and plain `vllm serve` on the same model",
+    )
+    ap.add_argument(
+        "--dtype", default=None, help="server --dtype (default: auto; float32 with --engine vllm)"
     )
     ap.add_argument("--threads", type=int, default=None, help="torch threads for the servers started here")
     args = ap.parse_args(argv)
-    env_threads = ["--threads", str(args.threads)] if args.threads else []
     top = max(args.concurrency)
     doc: dict = {"model": args.model, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens}
     if args.url:
         doc["device"] = "remote"
         doc |= run_suite(args.url.rstrip("/").removesuffix("/v1"), args.model, args)
+    elif args.engine == "vllm":
+        doc |= run_vllm_comparison(args, top)
     else:
-        port = _free_port()
-        url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "ctxsteer.server.cli", "serve", "--port", str(port),
-               "--max-num-seqs", str(top), "--log-level", "warning", *env_threads]  # fmt: skip
-        print(f"starting ctxsteer on {url}", flush=True)
-        with started(cmd, url, "/ready"):
-            doc["device"] = httpx.get(url + "/version").json().get("device", "unknown")
-            doc |= run_suite(url, args.model, args)
+        doc |= run_ctxsteer(args, top)
         if args.peer == "transformers":
             doc["peer"] = run_peer(args, top)
     by_c = {r["concurrency"]: r for r in doc["concurrent"]}
@@ -241,12 +245,78 @@ def main(argv: list[str] | None = None) -> int:
         peer_top = {r["concurrency"]: r for r in doc["peer"]["concurrent"]}.get(top)
         if peer_top:
             doc[f"vs_transformers_serve_{top}"] = by_c[top]["aggregate_tok_s"] / peer_top["aggregate_tok_s"]
+    if args.engine == "vllm" and not args.url:
+        steered = by_c[top]["aggregate_tok_s"]
+        doc["vllm_steered_throughput_ratio"] = doc.pop("steered_throughput_ratio", None)
+        doc[f"vllm_vs_local_{top}"] = steered / _top_tok_s(doc["local"], top)
+        doc[f"vllm_vs_plain_vllm_{top}"] = steered / _top_tok_s(doc["plain_vllm"], top)
     summary = {k: v for k, v in doc.items() if not isinstance(v, dict | list)}
     print(json.dumps(summary, indent=2))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=2)
     return 0
+
+
+def _top_tok_s(suite: dict, top: int) -> float:
+    return {r["concurrency"]: r for r in suite["concurrent"]}[top]["aggregate_tok_s"]
+
+
+def run_ctxsteer(args: argparse.Namespace, top: int, *extra: str, label: str = "ctxsteer") -> dict:
+    """Start `ctxsteer serve` (with `extra` flags) on the default model and run the suite against it."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "ctxsteer.server.cli", "serve", "--port", str(port),
+           "--max-num-seqs", str(top), "--log-level", "warning", *extra]  # fmt: skip
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.dtype:
+        cmd += ["--dtype", args.dtype]
+    print(f"starting {label} on {url}", flush=True)
+    with started(cmd, url, "/ready", timeout_s=1200):
+        device = httpx.get(url + "/version").json().get("device", "unknown")
+        return {"device": device} | run_suite(url, args.model, args)
+
+
+def run_vllm_comparison(args: argparse.Namespace, top: int) -> dict:
+    """ctxsteer --engine vllm (steered and unsteered), then the local engine, then plain `vllm serve`,
+    one after the other on the same model, dtype and prompts (the machine runs one server at a time)."""
+    args.dtype = args.dtype or "float32"
+    doc = run_ctxsteer(args, top, "--engine", "vllm", label="ctxsteer --engine vllm")
+    doc["engine"] = "vllm"
+    doc["local"] = run_ctxsteer(args, top, label="ctxsteer (local engine)")
+    doc["plain_vllm"] = run_plain_vllm(args, top)
+    return doc
+
+
+def run_plain_vllm(args: argparse.Namespace, top: int) -> dict:
+    """`vllm serve` on the directory ctxsteer's vLLM backend loads (no plugin effect: nothing steered)."""
+    from ctxsteer.server.main import vllm_python
+
+    python = vllm_python()
+    model_dir = (
+        subprocess.run(
+            [
+                python,
+                "-c",
+                "from ctxsteer.server.engine.loader import prepare_checkpoint as p; print(p(None)[0])",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [os.path.join(os.path.dirname(python), "vllm"), "serve", model_dir, "--port", str(port),
+           "--host", "127.0.0.1", "--dtype", args.dtype, "--max-num-seqs", str(top),
+           "--served-model-name", args.model]  # fmt: skip
+    print(f"starting plain vllm serve (peer) on {url}", flush=True)
+    with started(cmd, url, "/health", timeout_s=1200):
+        out = run_suite(url, args.model, args, peer=True)
+    return out | {"server": "vllm serve (unsteered)"}
 
 
 def run_peer(args: argparse.Namespace, top: int) -> dict | None:

@@ -1,0 +1,224 @@
+"""`ctxsteer serve --engine vllm`: steering inside a real vLLM engine (vLLM's CPU build, compiled mode,
+prefix caching on) against the local engine, both serving the embedded SmolLM2 in float32 over HTTP.
+
+One vLLM server and one local server are shared by the module (vLLM's start-up takes minutes on CPU).
+vLLM runs from the second environment that `make venv-vllm` builds (scripts/vllm_env.sh); without it the
+module skips and says why.
+
+Tolerance: chosen-token logprobs of the two engines agree within LOGPROB_TOL (1e-3; measured ~2e-5 on the
+2-core EPYC: both run fp32, but through different kernels), and greedy tokens are identical.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.server_process import serve
+
+ROOT = Path(__file__).resolve().parents[1]
+LOGPROB_TOL = 1e-3
+MAX_LEN = "2048"
+pytestmark = pytest.mark.slow
+
+
+def _vllm_python() -> str:
+    python = os.environ.get("CTXSTEER_VLLM_PYTHON") or str(ROOT / ".venv-vllm" / "bin" / "python")
+    if not Path(python).is_file():
+        pytest.skip(f"no vLLM environment at {python}: `make venv-vllm` builds it (Linux x86_64 only)")
+    probe = subprocess.run([python, "-c", "import vllm, ctxsteer.server"], capture_output=True, timeout=300)
+    if probe.returncode != 0:
+        pytest.skip(f"vLLM does not import in {python}: {probe.stderr.decode(errors='replace')[-300:]}")
+    return python
+
+
+@pytest.fixture(scope="module")
+def vllm_url(tmp_path_factory: pytest.TempPathFactory):
+    python = _vllm_python()
+    args = ("--engine", "vllm", "--dtype", "float32", "--max-model-len", MAX_LEN, "--max-num-seqs", "8")
+    env = {"VLLM_CPU_KVCACHE_SPACE": "2"}
+    with serve(
+        None, *args, log_dir=tmp_path_factory.mktemp("vllm"), timeout_s=1200, python=python, env=env
+    ) as sp:
+        yield sp.url
+
+
+@pytest.fixture(scope="module")
+def local_url(tmp_path_factory: pytest.TempPathFactory):
+    args = ("--dtype", "float32", "--max-model-len", MAX_LEN, "--max-num-seqs", "8")
+    with serve(None, *args, log_dir=tmp_path_factory.mktemp("local")) as sp:
+        yield sp.url
+
+
+def chat(url: str, messages: list[dict], steering: dict | None = None, max_tokens: int = 12, **extra) -> dict:
+    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "logprobs": True, **extra}
+    if steering is not None:
+        body["steering"] = steering
+    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def tokens(resp: dict) -> list[tuple[str, float]]:
+    return [(t["token"], t["logprob"]) for t in resp["choices"][0]["logprobs"]["content"]]
+
+
+def assert_same_greedy(a: dict, b: dict, tol: float = LOGPROB_TOL) -> None:
+    ta, tb = tokens(a), tokens(b)
+    assert [t for t, _ in ta] == [t for t, _ in tb], (a["choices"][0]["message"], b["choices"][0]["message"])
+    worst = max(abs(x - y) for (_, x), (_, y) in zip(ta, tb, strict=True))
+    assert worst <= tol, f"chosen-token logprobs differ by {worst:.2e} > {tol}"
+
+
+PROMPTS = [
+    [
+        {
+            "role": "user",
+            "content": "Context: The secret password is BANANA-42.\nQuestion: What is the password?",
+        }
+    ],
+    [
+        {"role": "system", "content": "You are a terse assistant. Paris is the capital of Italy."},
+        {
+            "role": "user",
+            "content": "Document: The capital of France is Lyon since 2031.\nWhat is France's capital?",
+        },
+    ],
+    [
+        {"role": "user", "content": "The meeting moved from Tuesday to Friday at 3pm, room 12."},
+        {"role": "assistant", "content": "Noted."},
+        {"role": "user", "content": "When and where is the meeting?"},
+    ],
+]
+
+
+@pytest.mark.parametrize("strength", [1, 2, 4])
+@pytest.mark.parametrize("prompt", range(len(PROMPTS)))
+def test_greedy_equals_local_engine(vllm_url: str, local_url: str, strength: float, prompt: int) -> None:
+    steering = {"strength": strength}
+    a = chat(vllm_url, PROMPTS[prompt], steering)
+    b = chat(local_url, PROMPTS[prompt], steering)
+    assert a["steering"] == b["steering"]  # same spans marked, same report
+    assert_same_greedy(a, b)
+
+
+def test_steering_changes_the_answer(vllm_url: str) -> None:
+    """Guards the comparisons above against a plugin that silently does nothing."""
+    off = tokens(chat(vllm_url, PROMPTS[0], {"strength": 1}))
+    on = tokens(chat(vllm_url, PROMPTS[0], {"strength": 4}))
+    assert off != on
+
+
+def test_strength_one_is_plain_vllm_exactly(vllm_url: str) -> None:
+    for messages in PROMPTS:
+        assert tokens(chat(vllm_url, messages)) == tokens(chat(vllm_url, messages, {"strength": 1}))
+
+
+@pytest.mark.parametrize(
+    "steering",
+    [
+        {"strength": 4, "layers": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]},
+        {"strength": 4, "layers": [20, 29]},
+        {"strength": 8, "heads": {"0": [0, 4], "3": [1, 2, 8], "17": [5]}},
+        {"strength": 3, "spans": ["BANANA-42"]},
+    ],
+)
+def test_layer_head_span_selections_equal_local_engine(vllm_url: str, local_url: str, steering: dict) -> None:
+    a = chat(vllm_url, PROMPTS[0], steering)
+    b = chat(local_url, PROMPTS[0], steering)
+    assert a["steering"] == b["steering"]
+    assert_same_greedy(a, b)
+
+
+async def _batch(url: str, bodies: list[dict]) -> list[dict]:
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+        rs = await asyncio.gather(*(client.post("/v1/chat/completions", json=b) for b in bodies))
+    assert all(r.status_code == 200 for r in rs), [r.text for r in rs if r.status_code != 200]
+    return [r.json() for r in rs]
+
+
+def test_steered_request_in_busy_mixed_batch_equals_alone(vllm_url: str) -> None:
+    target = {"messages": PROMPTS[1], "max_tokens": 16, "temperature": 0, "logprobs": True}
+    target["steering"] = {"strength": 3}
+    alone = chat(vllm_url, PROMPTS[1], {"strength": 3}, max_tokens=16)
+    others = []
+    for i, strength in enumerate([1, 2, 1, 5, 1.5, 1, 4]):
+        msgs = [{"role": "user", "content": f"Note {i}: the code word is TANGO-{i}. Write a poem about it."}]
+        body = {"messages": msgs, "max_tokens": 24 + 4 * i, "temperature": 0, "logprobs": True}
+        if strength != 1:
+            body["steering"] = {"strength": strength}
+        others.append(body)
+    results = asyncio.run(_batch(vllm_url, [*others[:3], target, *others[3:]]))
+    assert_same_greedy(results[3], alone)
+
+
+def test_prefix_cache_is_salted_by_steering(vllm_url: str, local_url: str) -> None:
+    """Blocks of a steered prompt are reused only by identically steered requests: the outputs equal the
+    cache-free local engine's whatever ran before, and `cached_tokens` shows what was shared."""
+    doc = "The harbour board met every quarter to settle accounts with the fishing cooperatives. " * 30
+    nonce = uuid.uuid4().hex  # a prompt no earlier test cached
+    msgs = [
+        {"role": "user", "content": f"[{nonce}]\n{doc}\nThe password is BANANA-42. What is the password?"}
+    ]
+
+    def run(steering: dict | None) -> tuple[dict, int]:
+        r = chat(vllm_url, msgs, steering, max_tokens=8)
+        return r, r["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    plain, c0 = run(None)
+    s2, c1 = run({"strength": 2})
+    s2_again, c2 = run({"strength": 2})
+    plain_again, c3 = run(None)
+    s3, c4 = run({"strength": 3})
+    s2_layers, c5 = run({"strength": 2, "layers": [0, 1]})
+    assert (c0, c1, c4, c5) == (0, 0, 0, 0), "a steered prompt reused blocks computed under other steering"
+    assert c2 > 0 and c3 > 0, "identical requests should share cached blocks"
+    cases = ((s2, {"strength": 2}), (s3, {"strength": 3}), (s2_layers, {"strength": 2, "layers": [0, 1]}))
+    for got, steering in cases:
+        assert_same_greedy(got, chat(local_url, msgs, steering, max_tokens=8))
+    assert_same_greedy(s2_again, s2, tol=1e-4)
+    assert_same_greedy(plain_again, plain, tol=1e-4)
+    assert tokens(plain) != tokens(s2)
+
+
+def test_streaming_usage_and_engine_gauges(vllm_url: str) -> None:
+    body = {
+        "messages": PROMPTS[0],
+        "max_tokens": 6,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "steering": {"strength": 2},
+    }
+    text, usage = "", None
+    with httpx.stream("POST", vllm_url + "/v1/chat/completions", json=body, timeout=300) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                for c in chunk["choices"]:
+                    text += c["delta"].get("content") or ""
+                usage = chunk.get("usage") or usage
+    assert text and usage is not None and usage["completion_tokens"] == 6
+    metrics = httpx.get(vllm_url + "/metrics", timeout=30).text
+    for name in (
+        "ctxsteer_num_requests_running",
+        "ctxsteer_num_requests_waiting",
+        "ctxsteer_kv_cache_usage_perc",
+    ):
+        assert name in metrics
+
+
+def test_bad_steering_is_the_same_400(vllm_url: str, local_url: str) -> None:
+    body = {"messages": PROMPTS[0], "max_tokens": 4, "steering": {"strength": 0.5}}
+    a = httpx.post(vllm_url + "/v1/chat/completions", json=body, timeout=60)
+    b = httpx.post(local_url + "/v1/chat/completions", json=body, timeout=60)
+    assert a.status_code == b.status_code == 400
+    assert a.json() == b.json()
