@@ -66,3 +66,28 @@ def steered_sequence_attention(
         )
         out[start:stop] = o[0].transpose(0, 1)
     return out
+
+
+def steered_decode_attention(
+    query: torch.Tensor,  # [B, H, D]: one query per row, at position lengths[b] - 1
+    key: torch.Tensor,  # [B, Hkv, S, D], row b valid on [0, lengths[b])
+    value: torch.Tensor,  # [B, Hkv, S, Dv]
+    key_bias: torch.Tensor,  # [B, S] fp32
+    lengths: torch.Tensor,  # [B] int64
+    head_gate: torch.Tensor | None,  # [B, H] 0/1, None = every head of every row steered
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """One decode step of B steered rows in one SDPA call (padding keys masked): [B, H, Dv]."""
+    b, h, _ = query.shape
+    s = key.shape[2]
+    cols = torch.arange(s, device=key.device)[None, :]
+    visible = cols < lengths[:, None]
+    if sliding_window is not None and sliding_window > 0:
+        visible &= cols > lengths[:, None] - 1 - sliding_window
+    bias = key_bias[:, None, :] if head_gate is None else head_gate[:, :, None] * key_bias[:, None, :]
+    mask = bias.masked_fill(~visible[:, None, :], float("-inf")).to(query.dtype)[:, :, None, :]
+    out = F.scaled_dot_product_attention(
+        query[:, :, None, :], key, value, attn_mask=mask, scale=scale, enable_gqa=h != key.shape[1]
+    )
+    return out[:, :, 0, :]

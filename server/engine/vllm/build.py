@@ -12,6 +12,7 @@ from ctxsteer.server.config import ServerConfig
 from ctxsteer.server.engine.interface import EngineObserver, ModelInfo
 from ctxsteer.server.engine.loader import LoadedInfo, LoadError, max_model_len, prepare_checkpoint
 from ctxsteer.server.engine.vllm.engine import VllmEngine
+from ctxsteer.server.engine.vllm.plugin import BACKENDS, platform_key
 
 
 def engine_args(config: ServerConfig, model: str, max_len: int) -> AsyncEngineArgs:
@@ -38,8 +39,13 @@ def engine_args(config: ServerConfig, model: str, max_len: int) -> AsyncEngineAr
         kwargs["max_num_batched_tokens"] = config.max_num_batched_tokens
     if config.enable_prefix_caching is not None:
         kwargs["enable_prefix_caching"] = config.enable_prefix_caching
-    if config.device not in ("auto", "cpu") and config.device.startswith("cuda:"):
+    if config.device.startswith("cuda:"):
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", config.device.partition(":")[2])
+    if platform_key() == "cuda":
+        # Steered rows are recomputed in Python after the kernel: attention must run outside CUDA graphs
+        # (piecewise graphs keep the rest of the model captured), on the backend the plugin overrides.
+        kwargs["attention_backend"] = BACKENDS["cuda"][0]
+        kwargs["compilation_config"] = {"cudagraph_mode": "PIECEWISE"}
     return AsyncEngineArgs(**kwargs)
 
 
@@ -89,6 +95,5 @@ def build_vllm_engine(
 
 
 def _device() -> str:
-    from vllm.platforms import current_platform
-
-    return "cpu" if current_platform.is_cpu() else f"{current_platform.device_type}:0"
+    key = platform_key()
+    return "cuda:0" if key == "cuda" else (key or "unknown")

@@ -1,10 +1,10 @@
 """The `vllm.general_plugins` entry point `ctxsteer` (see pyproject.toml); vLLM runs it in every one of
 its processes, possibly more than once, so it is idempotent.
 
-It makes vLLM's attention backend the steered one and wraps the model runner's forward so the backend
-knows which rows of each batch are steered (from `SamplingParams.extra_args["ctxsteer"]`). Requests
-without that entry take vLLM's stock path. No vLLM file is edited; nothing changes when no request is
-steered besides one list scan per forward.
+It makes vLLM's attention backend (CPU_ATTN on CPU, FLASH_ATTN on CUDA) the steered one and wraps the
+model runner's forward so the backend knows which rows of each batch are steered (from
+`SamplingParams.extra_args["ctxsteer"]`). Requests without that entry take vLLM's stock path. No vLLM
+file is edited; nothing changes when no request is steered besides one scan of the batch per forward.
 """
 
 from __future__ import annotations
@@ -16,22 +16,37 @@ log = logging.getLogger("ctxsteer.vllm")
 _done = False
 
 
+BACKENDS = {  # platform -> (vLLM backend overridden, ctxsteer's subclass)
+    "cpu": ("CPU_ATTN", "ctxsteer.server.engine.vllm.cpu_attention.SteeredCPUAttentionBackend"),
+    "cuda": ("FLASH_ATTN", "ctxsteer.server.engine.vllm.cuda_attention.SteeredFlashAttentionBackend"),
+}
+
+
+def platform_key() -> str | None:
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        return "cpu"
+    if current_platform.is_cuda():
+        return "cuda"
+    return None
+
+
 def register() -> None:
     global _done
     if _done:
         return
     _done = True
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
-        log.warning("ctxsteer: steering inside vLLM is implemented for its CPU backend only; not installed")
+    key = platform_key()
+    if key is None:
+        log.warning(
+            "ctxsteer: no steered attention backend for this vLLM platform; steering is not installed"
+        )
         return
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    register_backend(
-        AttentionBackendEnum.CPU_ATTN,
-        "ctxsteer.server.engine.vllm.cpu_attention.SteeredCPUAttentionBackend",
-    )
+    name, path = BACKENDS[key]
+    register_backend(AttentionBackendEnum[name], path)
     _wrap_runner()
 
 
