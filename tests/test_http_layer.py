@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -564,3 +565,28 @@ def test_config_flags_env_and_errors() -> None:
         ServerConfig(default_steering_strength=0.5)
     with pytest.raises(ValueError, match="--head-profiles"):
         ServerConfig(head_profiles="/no/such/file.json")
+
+
+class _FailingStart(FakeEngine):
+    async def start(self) -> None:
+        raise RuntimeError("no memory for the KV cache")
+
+
+def test_failed_engine_start_makes_health_503() -> None:
+    """Loading is alive (200); an engine that failed to start is not, so a liveness probe restarts it."""
+    from ctxsteer.server.main import create_app
+
+    app = create_app(ServerConfig(), _FailingStart(TOKENIZER, ready=False), head_profiles=PROFILES)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="critical", lifespan="on")
+    )
+    with in_thread(server, start_timeout_s=10, stop_timeout_s=5) as port:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            for _ in range(100):
+                r = http.get("/health")
+                if r.status_code != 200:
+                    break
+                time.sleep(0.02)
+            err = assert_error(r, 503, None)
+            assert err["code"] == "engine_failed" and "no memory for the KV cache" in err["message"]
+            assert assert_error(http.get("/ready"), 503, None)["code"] == "not_ready"

@@ -10,7 +10,12 @@ import pytest
 import torch
 
 from ctxsteer.steering.bias import fill_row_bias
-from ctxsteer.steering.ragged import QUERY_CHUNK, steered_decode_attention, steered_sequence_attention
+from ctxsteer.steering.ragged import (
+    QUERY_CHUNK,
+    paged_decode_attention,
+    paged_decode_mask,
+    steered_sequence_attention,
+)
 from ctxsteer.steering.rows import SteerRow
 
 TOL = 1e-5
@@ -71,9 +76,11 @@ def test_sequence_attention_query_chunks() -> None:
     assert (got - want).abs().max().item() < TOL
 
 
-def test_decode_batch_equals_each_row_alone() -> None:
+def test_paged_decode_equals_each_row_alone() -> None:
+    """Rows of different lengths, blocks of 4 keys stored transposed (as vLLM's CPU kernel does), GQA,
+    head gates on one row: each row equals the literal rule on its own keys."""
     torch.manual_seed(2)
-    h, hkv, d, width = 4, 2, 8, 40
+    h, hkv, d, bs, w = 4, 2, 8, 4, 10
     rows = [
         SteerRow(alpha=0.25, steered=((2, 9),)),
         SteerRow(alpha=0.7),
@@ -82,11 +89,27 @@ def test_decode_batch_equals_each_row_alone() -> None:
     lengths, prompt_lens = [17, 40, 25], [12, 30, 25]
     gates = [None, torch.tensor([0.0, 1, 1, 0]), None]
     q = torch.randn(3, h, d)
-    k, v = torch.randn(3, hkv, width, d), torch.randn(3, hkv, width, d)
-    bias = torch.stack([bias_of(r, p, width) for r, p in zip(rows, prompt_lens, strict=True)])
+    k, v = torch.randn(3, w * bs, hkv, d), torch.randn(3, w * bs, hkv, d)
+    key_t = k.view(3, w, bs, hkv, d).permute(0, 1, 3, 4, 2)  # [B, w, Hkv, D, bs]
+    value = v.view(3, w, bs, hkv, d).permute(0, 1, 3, 2, 4)  # [B, w, Hkv, bs, D]
+    bias = torch.stack([bias_of(r, p, w * bs) for r, p in zip(rows, prompt_lens, strict=True)])
     gate = torch.stack([torch.ones(h) if g is None else g for g in gates])
-    got = steered_decode_attention(q, k, v, bias, torch.tensor(lengths), gate, d**-0.5, None)
+    mask = paged_decode_mask(bias, torch.tensor(lengths), gate, hkv, bs, None, torch.float32)
+    got = paged_decode_attention(q, key_t, value, mask, d**-0.5)
     for b, (row, n, p, g) in enumerate(zip(rows, lengths, prompt_lens, gates, strict=True)):
-        kk, vv = k[b, :, :n].transpose(0, 1), v[b, :, :n].transpose(0, 1)
-        want = literal(q[b : b + 1], kk, vv, row, p, g, d**-0.5, None)[0]
+        want = literal(q[b : b + 1], k[b, :n], v[b, :n], row, p, g, d**-0.5, None)[0]
         assert (got[b] - want).abs().max().item() < TOL
+
+
+def test_paged_decode_sliding_window() -> None:
+    torch.manual_seed(3)
+    h, hkv, d, bs, w, n = 2, 1, 4, 4, 3, 11
+    q, k, v = torch.randn(1, h, d), torch.randn(1, w * bs, hkv, d), torch.randn(1, w * bs, hkv, d)
+    row = SteerRow(alpha=0.2, steered=((6, 8),))
+    mask = paged_decode_mask(
+        bias_of(row, 9, w * bs)[None], torch.tensor([n]), None, hkv, bs, 4, torch.float32
+    )
+    key_t = k.view(1, w, bs, hkv, d).permute(0, 1, 3, 4, 2)
+    got = paged_decode_attention(q, key_t, v.view(1, w, bs, hkv, d).permute(0, 1, 3, 2, 4), mask, 0.5)
+    want = literal(q, k[0, :n], v[0, :n], row, 9, None, 0.5, 4)[0]
+    assert (got[0] - want).abs().max().item() < TOL

@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -29,7 +30,7 @@ MAX_LEN = "2048"
 pytestmark = pytest.mark.slow
 
 
-def _vllm_python() -> str:
+def vllm_python() -> str:
     python = os.environ.get("CTXSTEER_VLLM_PYTHON") or str(ROOT / ".venv-vllm" / "bin" / "python")
     if not Path(python).is_file():
         pytest.skip(f"no vLLM environment at {python}: `make venv-vllm` builds it (Linux x86_64 only)")
@@ -41,8 +42,10 @@ def _vllm_python() -> str:
 
 @pytest.fixture(scope="module")
 def vllm_url(tmp_path_factory: pytest.TempPathFactory):
-    python = _vllm_python()
+    python = vllm_python()
+    # A small step budget makes the ~480-token prompts below prefill in chunks (chunked prefill is tested).
     args = ("--engine", "vllm", "--dtype", "float32", "--max-model-len", MAX_LEN, "--max-num-seqs", "8")
+    args += ("--max-num-batched-tokens", "256")
     env = {"VLLM_CPU_KVCACHE_SPACE": "2"}
     with serve(
         None, *args, log_dir=tmp_path_factory.mktemp("vllm"), timeout_s=1200, python=python, env=env
@@ -161,7 +164,8 @@ def test_steered_request_in_busy_mixed_batch_equals_alone(vllm_url: str) -> None
 
 def test_prefix_cache_is_salted_by_steering(vllm_url: str, local_url: str) -> None:
     """Blocks of a steered prompt are reused only by identically steered requests: the outputs equal the
-    cache-free local engine's whatever ran before, and `cached_tokens` shows what was shared."""
+    cache-free local engine's whatever ran before, and `cached_tokens` shows what was shared. The prompts
+    are longer than the server's step budget, so they are also prefilled in chunks."""
     doc = "The harbour board met every quarter to settle accounts with the fishing cooperatives. " * 30
     nonce = uuid.uuid4().hex  # a prompt no earlier test cached
     msgs = [
@@ -222,3 +226,25 @@ def test_bad_steering_is_the_same_400(vllm_url: str, local_url: str) -> None:
     b = httpx.post(local_url + "/v1/chat/completions", json=body, timeout=60)
     assert a.status_code == b.status_code == 400
     assert a.json() == b.json()
+
+
+def _gauge(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not exported")
+
+
+def test_client_disconnect_aborts_in_vllm(vllm_url: str) -> None:
+    body = {"messages": PROMPTS[0], "max_tokens": 1500, "temperature": 0, "ignore_eos": True, "stream": True}
+    body["steering"] = {"strength": 2}
+    with httpx.stream("POST", vllm_url + "/v1/chat/completions", json=body, timeout=300) as r:
+        lines = r.iter_lines()
+        seen = sum(1 for _, line in zip(range(6), lines, strict=False) if line.startswith("data: {"))
+        assert seen >= 2
+        assert _gauge(vllm_url, "ctxsteer_num_requests_running") >= 1
+    deadline = time.monotonic() + 30
+    while _gauge(vllm_url, "ctxsteer_num_requests_running") > 0:
+        assert time.monotonic() < deadline, "the abandoned stream kept running in vLLM"
+        time.sleep(0.2)
+    assert tokens(chat(vllm_url, PROMPTS[0], {"strength": 2}, max_tokens=4))  # still serving

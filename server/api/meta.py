@@ -46,7 +46,12 @@ async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
 
 
 @router.get("/health")
-async def health() -> dict[str, str]:
+async def health(request: Request) -> dict[str, str]:
+    """Liveness: 200 while loading and serving; 503 once the engine failed to start, so that a
+    supervisor's liveness probe restarts the process (loading itself is not a failure)."""
+    error = get_context(request).start_error
+    if error is not None:
+        raise CtxsteerError(503, f"The engine failed to start: {error}", SERVER_ERROR, code="engine_failed")
     return {"status": "ok"}
 
 

@@ -74,7 +74,7 @@ OPS: dict[tuple[str, str], _Op] = {
     ("post", "/tokenize"): _Op(TokenizeRequest, TokenizeResponse, (400, 401, 404, 413, 415)),
     ("get", "/v1/models"): _Op(None, ModelList, (401,)),
     ("get", "/v1/models/{model_id}"): _Op(None, ModelCard, (401, 404)),
-    ("get", "/health"): _Op(None, _STATUS, (), public=True),
+    ("get", "/health"): _Op(None, _STATUS, (503,), public=True),  # 503: the engine failed to start
     ("get", "/ready"): _Op(None, _STATUS, (503,), public=True),
     ("get", "/version"): _Op(None, _VERSION, (), public=True),
 }

@@ -49,6 +49,7 @@ class ServingContext:
     model_name: str
     head_profiles: dict[str, HeadMap] | None = None
     created: int = 0
+    start_error: str | None = None  # the engine failed to start: the process is alive but cannot serve
     # Tokenization runs off the event loop, one call at a time: HF fast tokenizers are not safe to
     # reconfigure concurrently and rendering is cheap next to generation.
     tokenize_limiter: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(1))

@@ -19,6 +19,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -140,12 +141,15 @@ def _free_port() -> int:
 
 @contextmanager
 def started(cmd: list[str], url: str, ready_path: str, timeout_s: float = 600) -> Iterator[None]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # The server's output goes to a file: an undrained pipe would block a chatty server (vLLM) once full.
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + timeout_s
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"{cmd[0]} exited: {proc.stderr.read()[-2000:]}")
+                log.seek(0)
+                raise RuntimeError(f"{cmd[0]} exited: {log.read()[-2000:].decode(errors='replace')}")
             try:
                 if httpx.get(url + ready_path, timeout=2).status_code == 200:
                     break
@@ -161,6 +165,7 @@ def started(cmd: list[str], url: str, ready_path: str, timeout_s: float = 600) -
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.close()
 
 
 def warmup(url: str, model: str) -> None:
@@ -282,6 +287,8 @@ def run_vllm_comparison(args: argparse.Namespace, top: int) -> dict:
     """ctxsteer --engine vllm (steered and unsteered), then the local engine, then plain `vllm serve`,
     one after the other on the same model, dtype and prompts (the machine runs one server at a time)."""
     args.dtype = args.dtype or "float32"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # both vLLM servers: the same KV space
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     doc = run_ctxsteer(args, top, "--engine", "vllm", label="ctxsteer --engine vllm")
     doc["engine"] = "vllm"
     doc["local"] = run_ctxsteer(args, top, label="ctxsteer (local engine)")

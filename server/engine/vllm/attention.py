@@ -5,8 +5,9 @@ steered requests in steered layers are then recomputed with the paper's rule fro
 (`steering.ragged`) and overwrite their output: prefill / chunked-prefill rows one by one (queries in
 chunks), all decode rows of a step in one SDPA call over their padded keys. Generated keys carry no bias.
 
-A backend supplies `_paged_kv(kv_cache)`, the cache as per-block keys and values, and `_block_keys`,
-which turns gathered key blocks into [B, Hkv, w*bs, D]: the CPU kernel stores key blocks transposed.
+A backend supplies `_block_size` and `_blocks`: whole blocks gathered with one copy, seen as transposed
+keys and values (the CPU kernel already stores keys transposed; FlashAttention's are viewed so). What a
+forward steers (rows, block ids, masks) is planned once and shared by every layer with the same selection.
 """
 
 from __future__ import annotations
@@ -16,8 +17,13 @@ from typing import Any
 
 import torch
 
-from ctxsteer.server.engine.vllm.worker_state import STATE, SteeredRow
-from ctxsteer.steering.ragged import steered_decode_attention, steered_sequence_attention
+from ctxsteer.server.engine.vllm.worker_state import STATE
+from ctxsteer.steering.ragged import (
+    paged_decode_attention,
+    paged_decode_mask,
+    sequence_masks,
+    steered_sequence_attention,
+)
 
 _LAYER_RE = re.compile(r"\.(\d+)\.")
 
@@ -51,14 +57,14 @@ class SteeringMixin:
         return out
 
     # ---- backend specifics -------------------------------------------------------------------
-    def _paged_kv(self, layer: Any, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(key blocks, value blocks [num_blocks, ...], block_size)."""
+    def _block_size(self, kv_cache: torch.Tensor) -> int:
         raise NotImplementedError
 
-    def _gather(
-        self, keys: torch.Tensor, values: torch.Tensor, blocks: torch.Tensor, block_size: int
+    def _blocks(
+        self, layer: Any, kv_cache: torch.Tensor, ids: torch.Tensor, rows: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Blocks [B, w] -> keys, values [B, Hkv, w*block_size, D]."""
+        """Block ids [rows * w] -> (keys transposed [rows, w, Hkv, D, bs], values [rows, w, Hkv, bs, D]):
+        one copy (index_select of whole blocks), then views."""
         raise NotImplementedError
 
     def _check_supported(self) -> None:
@@ -78,55 +84,87 @@ class SteeringMixin:
     def _steer(
         self, layer: Any, query: torch.Tensor, kv_cache: torch.Tensor, md: Any, out: torch.Tensor
     ) -> None:
-        keys, values, block_size = self._paged_kv(layer, kv_cache)
+        assert self._layer is not None
+        plan = self._plan(md, self._block_size(kv_cache), query)
+        for q0, q1, ids, num_keys, masks in plan.prefill:
+            kt, v = self._blocks(layer, kv_cache, ids, 1)
+            w, hkv, d, bs = kt.shape[1:]
+            keys = kt[0].permute(0, 3, 1, 2).reshape(w * bs, hkv, d)[:num_keys]
+            values = v[0].permute(0, 2, 1, 3).reshape(w * bs, hkv, -1)[:num_keys]
+            out[q0:q1] = steered_sequence_attention(
+                query[q0:q1], keys, values, None, None, self.scale, masks=masks
+            )
+        if plan.decode_starts is not None:
+            kt, v = self._blocks(layer, kv_cache, plan.decode_ids, len(plan.decode_starts))
+            starts = plan.decode_starts
+            out[starts] = paged_decode_attention(query[starts], kt, v, plan.decode_mask, self.scale)
+
+    def _plan(self, md: Any, block_size: int, query: torch.Tensor) -> _Plan:
+        """What this forward steers in this layer; built once per forward for all layers that select the
+        same rows and heads (every layer, unless requests pick layers or heads)."""
+        layer = self._layer
+        assert layer is not None
+        signature = tuple(
+            (r.index, r.row.layer_on(layer), None if r.row.heads is None else r.row.heads.get(layer))
+            for r in STATE.rows
+        )
+        key = (id(md), self._first_head, signature)
+        plan = STATE.cache.get(key)
+        if plan is None:
+            plan = self._build_plan(md, block_size, query, layer)
+            STATE.cache[key] = plan
+        return plan
+
+    def _build_plan(self, md: Any, block_size: int, query: torch.Tensor, layer: int) -> _Plan:
         qsl = md.query_start_loc.tolist()
         seq_lens = md.seq_lens.tolist()
         sliding = getattr(self, "sliding_window", None)
         window = sliding if isinstance(sliding, int) and sliding > 0 else None
-        layer_idx = self._layer
-        assert layer_idx is not None
-        decode: list[tuple[SteeredRow, int, torch.Tensor, torch.Tensor | None]] = []
+        device, dtype = query.device, query.dtype
+        plan = _Plan()
+        decode: list[tuple[int, int, torch.Tensor, torch.Tensor | None]] = []  # (row, keys, bias, gate)
         for r in STATE.rows:
             if r.index + 1 >= len(qsl):
                 continue
             num_keys = int(seq_lens[r.index])
-            bias = r.key_bias(num_keys, layer_idx)
-            gate = r.head_gate(layer_idx, self.num_heads, self._first_head)
+            bias = r.key_bias(num_keys, layer)
+            gate = r.head_gate(layer, self.num_heads, self._first_head)
             if bias is None or (gate is not None and not bool(gate.any())):
                 continue
             q0, q1 = qsl[r.index], qsl[r.index + 1]
             if q1 - q0 == 1:
-                decode.append((r, num_keys, bias, gate))
+                decode.append((r.index, num_keys, bias, gate))
                 continue
-            blocks = md.block_table[r.index : r.index + 1, : -(-num_keys // block_size)].to(torch.long)
-            k, v = self._gather(keys, values, blocks, block_size)
-            out[q0:q1] = steered_sequence_attention(
-                query[q0:q1],
-                k[0, :, :num_keys].transpose(0, 1),
-                v[0, :, :num_keys].transpose(0, 1),
-                bias.to(query.device),
-                None if gate is None else gate.to(query.device),
-                self.scale,
-                window,
+            ids = md.block_table[r.index, : -(-num_keys // block_size)].to(torch.long)
+            masks = sequence_masks(
+                q1 - q0, bias.to(device), None if gate is None else gate.to(device), window, dtype
             )
+            plan.prefill.append((q0, q1, ids, num_keys, masks))
         if decode:
-            self._steer_decode(decode, query, keys, values, block_size, md.block_table, qsl, window, out)
+            lengths = torch.tensor([n for _, n, _, _ in decode])
+            width = -(-int(lengths.max()) // block_size)
+            index = torch.tensor([i for i, _, _, _ in decode], device=md.block_table.device)
+            ids = md.block_table[index, :width].to(torch.long).clamp_(0, None)  # padding blocks are masked
+            bias = torch.zeros(len(decode), width * block_size, dtype=torch.float32)
+            for j, (_, n, row_bias, _) in enumerate(decode):
+                bias[j, :n] = row_bias
+            gate = None
+            if any(g is not None for *_, g in decode):
+                gate = torch.stack([torch.ones(self.num_heads) if g is None else g for *_, g in decode])
+            hkv = getattr(self, "num_kv_heads", self.num_heads)
+            plan.decode_ids = ids.reshape(-1)
+            plan.decode_mask = paged_decode_mask(bias, lengths, gate, hkv, block_size, window, dtype).to(
+                device
+            )
+            plan.decode_starts = torch.tensor([qsl[i] for i, _, _, _ in decode], device=device)
+        return plan
 
-    def _steer_decode(self, rows, query, keys, values, block_size, block_table, qsl, window, out) -> None:  # noqa: ANN001
-        """All steered decode rows of the step in one SDPA call over their padded keys."""
-        device = query.device
-        index = torch.tensor([r.index for r, _, _, _ in rows], device=block_table.device)
-        lengths = torch.tensor([n for _, n, _, _ in rows])
-        width = -(-int(lengths.max()) // block_size)
-        blocks = block_table[index, :width].to(torch.long).clamp_(0, keys.shape[0] - 1)  # padding is masked
-        k, v = self._gather(keys, values, blocks, block_size)
-        bias = torch.zeros(len(rows), width * block_size, dtype=torch.float32)
-        for j, (_, n, row_bias, _) in enumerate(rows):
-            bias[j, :n] = row_bias
-        gate = None
-        if any(g is not None for *_, g in rows):
-            gate = torch.stack([torch.ones(self.num_heads) if g is None else g for *_, g in rows]).to(device)
-        starts = torch.tensor([qsl[r.index] for r, _, _, _ in rows], device=device)
-        out[starts] = steered_decode_attention(
-            query[starts], k, v, bias.to(device), lengths.to(device), gate, self.scale, window
-        )
+
+class _Plan:
+    """One forward's steered work for the layers that share a selection (see `SteeringMixin._plan`)."""
+
+    def __init__(self) -> None:
+        self.prefill: list[tuple[int, int, torch.Tensor, int, list[torch.Tensor]]] = []
+        self.decode_ids: torch.Tensor | None = None
+        self.decode_mask: torch.Tensor | None = None
+        self.decode_starts: torch.Tensor | None = None

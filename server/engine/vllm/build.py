@@ -39,6 +39,10 @@ def engine_args(config: ServerConfig, model: str, max_len: int) -> AsyncEngineAr
         kwargs["max_num_batched_tokens"] = config.max_num_batched_tokens
     if config.enable_prefix_caching is not None:
         kwargs["enable_prefix_caching"] = config.enable_prefix_caching
+    if platform_key() == "cpu" and config.gpu_memory_utilization is None:
+        # vLLM's CPU default reserves 92 % of the NUMA node's memory and refuses to start when that much is
+        # not free (a shared box, a second server); a fixed KV space of 4 GiB unless the user chose.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     if config.device.startswith("cuda:"):
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", config.device.partition(":")[2])
     if platform_key() == "cuda":

@@ -16,18 +16,14 @@ from ctxsteer.server.engine.vllm.attention import SteeringMixin
 
 
 class SteeredFlashAttentionImpl(SteeringMixin, FlashAttentionImpl):
-    def _paged_kv(self, layer: Any, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        keys, values = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)  # [nb, bs, Hkv, D] each
-        return keys, values, keys.shape[1]
+    def _block_size(self, kv_cache: torch.Tensor) -> int:
+        return kv_cache.shape[2]
 
-    def _gather(self, keys, values, blocks, block_size):  # noqa: ANN001, ANN202
-        b, w = blocks.shape
-        hkv, d = keys.shape[2], keys.shape[3]
-
-        def one(cache: torch.Tensor) -> torch.Tensor:
-            return cache[blocks].reshape(b, w * block_size, hkv, d).transpose(1, 2)
-
-        return one(keys), one(values)
+    def _blocks(self, layer: Any, kv_cache: torch.Tensor, ids: torch.Tensor, rows: int):  # noqa: ANN201
+        _, hkv, bs, two_d = kv_cache.shape  # per block and head: bs tokens of [key D | value D]
+        sel = kv_cache.index_select(0, ids).view(rows, -1, hkv, bs, two_d)
+        d = two_d // 2
+        return sel[..., :d].transpose(-1, -2), sel[..., d:]
 
 
 class SteeredFlashAttentionBackend(FlashAttentionBackend):

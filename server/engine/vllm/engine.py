@@ -93,7 +93,12 @@ class VllmEngine(AsyncEngine):
         return self._ready and self._llm is not None and not self._llm.errored
 
     def stats(self) -> EngineStats:
-        return self._stats
+        """vLLM's last scheduler numbers, bounded by the requests this server still holds: vLLM reports
+        them per engine step, so after the last request leaves (finish or abort) no newer report comes."""
+        live = len(self._live)
+        s = self._stats
+        running = min(s.running, live)
+        return EngineStats(running=running, waiting=min(s.waiting, live - running), kv_usage=s.kv_usage)
 
     async def start(self) -> None:
         # vLLM starts its engine-core and worker processes here (minutes on CPU, compiling); the event loop

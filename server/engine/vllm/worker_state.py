@@ -49,7 +49,7 @@ class SteeredRow:
 class _State:
     def __init__(self) -> None:
         self.rows: list[SteeredRow] = []
-        self.num_rows = 0
+        self.cache: dict[Any, Any] = {}  # per-forward plans of the attention backend (see attention.py)
         self._bias: dict[str, tuple[Any, torch.Tensor]] = {}
 
     def begin(self, runner: Any) -> None:
@@ -79,11 +79,11 @@ class _State:
         for rid in [r for r in self._bias if r not in live]:
             del self._bias[rid]
         self.rows = rows
-        self.num_rows = len(req_ids)
+        self.cache.clear()
 
     def end(self) -> None:
         self.rows = []
-        self.num_rows = 0
+        self.cache.clear()
 
 
 STATE = _State()
