@@ -590,3 +590,17 @@ def test_failed_engine_start_makes_health_503() -> None:
             err = assert_error(r, 503, None)
             assert err["code"] == "engine_failed" and "no memory for the KV cache" in err["message"]
             assert assert_error(http.get("/ready"), 503, None)["code"] == "not_ready"
+
+
+def test_steering_unsupported_by_the_engine_is_400() -> None:
+    """An engine that cannot steer this model (vLLM with softcapping, ALiBi, sinks) refuses steered
+    requests with a 400 before generating; unsteered ones are served."""
+    import dataclasses
+
+    engine = FakeEngine(TOKENIZER)
+    engine.info = dataclasses.replace(engine.info, steering_unsupported="no steering with ALiBi here")
+    with live(engine) as s:
+        err = assert_error(s.chat(max_tokens=2, steering={"strength": 2}), 400, "steering")
+        assert err["code"] == "steering_unsupported" and "ALiBi" in err["message"]
+        assert s.chat(max_tokens=2).status_code == 200
+        assert s.chat(max_tokens=2, steering={"strength": 1}).status_code == 200

@@ -76,13 +76,16 @@ class ServingContext:
 
     def parse_spec(self, obj: dict[str, Any] | None) -> SteeringSpec:
         info = self.engine.info
-        return parse_steering(
+        spec = parse_steering(
             obj,
             num_layers=info.num_layers,
             num_heads=info.num_heads,
             head_profiles=self.head_profiles,
             default_strength=self.config.default_steering_strength,
         )
+        if spec.active and info.steering_unsupported:
+            raise bad_request(info.steering_unsupported, "steering", "steering_unsupported")
+        return spec
 
     async def run_sync(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run tokenizer work in a worker thread so a long prompt never stalls other streams."""

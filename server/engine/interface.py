@@ -44,6 +44,7 @@ class ModelInfo:
     max_model_len: int
     num_layers: int
     num_heads: int  # query heads per layer
+    steering_unsupported: str | None = None  # why this engine cannot steer this model (steered -> 400)
 
 
 @dataclass(frozen=True, slots=True)

@@ -80,6 +80,7 @@ def build_vllm_engine(
         model_type=hf_config.model_type,
     )
     info = ModelInfo(
+        steering_unsupported=steering_unsupported(hf_config),
         name=served_name(loaded),
         path=ref,
         device=_device(),
@@ -96,6 +97,19 @@ def build_vllm_engine(
         max_queue=config.max_queue,
         observer=observer,
     )
+
+
+def steering_unsupported(hf_config: Any) -> str | None:
+    """Attention variants the steered backends do not reproduce (steered requests then get a 400 instead
+    of failing inside vLLM, which would fail the whole batch)."""
+    text = hf_config.get_text_config()
+    if getattr(text, "attn_logit_softcapping", None):
+        return "steering is not supported with this model on --engine vllm: attention logit softcapping"
+    if getattr(text, "alibi", False) or text.model_type in ("bloom", "mpt"):
+        return "steering is not supported with this model on --engine vllm: ALiBi attention"
+    if text.model_type in ("gpt_oss",):
+        return "steering is not supported with this model on --engine vllm: attention sinks"
+    return None
 
 
 def _device() -> str:
