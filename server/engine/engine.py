@@ -19,12 +19,18 @@ from typing import Any
 import torch
 
 from ctxsteer.server.engine.detok import Detokenizer
-from ctxsteer.server.engine.interface import AsyncEngine, EngineDead, EngineObserver, EngineStats, ModelInfo
+from ctxsteer.server.engine.interface import (
+    AsyncEngine,
+    EngineDead,
+    EngineObserver,
+    EngineStats,
+    ModelInfo,
+    warm_up,
+)
 from ctxsteer.server.engine.request import (
     FinishReason,
     GenerationOutput,
     GenerationRequest,
-    SamplingParams,
     TokenLogprob,
 )
 from ctxsteer.server.engine.runner import ModelRunner, PrefillState
@@ -148,11 +154,7 @@ class LocalEngine(AsyncEngine):
     async def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="ctxsteer-engine", daemon=True)
         self._thread.start()
-        ids = self.tokenizer("Hello", add_special_tokens=True)["input_ids"]
-        warm = GenerationRequest("warmup", list(ids), SamplingParams(max_tokens=2, temperature=0.0))
-        async for out in self.generate(warm):
-            if out.finish_reason == FinishReason.ERROR:
-                raise RuntimeError(f"warm-up generation failed: {out.error}")
+        await warm_up(self)
         self._ready = True
 
     async def shutdown(self, drain_timeout_s: float = 30.0) -> None:

@@ -92,3 +92,14 @@ class AsyncEngine(abc.ABC):
     @abc.abstractmethod
     async def shutdown(self, drain_timeout_s: float = 30.0) -> None:
         """Stop admitting, let in-flight requests finish (up to the timeout), then stop the thread."""
+
+
+async def warm_up(engine: AsyncEngine) -> None:
+    """One short greedy generation through the engine's whole path; raises if it fails (then not ready)."""
+    from ctxsteer.server.engine.request import FinishReason, SamplingParams
+
+    ids = engine.tokenizer("Hello", add_special_tokens=True)["input_ids"]
+    warm = GenerationRequest("warmup", list(ids), SamplingParams(max_tokens=2, temperature=0.0))
+    async for out in engine.generate(warm):
+        if out.finish_reason == FinishReason.ERROR:
+            raise RuntimeError(f"warm-up generation failed: {out.error}")

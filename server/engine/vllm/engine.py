@@ -31,12 +31,12 @@ from ctxsteer.server.engine.interface import (
     EngineStats,
     ModelInfo,
     QueueFull,
+    warm_up,
 )
 from ctxsteer.server.engine.request import (
     FinishReason,
     GenerationOutput,
     GenerationRequest,
-    SamplingParams,
     TokenLogprob,
 )
 from ctxsteer.server.engine.vllm.steer_args import EXTRA_ARGS_KEY, cache_salt, encode
@@ -108,11 +108,7 @@ class VllmEngine(AsyncEngine):
         )
         dtype = str(self._llm.vllm_config.model_config.dtype).removeprefix("torch.")
         self.info = dataclasses.replace(self.info, dtype=dtype)
-        ids = self.tokenizer("Hello")["input_ids"]
-        warm = GenerationRequest("warmup", list(ids), SamplingParams(max_tokens=2, temperature=0.0))
-        async for out in self.generate(warm):
-            if out.finish_reason == FinishReason.ERROR:
-                raise RuntimeError(f"warm-up generation failed: {out.error}")
+        await warm_up(self)
         self._ready = True
 
     async def shutdown(self, drain_timeout_s: float = 30.0) -> None:
