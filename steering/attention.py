@@ -2,7 +2,7 @@
 
 It keeps SDPA's fast kernels:
 - prefill (q_len > 1): the bias is *folded* into extra head dims,
-  q' = [q, g_h, 0..], k' = [k, bias/scale, 0..],
+  q' = [q, g_h, g_h, 0..], k' = [k, hi, lo, 0..] (hi + lo = bias/scale, `fold.bias_columns`),
   v' = [v, 0..], so q'.k' * scale = q.k * scale + g_h * bias and SDPA keeps `is_causal` / the model's own
   mask (padding, sliding window) and GQA. g_h selects heads. 8 extra dims keep head sizes a multiple of 8.
 - decode (q_len == 1): the bias is added to a [B, 1|H, 1, K] float mask, which HF's SDPA path packs for GQA.
@@ -20,6 +20,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ctxsteer.steering.bias import SteerBatch
+from ctxsteer.steering.fold import FOLD_COLUMNS, bias_columns
 
 ATTN_NAME = "ctxsteer"
 STEER_KWARG = "ctxsteer"  # model(..., ctxsteer=SteerBatch) reaches every attention call
@@ -54,9 +55,9 @@ def _folded_sdpa(
     hkv, k_len = key.shape[1], key.shape[2]
     scale = scaling if scaling is not None else d**-0.5
     q_extra = query.new_zeros(b, hq, q_len, FOLD_DIMS)
-    q_extra[..., 0] = 1.0 if heads is None else heads[:, :, None].to(query.dtype)
+    q_extra[..., :FOLD_COLUMNS] = 1.0 if heads is None else heads[:, :, None, None].to(query.dtype)
     k_extra = key.new_zeros(b, hkv, k_len, FOLD_DIMS)
-    k_extra[..., 0] = (bias / scale)[:, None, :].to(key.dtype)
+    k_extra[..., :FOLD_COLUMNS] = bias_columns(bias, scale, key.dtype)[:, None]
     q2 = torch.cat([query, q_extra], dim=-1)
     k2 = torch.cat([key, k_extra], dim=-1)
     v2 = torch.cat([value, value.new_zeros(b, hkv, k_len, FOLD_DIMS)], dim=-1)

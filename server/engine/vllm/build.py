@@ -12,6 +12,7 @@ from ctxsteer.server.config import ServerConfig
 from ctxsteer.server.engine.interface import EngineObserver, ModelInfo
 from ctxsteer.server.engine.loader import LoadedInfo, LoadError, max_model_len, prepare_checkpoint
 from ctxsteer.server.engine.vllm.engine import VllmEngine
+from ctxsteer.server.engine.vllm.fold import unsupported_reason
 from ctxsteer.server.engine.vllm.plugin import BACKENDS, platform_key
 
 
@@ -46,7 +47,7 @@ def engine_args(config: ServerConfig, model: str, max_len: int) -> AsyncEngineAr
     if config.device.startswith("cuda:"):
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", config.device.partition(":")[2])
     if platform_key() == "cuda":
-        # Steered rows are recomputed in Python after the kernel: attention must run outside CUDA graphs
+        # The fold's per-forward columns are built in Python: attention must run outside CUDA graphs
         # (piecewise graphs keep the rest of the model captured), on the backend the plugin overrides.
         kwargs["attention_backend"] = BACKENDS["cuda"][0]
         kwargs["compilation_config"] = {"cudagraph_mode": "PIECEWISE"}
@@ -109,6 +110,10 @@ def steering_unsupported(hf_config: Any) -> str | None:
         return "steering is not supported with this model on --engine vllm: ALiBi attention"
     if text.model_type in ("gpt_oss",):
         return "steering is not supported with this model on --engine vllm: attention sinks"
+    head_size = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    reason = unsupported_reason(int(head_size), platform_key() or "cpu")
+    if reason:
+        return f"steering is not supported with this model on --engine vllm: {reason}"
     return None
 
 

@@ -1,29 +1,17 @@
-"""vLLM's FlashAttention backend (`FLASH_ATTN`, CUDA) with ctxsteer's steering (`attention.SteeringMixin`).
-
-Its cache is [num_blocks, Hkv, block_size, 2*D], read (as vLLM's impl does) as key and value blocks of
-[block_size, Hkv, D]: no transposition. Steered rows run outside CUDA graphs, so `build.py` asks for
-piecewise graphs (attention eager) and this backend when the plugin is active on CUDA.
-"""
+"""vLLM's FlashAttention backend (`FLASH_ATTN`, CUDA) with ctxsteer's steering folded into its head
+dimensions (`fold.FoldSteeringMixin`): FlashAttention runs any multiple of 8 up to 256, so D grows by 8.
+The per-forward columns are built in Python, so `build.py` asks for piecewise CUDA graphs (attention
+eager) when the plugin is active on CUDA. Not yet run on a GPU (see scripts/gpu_check.sh)."""
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
 from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend, FlashAttentionImpl
 
-from ctxsteer.server.engine.vllm.attention import SteeringMixin
+from ctxsteer.server.engine.vllm.fold import FoldSteeringMixin
 
 
-class SteeredFlashAttentionImpl(SteeringMixin, FlashAttentionImpl):
-    def _block_size(self, kv_cache: torch.Tensor) -> int:
-        return kv_cache.shape[2]
-
-    def _blocks(self, layer: Any, kv_cache: torch.Tensor, ids: torch.Tensor, rows: int):  # noqa: ANN201
-        _, hkv, bs, two_d = kv_cache.shape  # per block and head: bs tokens of [key D | value D]
-        sel = kv_cache.index_select(0, ids).view(rows, -1, hkv, bs, two_d)
-        d = two_d // 2
-        return sel[..., :d].transpose(-1, -2), sel[..., d:]
+class SteeredFlashAttentionImpl(FoldSteeringMixin, FlashAttentionImpl):
+    _platform = "cuda"
 
 
 class SteeredFlashAttentionBackend(FlashAttentionBackend):

@@ -1,10 +1,10 @@
 """The `vllm.general_plugins` entry point `ctxsteer` (see pyproject.toml); vLLM runs it in every one of
 its processes, possibly more than once, so it is idempotent.
 
-It makes vLLM's attention backend (CPU_ATTN on CPU, FLASH_ATTN on CUDA) the steered one and wraps the
-model runner's forward so the backend knows which rows of each batch are steered (from
-`SamplingParams.extra_args["ctxsteer"]`). Requests without that entry take vLLM's stock path. No vLLM
-file is edited; nothing changes when no request is steered besides one scan of the batch per forward.
+It makes vLLM's attention backend (CPU_ATTN on CPU, FLASH_ATTN on CUDA) the steered one (`fold.py`:
+the bias travels in two extra head dimensions), makes the attention layers' KV cache spec use that folded
+head size, and wraps the model runner's forward so the backend knows which rows of each batch are steered
+(from `SamplingParams.extra_args["ctxsteer"]`). No vLLM file is edited; unsteered rows get zero columns.
 """
 
 from __future__ import annotations
@@ -47,7 +47,30 @@ def register() -> None:
 
     name, path = BACKENDS[key]
     register_backend(AttentionBackendEnum[name], path)
+    _fold_kv_cache_spec()
     _wrap_runner()
+
+
+def _fold_kv_cache_spec() -> None:
+    """The cache of a steered layer stores keys and values at the impl's folded head size."""
+    import dataclasses
+
+    from vllm.model_executor.layers.attention.attention import Attention
+
+    original = Attention.get_kv_cache_spec
+    if getattr(original, "_ctxsteer", False):
+        return
+
+    @functools.wraps(original)
+    def get_kv_cache_spec(self, vllm_config):  # noqa: ANN001, ANN202 - vLLM's signature
+        spec = original(self, vllm_config)
+        folded = getattr(self.impl, "folded_head_size", None)
+        if spec is None or folded is None:
+            return spec
+        return dataclasses.replace(spec, head_size=folded, head_size_v=folded)
+
+    get_kv_cache_spec._ctxsteer = True  # type: ignore[attr-defined]
+    Attention.get_kv_cache_spec = get_kv_cache_spec
 
 
 def _wrap_runner() -> None:

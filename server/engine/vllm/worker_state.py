@@ -49,7 +49,7 @@ class SteeredRow:
 class _State:
     def __init__(self) -> None:
         self.rows: list[SteeredRow] = []
-        self.cache: dict[Any, Any] = {}  # per-forward plans of the attention backend (see attention.py)
+        self.cache: dict[Any, Any] = {}  # per-forward fold columns of the attention backend (fold.py)
         self._bias: dict[str, tuple[Any, torch.Tensor]] = {}
 
     def begin(self, runner: Any) -> None:
