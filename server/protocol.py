@@ -222,7 +222,29 @@ def _wrap_seed(seed: int) -> int:
     return (seed - lo) % (hi - lo + 1) + lo
 
 
-class ChatCompletionRequest(_GenerationRequest):
+class _ChatTemplateOptions(OpenAIBaseModel):
+    """vLLM's chat-template extensions, same names and semantics: `continue_final_message` renders the last
+    message open (no end-of-turn) so the model continues it; `add_generation_prompt` (default true) opens a
+    new assistant turn. Both true is an error; `continue_final_message` alone wins over the default."""
+
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _not_both(cls, cont: bool | None, info: ValidationInfo) -> bool | None:
+        if cont and info.data.get("add_generation_prompt"):
+            raise _invalid("cannot set both 'continue_final_message' and 'add_generation_prompt' to true")
+        return cont
+
+    def template_options(self) -> dict[str, bool]:
+        """Keyword arguments of `steering.spans.render_chat`."""
+        cont = bool(self.continue_final_message)
+        gen = not cont and (True if self.add_generation_prompt is None else self.add_generation_prompt)
+        return {"add_generation_prompt": gen, "continue_final_message": cont}
+
+
+class ChatCompletionRequest(_ChatTemplateOptions, _GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
@@ -288,13 +310,12 @@ class CompletionRequest(_GenerationRequest):
         return self.logprobs is not None, self.logprobs or 0
 
 
-class TokenizeRequest(OpenAIBaseModel):
+class TokenizeRequest(_ChatTemplateOptions):
     """POST /tokenize: exactly one of `messages` (chat-rendered) or `prompt` (raw text)."""
 
     model: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     prompt: str | None = None
-    add_generation_prompt: bool | None = None
     steering: dict[str, Any] | None = None
 
     @model_validator(mode="after")

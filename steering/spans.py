@@ -58,11 +58,14 @@ _SENTINEL_RE = re.compile("\ue000ctxsteer(\\d+)\ue001")
 
 
 def _locate_with_sentinels(
-    tokenizer: Any, msgs: list[dict[str, str]], text: str, gen: bool
+    tokenizer: Any, msgs: list[dict[str, str]], text: str, options: dict[str, bool]
 ) -> list[Range] | None:
     """Render once more with each content replaced by a sentinel; walk the real text piece by piece."""
     skeleton_msgs = [{"role": m["role"], "content": _sentinel(i)} for i, m in enumerate(msgs)]
-    skeleton = tokenizer.apply_chat_template(skeleton_msgs, tokenize=False, add_generation_prompt=gen)
+    try:
+        skeleton = tokenizer.apply_chat_template(skeleton_msgs, tokenize=False, **options)
+    except ValueError:
+        return None
     found = [int(m.group(1)) for m in _SENTINEL_RE.finditer(skeleton)]
     if found != list(range(len(msgs))):
         return None  # the template drops, repeats or reorders contents: fall back to searching
@@ -148,9 +151,16 @@ def char_to_token_range(offsets: Sequence[Range], start: int, end: int) -> Range
 
 
 def render_chat(
-    tokenizer: Any, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
+    tokenizer: Any,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
 ) -> RenderedPrompt:
-    """Render with the tokenizer's chat template and map every message's content to its tokens."""
+    """Render with the tokenizer's chat template and map every message's content to its tokens.
+
+    `continue_final_message` leaves the last message open (transformers cuts the rendering right after its
+    content), so generation continues it, e.g. an assistant answer prefix."""
     if not messages:
         raise SteeringError("messages", "must contain at least one message")
     msgs = []
@@ -159,10 +169,18 @@ def render_chat(
         if not isinstance(role, str):
             raise SteeringError(f"messages[{i}].role", "is required")
         msgs.append({"role": role, "content": content_text(m.get("content"), f"messages[{i}].content")})
-    text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
-    chars = _locate_with_sentinels(tokenizer, msgs, text, add_generation_prompt) or _locate_by_search(
-        msgs, text
-    )
+    options = {"add_generation_prompt": add_generation_prompt}
+    if continue_final_message:
+        if not msgs[-1]["content"].strip():
+            raise SteeringError(
+                "messages", "continue_final_message needs a final message with text to continue"
+            )
+        options = {"add_generation_prompt": False, "continue_final_message": True}
+    try:
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, **options)
+    except ValueError as e:  # e.g. the template drops part of the message to continue
+        raise SteeringError("messages", f"the chat template cannot render these messages: {e}") from e
+    chars = _locate_with_sentinels(tokenizer, msgs, text, options) or _locate_by_search(msgs, text)
     ids, offsets = _tokenize(tokenizer, text, add_special_tokens=False)
     index = TokenIndex(offsets)
     spans = tuple(index.token_range(s, e) for s, e in chars)

@@ -604,3 +604,27 @@ def test_steering_unsupported_by_the_engine_is_400() -> None:
         assert err["code"] == "steering_unsupported" and "ALiBi" in err["message"]
         assert s.chat(max_tokens=2).status_code == 200
         assert s.chat(max_tokens=2, steering={"strength": 1}).status_code == 200
+
+
+def test_continue_final_message_and_add_generation_prompt(srv: Live) -> None:
+    """vLLM's chat extensions: continue an assistant prefix (lm-eval's RULER tasks send one) instead of
+    opening a new turn; the user message stays the steered context; both true is a 400."""
+    msgs = [*MSGS, {"role": "assistant", "content": "The answer is"}]
+    body = {"messages": msgs, "continue_final_message": True, "steering": {"strength": 2}}
+    assert srv.chat(**body, max_tokens=2).status_code == 200
+    sent = srv.engine.requests[-1]
+    tok = srv.http.post("/tokenize", json=body).json()
+    assert tok["tokens"] == sent.prompt_ids
+    assert TOKENIZER.decode(sent.prompt_ids).endswith("The answer is")
+    start, end = sent.steer.steered[0]
+    assert TOKENIZER.decode(sent.prompt_ids[start:end]) == MSGS[1]["content"]
+    new_turn = srv.http.post("/tokenize", json={"messages": msgs}).json()["tokens"]
+    assert new_turn[: len(sent.prompt_ids)] == sent.prompt_ids  # same text, cut where the turn closes
+    assert "assistant" in TOKENIZER.decode(new_turn[len(sent.prompt_ids) :])  # ...and a new turn opened
+    no_prompt = srv.http.post("/tokenize", json={"messages": msgs, "add_generation_prompt": False}).json()
+    assert len(sent.prompt_ids) < len(no_prompt["tokens"]) < len(new_turn)  # closed turn, nothing opened
+    both = {"continue_final_message": True, "add_generation_prompt": True}
+    assert_error(srv.chat(messages=msgs, **both), 400, "continue_final_message")
+    assert_error(srv.http.post("/tokenize", json={"messages": msgs, **both}), 400, "continue_final_message")
+    empty = [*MSGS, {"role": "assistant", "content": ""}]
+    assert_error(srv.chat(messages=empty, continue_final_message=True), 400, "messages")

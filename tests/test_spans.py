@@ -110,3 +110,27 @@ def test_offsets_fallback_matches_fast(tok) -> None:
     slow = _offsets_by_decoding(tok, ids)
     assert slow[-1][1] == len("Crème brûlée and tea")
     assert all(a[1] <= b[1] for a, b in zip(slow, slow[1:], strict=False))
+
+
+def test_continue_final_message_leaves_the_last_turn_open(tok) -> None:
+    msgs = [
+        {"role": "user", "content": "The key is 7. What is the key?"},
+        {"role": "assistant", "content": "The key is "},
+    ]
+    r = render_chat(tok, msgs, add_generation_prompt=False, continue_final_message=True)
+    want = tok.apply_chat_template(msgs, tokenize=False, continue_final_message=True)
+    assert r.text == want and r.text.endswith("<|im_start|>assistant\nThe key is ")
+    assert "<|im_end|>" not in r.text[r.text.rindex("assistant") :]  # no end of turn, no new turn
+    assert _span_text(tok, r, 0) == msgs[0]["content"]
+    assert _span_text(tok, r, 1).strip() == "The key is"
+    assert r.message_spans[1][1] == len(r.ids)  # the prompt ends inside the continued message
+    steered = steered_ranges(r, msgs, SteeringSpec(alpha=0.5))
+    assert steered == (r.message_spans[0],)  # the user message is still the steered context
+    plain = render_chat(tok, msgs)
+    assert plain.text.endswith("The key is <|im_end|>\n<|im_start|>assistant\n")  # default: a new turn
+
+
+def test_continue_final_message_needs_text(tok) -> None:
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]
+    with pytest.raises(SteeringError):
+        render_chat(tok, msgs, add_generation_prompt=False, continue_final_message=True)

@@ -58,7 +58,7 @@ def _prepare(ctx: ServingContext, req: ChatCompletionRequest, response_id: str) 
     """Tokenizer-bound work, run in a worker thread: render, locate steered tokens, size max_tokens."""
     spec = ctx.parse_spec(req.steering_object())
     messages = req.render_messages()
-    rendered = render_chat(ctx.engine.tokenizer, messages, add_generation_prompt=True)
+    rendered = render_chat(ctx.engine.tokenizer, messages, **req.template_options())
     n_prompt = len(rendered.ids)
     max_tokens = resolve_max_tokens(  # before any span work: an oversized prompt costs no more
         n_prompt, req.requested_max_tokens(), ctx.max_model_len, default=None, prompt_param="messages"

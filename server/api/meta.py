@@ -76,8 +76,7 @@ def _tokenize(ctx: ServingContext, req: TokenizeRequest) -> TokenizeResponse:
     if req.messages is not None:
         spec = ctx.parse_spec(req.steering)
         messages = [m.to_render() for m in req.messages]
-        gen_prompt = True if req.add_generation_prompt is None else req.add_generation_prompt
-        rendered = render_chat(tokenizer, messages, add_generation_prompt=gen_prompt)
+        rendered = render_chat(tokenizer, messages, **req.template_options())
         steered = steered_ranges(rendered, messages, spec)
     else:
         rendered = render_text(tokenizer, req.prompt or "")

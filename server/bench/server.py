@@ -287,7 +287,9 @@ def run_vllm_comparison(args: argparse.Namespace, top: int) -> dict:
     """ctxsteer --engine vllm (steered and unsteered), then the local engine, then plain `vllm serve`,
     one after the other on the same model, dtype and prompts (the machine runs one server at a time)."""
     args.dtype = args.dtype or "float32"
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # both vLLM servers: the same KV space
+    from ctxsteer.server.engine.vllm.cpu_env import apply_cpu_defaults
+
+    apply_cpu_defaults(os.environ)  # both vLLM servers under the same CPU settings
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     doc = run_ctxsteer(args, top, "--engine", "vllm", label="ctxsteer --engine vllm")
     doc["engine"] = "vllm"

@@ -11,6 +11,7 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 from ctxsteer.server.config import ServerConfig
 from ctxsteer.server.engine.interface import EngineObserver, ModelInfo
 from ctxsteer.server.engine.loader import LoadedInfo, LoadError, max_model_len, prepare_checkpoint
+from ctxsteer.server.engine.vllm.cpu_env import apply_cpu_defaults
 from ctxsteer.server.engine.vllm.engine import VllmEngine
 from ctxsteer.server.engine.vllm.fold import unsupported_reason
 from ctxsteer.server.engine.vllm.plugin import BACKENDS, platform_key
@@ -40,10 +41,8 @@ def engine_args(config: ServerConfig, model: str, max_len: int) -> AsyncEngineAr
         kwargs["max_num_batched_tokens"] = config.max_num_batched_tokens
     if config.enable_prefix_caching is not None:
         kwargs["enable_prefix_caching"] = config.enable_prefix_caching
-    if platform_key() == "cpu" and config.gpu_memory_utilization is None:
-        # vLLM's CPU default reserves 92 % of the NUMA node's memory and refuses to start when that much is
-        # not free (a shared box, a second server); a fixed KV space of 4 GiB unless the user chose.
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    if platform_key() == "cpu":  # --gpu-memory-utilization, when given, sizes the KV cache instead
+        apply_cpu_defaults(os.environ, 4 if config.gpu_memory_utilization is None else None)
     if config.device.startswith("cuda:"):
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", config.device.partition(":")[2])
     if platform_key() == "cuda":
