@@ -49,6 +49,7 @@ test-reliability: venv
 lint: venv
 	$(VENV)/bin/ruff check steering server clients tests
 	$(VENV)/bin/ruff format --check steering server clients tests
+	$(PY) scripts/lint_imports.py
 
 bench: venv
 	$(VENV)/bin/ctxsteer bench steering --json bench-steering.json $(ARGS)

@@ -20,7 +20,7 @@ from ctxsteer.server.config import ServerConfig
 from ctxsteer.server.engine.cpu_prepack import prepack_linears
 from ctxsteer.server.engine.engine import LocalEngine
 from ctxsteer.server.engine.interface import AsyncEngine, EngineObserver, ModelInfo
-from ctxsteer.server.engine.loader import LoadedInfo, LoadError, load_model
+from ctxsteer.server.engine.loader import LoadedInfo, LoadError, load_model, served_max_len
 from ctxsteer.server.metrics import MetricsObserver, install_metrics
 from ctxsteer.server.transport import GracefulServer, uvicorn_config
 from ctxsteer.steering.attention import ATTN_NAME, register
@@ -57,7 +57,7 @@ def build_engine(config: ServerConfig, observer: EngineObserver | None = None) -
         path=info.path,
         device=info.device,
         dtype=info.dtype,
-        max_model_len=served_max_len(config, info.max_model_len),
+        max_model_len=served_max_len(config.max_model_len, info.max_model_len),
         num_layers=info.num_layers,
         num_heads=info.num_heads,
     )
@@ -71,17 +71,6 @@ def build_engine(config: ServerConfig, observer: EngineObserver | None = None) -
         prefill_chunk=config.prefill_chunk,
         observer=observer,
     )
-
-
-def served_max_len(config: ServerConfig, model_limit: int) -> int:
-    """--max-model-len, checked against the model's own limit (its default)."""
-    if config.max_model_len is None:
-        return model_limit
-    if config.max_model_len > model_limit:
-        raise ValueError(
-            f"--max-model-len {config.max_model_len} exceeds the model's limit of {model_limit} tokens"
-        )
-    return config.max_model_len
 
 
 def create_app(config: ServerConfig, engine: AsyncEngine, **app_kwargs) -> FastAPI:

@@ -352,3 +352,12 @@ def prepare_checkpoint(
         ref = str(checkpoint)
     config, tokenizer = _config_and_tokenizer(ref, name, require_chat_template)
     return ref, tokenizer, config
+
+
+def served_max_len(requested: int | None, model_limit: int) -> int:
+    """--max-model-len, checked against the model's own limit (its default); both engines."""
+    if requested is None:
+        return model_limit
+    if requested > model_limit:
+        raise ValueError(f"--max-model-len {requested} exceeds the model's limit of {model_limit} tokens")
+    return requested

@@ -10,7 +10,13 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 
 from ctxsteer.server.config import ServerConfig
 from ctxsteer.server.engine.interface import EngineObserver, ModelInfo
-from ctxsteer.server.engine.loader import LoadedInfo, LoadError, max_model_len, prepare_checkpoint
+from ctxsteer.server.engine.loader import (
+    LoadedInfo,
+    LoadError,
+    max_model_len,
+    prepare_checkpoint,
+    served_max_len,
+)
 from ctxsteer.server.engine.vllm.cpu_env import apply_cpu_defaults
 from ctxsteer.server.engine.vllm.engine import VllmEngine
 from ctxsteer.server.engine.vllm.fold import unsupported_reason
@@ -58,13 +64,11 @@ def build_vllm_engine(
 ) -> VllmEngine:
     """Resolve the model (GGUFs are converted to a directory vLLM can load, as for the local engine) and
     describe it; vLLM itself starts in `VllmEngine.start`."""
-    from ctxsteer.server.main import served_max_len
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ref, tokenizer, hf_config = prepare_checkpoint(config.model)
     text = hf_config.get_text_config()
     limit = max_model_len(hf_config)
-    max_len = served_max_len(config, limit)
+    max_len = served_max_len(config.max_model_len, limit)
     heads = text.num_attention_heads
     if config.tensor_parallel_size > 1 and heads % config.tensor_parallel_size:
         raise LoadError(f"--tensor-parallel-size {config.tensor_parallel_size} does not divide {heads} heads")
