@@ -210,11 +210,11 @@ def test_a_failing_step_fails_in_flight_requests_and_the_engine_keeps_serving(mo
         real = engine.runner.release
         calls = {"n": 0}
 
-        def broken(slot: int):
+        def broken(slot: int, moved_from: int | None):
             calls["n"] += 1
             if calls["n"] == 1:
                 raise RuntimeError("injected")
-            return real(slot)
+            return real(slot, moved_from)
 
         monkeypatch.setattr(engine.runner, "release", broken)
         reqs = _requests(3, max_tokens=5)

@@ -4,6 +4,8 @@ Measures (streaming chat completions, same prompts for every case):
 - one stream: tok/s (completion tokens / wall, prefill included) and TTFT;
 - N concurrent streams: aggregate tok/s, TTFT p50, inter-token latency p50;
 - at the largest concurrency, all requests steered with mixed strengths vs none steered;
+- the local engine's own run: RSS after warm-up and, with nothing running, after 4 concurrent ~5,000-token
+  prompts; ITL p50/p99 of 4 running streams while new 512-token requests keep arriving;
 - optionally the same load against `transformers serve --continuous-batching` on the same model
   (the converted HF directory of the default model), started after ours is stopped.
 """
@@ -140,7 +142,7 @@ def _free_port() -> int:
 
 
 @contextmanager
-def started(cmd: list[str], url: str, ready_path: str, timeout_s: float = 600) -> Iterator[None]:
+def started(cmd: list[str], url: str, ready_path: str, timeout_s: float = 600) -> Iterator[subprocess.Popen]:
     # The server's output goes to a file: an undrained pipe would block a chatty server (vLLM) once full.
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -158,7 +160,7 @@ def started(cmd: list[str], url: str, ready_path: str, timeout_s: float = 600) -
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{cmd} not ready after {timeout_s}s")
             time.sleep(0.5)
-        yield
+        yield proc
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -233,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.engine == "vllm":
         doc |= run_vllm_comparison(args, top)
     else:
-        doc |= run_ctxsteer(args, top)
+        doc |= run_ctxsteer(args, top, extended=True)
         if args.peer == "transformers":
             doc["peer"] = run_peer(args, top)
     by_c = {r["concurrency"]: r for r in doc["concurrent"]}
@@ -250,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
         peer_top = {r["concurrency"]: r for r in doc["peer"]["concurrent"]}.get(top)
         if peer_top:
             doc[f"vs_transformers_serve_{top}"] = by_c[top]["aggregate_tok_s"] / peer_top["aggregate_tok_s"]
+        peer_1 = {r["concurrency"]: r for r in doc["peer"]["concurrent"]}.get(1)
+        if peer_1 and single:
+            doc["vs_transformers_serve_1"] = single / peer_1["aggregate_tok_s"]
+
     if args.engine == "vllm" and not args.url:
         steered = by_c[top]["aggregate_tok_s"]
         doc["vllm_steered_throughput_ratio"] = doc.pop("steered_throughput_ratio", None)
@@ -267,8 +273,11 @@ def _top_tok_s(suite: dict, top: int) -> float:
     return {r["concurrency"]: r for r in suite["concurrent"]}[top]["aggregate_tok_s"]
 
 
-def run_ctxsteer(args: argparse.Namespace, top: int, *extra: str, label: str = "ctxsteer") -> dict:
-    """Start `ctxsteer serve` (with `extra` flags) on the default model and run the suite against it."""
+def run_ctxsteer(
+    args: argparse.Namespace, top: int, *extra: str, label: str = "ctxsteer", extended: bool = False
+) -> dict:
+    """Start `ctxsteer serve` (with `extra` flags) on the default model and run the suite against it;
+    `extended` (the local engine's own benchmark): also memory and ITL-under-arrivals."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "ctxsteer.server.cli", "serve", "--port", str(port),
@@ -278,9 +287,65 @@ def run_ctxsteer(args: argparse.Namespace, top: int, *extra: str, label: str = "
     if args.dtype:
         cmd += ["--dtype", args.dtype]
     print(f"starting {label} on {url}", flush=True)
-    with started(cmd, url, "/ready", timeout_s=1200):
+    with started(cmd, url, "/ready", timeout_s=1200) as proc:
         device = httpx.get(url + "/version").json().get("device", "unknown")
-        return {"device": device} | run_suite(url, args.model, args)
+        if not extended:
+            return {"device": device} | run_suite(url, args.model, args)
+        warmup(url, args.model)
+        rss_warm = rss_mb(proc.pid)
+        doc = {"device": device} | run_suite(url, args.model, args)
+        doc |= run_arrivals(url, args.model)
+        doc |= run_memory_load(url, args.model, proc.pid)
+        return doc | {"rss_mb_after_warmup": rss_warm}
+
+
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory of a process in MB (`VmHWM`: its peak), from /proc."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} for pid {pid}")
+
+
+def run_memory_load(url: str, model: str, pid: int, streams: int = 4, prompt_tokens: int = 5000) -> dict:
+    """`streams` concurrent ~5,000-token prompts, then RSS with nothing running (does memory come back?)."""
+    asyncio.run(load(url, model, streams, 1, prompt_tokens, 16, steered=True))
+    time.sleep(2.0)  # the engine thread finishes its bookkeeping
+    out = {"idle_rss_mb_after_load": rss_mb(pid), "peak_rss_mb": rss_mb(pid, "VmHWM")}
+    idle, peak = out["idle_rss_mb_after_load"], out["peak_rss_mb"]
+    print(f"  memory: idle {idle:.0f} MB after {streams} x {prompt_tokens} tok, peak {peak:.0f}", flush=True)
+    return out
+
+
+def run_arrivals(url: str, model: str, streams: int = 4, arrivals: int = 6, every_s: float = 0.75) -> dict:
+    """Inter-token latency of `streams` running streams while `arrivals` new 512-token requests come in,
+    one every `every_s` seconds (does a newcomer's prefill stall the running streams?)."""
+
+    async def main() -> list[StreamResult]:
+        async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+            running = [
+                asyncio.create_task(one_stream(client, model, build_messages(256, 900 + i), 96, None))
+                for i in range(streams)
+            ]
+            await asyncio.sleep(3.0)  # the running streams are past their prefill
+            newcomers = []
+            for j in range(arrivals):
+                msgs = build_messages(512, 950 + j)
+                newcomers.append(asyncio.create_task(one_stream(client, model, msgs, 8, None)))
+                await asyncio.sleep(every_s)
+            await asyncio.gather(*newcomers)
+            return list(await asyncio.gather(*running))
+
+    results = asyncio.run(main())
+    errors = [r.error for r in results if r.error]
+    if errors:
+        raise RuntimeError(f"arrivals: {errors[0]}")
+    itls = sorted(x for r in results for x in r.itls)
+    p50 = statistics.median(itls)
+    p99 = itls[min(len(itls) - 1, int(0.99 * len(itls)))]
+    print(f"  arrivals: running streams' ITL p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms", flush=True)
+    return {"itl_p50_s_with_arrivals": p50, "itl_p99_s_with_arrivals": p99}
 
 
 def run_vllm_comparison(args: argparse.Namespace, top: int) -> dict:

@@ -1,8 +1,11 @@
 """The engine: one thread owns the model and runs the step loop; asyncio callers get per-request queues.
 
-Each step: apply aborts -> admit waiting requests -> one prefill chunk of the oldest admitted prompt ->
-one decode step over every running row. Newcomers therefore join between steps, finished rows leave at
-once, and a long prefill delays decoding by one chunk at most.
+Each step is schedule -> execute -> update: the scheduler (no tensors) applies aborts, admits waiting
+requests and plans one prefill chunk of the oldest admitted prompt plus one decode step over every running
+row; the runner executes the plan; the engine samples and books the outputs into each request's one
+record (`sequence.Sequence`). Newcomers join between steps, finished rows leave at once, and while rows
+decode the prefill chunk is sized to a fraction of a decode step (`scheduler.PrefillBudget`), so
+newcomers do not stall the running streams.
 """
 
 from __future__ import annotations
@@ -12,8 +15,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from typing import Any
 
 import torch
@@ -33,33 +35,12 @@ from ctxsteer.server.engine.request import (
     GenerationRequest,
     TokenLogprob,
 )
-from ctxsteer.server.engine.runner import ModelRunner, PrefillState
+from ctxsteer.server.engine.runner import ModelRunner
 from ctxsteer.server.engine.sampler import RowSampler, Sampled, sample_rows
-from ctxsteer.server.engine.scheduler import Scheduler
+from ctxsteer.server.engine.scheduler import PrefillBudget, Scheduler, StepPlan
+from ctxsteer.server.engine.sequence import SeqStatus, Sequence
 
 log = logging.getLogger("ctxsteer.engine")
-
-
-@dataclass(eq=False)
-class Sequence:
-    request: GenerationRequest
-    emit: Callable[[GenerationOutput], None]
-    sampler: RowSampler
-    detok: Detokenizer
-    generated: list[int] = field(default_factory=list)
-    prefill: PrefillState | None = None
-    last_token: int = 0
-    admitted_at: float = 0.0
-    last_token_at: float = 0.0
-    done: bool = False
-
-    @property
-    def request_id(self) -> str:
-        return self.request.request_id
-
-    @property
-    def reserve_tokens(self) -> int:
-        return len(self.request.prompt_ids) + self.request.sampling.max_tokens
 
 
 class LocalEngine(AsyncEngine):
@@ -78,8 +59,9 @@ class LocalEngine(AsyncEngine):
         self.info, self.tokenizer = info, tokenizer
         self.runner = ModelRunner(model, max_rows=max_num_seqs, prefill_chunk=prefill_chunk)
         budget = kv_budget_tokens or max_num_seqs * info.max_model_len
-        self.sched: Scheduler[Sequence] = Scheduler(
-            max_num_seqs=max_num_seqs, max_queue=max_queue, kv_budget_tokens=budget
+        self.budget = PrefillBudget(prefill_chunk)
+        self.sched = Scheduler(
+            max_num_seqs=max_num_seqs, max_queue=max_queue, kv_budget_tokens=budget, budget=self.budget
         )
         self.observer = observer or EngineObserver()
         self.eos_ids = _eos_ids(model, tokenizer)
@@ -101,8 +83,8 @@ class LocalEngine(AsyncEngine):
         seq = Sequence(
             request,
             lambda out: loop.call_soon_threadsafe(queue.put_nowait, out),
-            RowSampler.create(request.sampling),
-            Detokenizer(self.tokenizer, request.prompt_ids, request.sampling.stop),
+            sampler=RowSampler.create(request.sampling),
+            detok=Detokenizer(self.tokenizer, request.prompt_ids, request.sampling.stop),
         )
         with self._lock:
             # Rows whose abort is pending leave at the next step: their places are already free, so a
@@ -134,7 +116,7 @@ class LocalEngine(AsyncEngine):
             if waiting is None and request_id in self._live:
                 self._aborts.add(request_id)
         if waiting is not None:
-            self._emit_final(waiting, FinishReason.ABORT, "", None)
+            self._emit_final(waiting, FinishReason.ABORT, "", None)  # never admitted: nothing to release
         self._wake.set()
 
     @property
@@ -197,74 +179,74 @@ class LocalEngine(AsyncEngine):
         The snapshot is taken under the lock, so a request that arrives meanwhile is never dropped.
         """
         with self._lock:
-            self.sched.prefilling.clear()
-            self.sched.running.clear()
-            self.sched.reserved = 0
-            waiting = set(map(id, self.sched.waiting))
-            orphans = [s for s in self._live.values() if id(s) not in waiting and not s.done]
+            orphans = self.sched.reset()
         self.runner.reset()
         for seq in orphans:
             seq.prefill = None
             self._emit_final(seq, FinishReason.ERROR, "", None, "generation failed")
 
+    # ---- one step: schedule -> execute -> update --------------------------------------------
     def _step(self) -> bool:
         with self._lock:
             aborts, self._aborts = self._aborts, set()
-            for rid in aborts:
-                seq = self.sched.remove_waiting(rid)
-                if seq is not None:
-                    self._emit_final(seq, FinishReason.ABORT, "", None)
-            admitted = self.sched.admit()
-        for seq in list(self.sched.prefilling) + list(self.sched.running):
-            if seq.request_id in aborts:
-                self._finish(seq, FinishReason.ABORT)
+            plan = self.sched.schedule(aborts)
+        for release in plan.releases:
+            self.runner.release(release.slot, release.moved_from)
+        for seq in plan.aborted:
+            seq.prefill = None
+            self._emit_final(seq, FinishReason.ABORT, "", None)
         now = time.monotonic()
-        for seq in admitted:
+        for seq in plan.admitted:
             seq.admitted_at = now
             seq.prefill = self.runner.start_prefill(seq.request.prompt_ids, seq.request.steer)
-        worked = False
-        prefill_tokens = 0
-        if self.sched.prefilling:
-            seq = self.sched.prefilling[0]
-            before = seq.prefill.done
-            try:
-                logits = self.runner.prefill_step(seq.prefill)
-            except Exception:  # noqa: BLE001
-                log.exception("prefill failed for %s", seq.request_id)
-                self._finish(seq, FinishReason.ERROR, "generation failed")
-                return True
-            prefill_tokens = seq.prefill.done - before
-            worked = True
-            if logits is not None:
-                self._on_prefill_done(seq, logits)
-        if self.sched.running:
-            self._decode(prefill_tokens)
-            worked = True
-        elif worked:
+        prefill_tokens, joined = self._run_prefill(plan) if plan.prefill is not None else (0, None)
+        rows = [*plan.decode, joined] if joined is not None else plan.decode  # slot order
+        if rows:
+            self._run_decode(rows, prefill_tokens)
+        elif plan.prefill is not None:
             self.observer.on_step(0, prefill_tokens)
-        return worked
+        if self.runner.live_rows != len(self.sched.running):  # e.g. a KV release failed mid-step
+            raise RuntimeError("the runner's KV slots and the scheduler's running rows disagree")
+        return not plan.empty
 
-    def _on_prefill_done(self, seq: Sequence, logits: torch.Tensor) -> None:
-        state, seq.prefill = seq.prefill, None
-        with self._lock:
-            slot = self.sched.start_decoding(seq)
-        if self.runner.admit(state) != slot:
-            raise RuntimeError("scheduler and runner disagree on KV slots")
-        self._sample_and_accept([seq], logits.unsqueeze(0), first=True)
-
-    def _decode(self, prefill_tokens: int) -> None:
-        running = list(self.sched.running)
+    def _run_prefill(self, plan: StepPlan) -> tuple[int, Sequence | None]:
+        """One chunk of the oldest admitted prompt; returns the prompt tokens processed and, when the
+        prompt is done and its first token did not finish it, the row that joined the decode batch."""
+        seq = plan.prefill
+        assert seq is not None and seq.prefill is not None
+        before = seq.prefill.done
+        t0 = time.perf_counter()
         try:
-            logits = self.runner.decode([s.last_token for s in running])
+            logits = self.runner.prefill_step(seq.prefill, plan.prefill_tokens)
         except Exception:  # noqa: BLE001
-            log.exception("decode step failed; failing %d rows", len(running))
-            for seq in running:
+            log.exception("prefill failed for %s", seq.request_id)
+            self._finish(seq, FinishReason.ERROR, "generation failed")
+            return 0, None
+        tokens = seq.prefill.done - before
+        self.budget.observe_prefill(tokens, time.perf_counter() - t0)
+        if logits is not None:  # the prompt is done: the row joins the decode batch
+            state, seq.prefill = seq.prefill, None
+            with self._lock:
+                slot = self.sched.prefilled(seq)
+            self.runner.admit(state, slot)
+            self._sample_and_accept([seq], logits.unsqueeze(0), first=True)
+            return tokens, None if seq.finished else seq
+        return tokens, None
+
+    def _run_decode(self, rows: list[Sequence], prefill_tokens: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            logits = self.runner.decode([s.last_token for s in rows], [s.request.steer for s in rows])
+            self.budget.observe_decode(time.perf_counter() - t0)
+        except Exception:  # noqa: BLE001
+            log.exception("decode step failed; failing %d rows", len(rows))
+            for seq in rows:
                 self._finish(seq, FinishReason.ERROR, "generation failed")
             return
         # Reported before any row's output is emitted: rows in the forward, and the warm-up's last step
         # is seen while the engine is still not ready.
-        self.observer.on_step(len(running), prefill_tokens)
-        self._sample_and_accept(running, logits)
+        self.observer.on_step(len(rows), prefill_tokens)
+        self._sample_and_accept(rows, logits)
 
     def _sample_and_accept(self, seqs: list[Sequence], logits: torch.Tensor, first: bool = False) -> None:
         """Sample and book every row; a row whose own sampling or bookkeeping raises fails alone, so one
@@ -289,7 +271,6 @@ class LocalEngine(AsyncEngine):
             self.observer.on_token(req, now - seq.last_token_at)
         seq.last_token_at = now
         seq.generated.append(s.token_id)
-        seq.last_token = s.token_id
         p = req.sampling
         reason: FinishReason | None = None
         if (s.token_id in self.eos_ids and not p.ignore_eos) or s.token_id in p.stop_token_ids:
@@ -338,16 +319,20 @@ class LocalEngine(AsyncEngine):
         tail: str = "",
         lp: TokenLogprob | None = None,
     ) -> None:
-        if seq.done:
+        """Take the request out of the batch and send its last output (even when freeing its KV slot
+        fails: the step then ends in `_recover`, see `_step`)."""
+        if seq.finished:
             return
         with self._lock:
-            slot = self.sched.finish(seq)
-        if slot is not None:
-            self.runner.release(slot)
+            release = self.sched.finish(seq, reason)
         seq.prefill = None
-        if reason in (FinishReason.STOP, FinishReason.LENGTH):
-            tail += seq.detok.finish()
-        self._emit_final(seq, reason, tail, lp, error)
+        try:
+            if release is not None:
+                self.runner.release(release.slot, release.moved_from)
+        finally:
+            if reason in (FinishReason.STOP, FinishReason.LENGTH):
+                tail += seq.detok.finish()
+            self._emit_final(seq, reason, tail, lp, error)
 
     def _emit_final(
         self,
@@ -357,10 +342,12 @@ class LocalEngine(AsyncEngine):
         lp: TokenLogprob | None,
         error: str | None = None,
     ) -> None:
-        seq.done = True
+        """The request's last output (once: `_live` is the record of what still needs one)."""
         with self._lock:
-            if self._live.get(seq.request_id) is seq:
-                del self._live[seq.request_id]
+            if self._live.get(seq.request_id) is not seq:
+                return
+            del self._live[seq.request_id]
+        seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
         out = self._output(seq, text, lp, reason)
         if error is not None:
             out = dataclasses.replace(out, error=error)
@@ -371,8 +358,7 @@ class LocalEngine(AsyncEngine):
         with self._lock:
             seqs = list(self._live.values())
         for seq in seqs:
-            if not seq.done:
-                self._emit_final(seq, reason, "", None, message)
+            self._emit_final(seq, reason, "", None, message)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:

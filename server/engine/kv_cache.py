@@ -1,12 +1,20 @@
-"""Slot KV cache: one preallocated [rows, Hkv, capacity, D] buffer pair per layer, rows left-aligned.
+"""Slot KV cache: one [rows, Hkv, capacity, D] buffer pair per layer, rows left-aligned.
 
 Joining copies a prefilled row into a free slot (ms), leaving moves the last row into the hole, and a
 decode step scatter-writes each row's new key at its own length. Attention reads the view
 [:B, :, :W] (W = longest row + 1); the steered attention function masks each row to its own length.
 Key index == absolute position (no sliding-window trimming), as the steering bias requires.
+
+Memory follows the live rows: the buffers hold a power of two of rows (at most `max_rows`) and the
+longest live row rounded up to 256 positions; they grow on demand and are reallocated smaller when the
+live rows need less than half (`fit`), down to nothing when no row is left.
 """
 
 from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -46,7 +54,7 @@ class SlotKVCache:
         device: torch.device,
     ) -> None:
         self.num_layers, self.max_rows = num_layers, max_rows
-        self.shape = (max_rows, num_kv_heads, 0, head_dim)
+        self.shape = (0, num_kv_heads, 0, head_dim)  # allocated on demand (ensure_capacity)
         self.dtype, self.device = dtype, device
         self.keys = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -61,25 +69,47 @@ class SlotKVCache:
     def capacity(self) -> int:
         return self.keys[0].shape[2]
 
+    @property
+    def allocated_rows(self) -> int:
+        return self.keys[0].shape[0]
+
+    def allocated_bytes(self) -> int:
+        return 2 * self.num_layers * self.keys[0].numel() * self.keys[0].element_size()
+
     def bytes_per_token(self) -> int:
         _, h, _, d = self.shape
         return 2 * self.num_layers * h * d * torch.empty((), dtype=self.dtype).element_size()
 
-    def ensure_capacity(self, positions: int) -> None:
-        if positions <= self.capacity:
-            return
-        cap = -(-positions // _GROW) * _GROW
+    def ensure_capacity(self, positions: int, rows: int = 0) -> None:
+        """Room for `positions` keys per row and `rows` rows (grows, never shrinks)."""
+        need_cap = -(-positions // _GROW) * _GROW if positions > self.capacity else self.capacity
+        need_rows = _pow2(rows, self.max_rows) if rows > self.allocated_rows else self.allocated_rows
+        if (need_rows, need_cap) != (self.allocated_rows, self.capacity):
+            self._reallocate(need_rows, need_cap)
+
+    def fit(self, rows: int) -> None:
+        """After rows [rows, ...) left: reallocate smaller when the live rows use less than half."""
+        cap = -(-(max(self.lengths[:rows], default=0) + 1) // _GROW) * _GROW if rows else 0
+        want_rows = _pow2(rows, self.max_rows) if rows else 0
+        current = (self.allocated_rows, self.capacity)
+        if (want_rows, cap) != current and want_rows * cap * 2 <= current[0] * current[1]:
+            self._reallocate(want_rows, cap)
+
+    def _reallocate(self, rows: int, cap: int) -> None:
+        r = min(rows, self.allocated_rows)
+        c = min(cap, self.capacity)
         for store in (self.keys, self.values):
             for i, old in enumerate(store):
                 # zeros, not empty: masked columns still meet V in probs @ V, and 0 * NaN = NaN
-                new = torch.zeros((*old.shape[:2], cap, old.shape[3]), dtype=self.dtype, device=self.device)
-                new[:, :, : old.shape[2]] = old
+                shape = (rows, old.shape[1], cap, old.shape[3])
+                new = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                new[:r, :, :c] = old[:r, :, :c]
                 store[i] = new
 
     def insert(self, slot: int, layers_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Copy a prefilled sequence (per layer [1, Hkv, P, D]) into `slot`."""
         n = layers_kv[0][0].shape[2]
-        self.ensure_capacity(n + 1)
+        self.ensure_capacity(n + 1, rows=slot + 1)
         for i, (k, v) in enumerate(layers_kv):
             self.keys[i][slot, :, :n] = k[0]
             self.values[i][slot, :, :n] = v[0]
@@ -112,3 +142,25 @@ class SlotKVCache:
     def end_step(self) -> None:
         for b in range(self.step_rows):
             self.lengths[b] += 1
+
+
+def _pow2(n: int, cap: int) -> int:
+    return min(cap, 1 << max(0, n - 1).bit_length())
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        lib = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return lib if lib is not None and hasattr(lib, "malloc_trim") else None
+
+
+def release_free_heap() -> None:
+    """Return freed heap memory to the OS (glibc's malloc_trim; a no-op elsewhere). Freed prefill
+    activations and KV buffers below glibc's mmap threshold otherwise stay in the process's RSS."""
+    lib = _libc()
+    if lib is not None:
+        lib.malloc_trim(0)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from ctxsteer.server.engine.kv_cache import SlotKVCache
+from ctxsteer.server.engine.kv_cache import SlotKVCache, release_free_heap
 from ctxsteer.steering.attention import STEER_KWARG
 from ctxsteer.steering.bias import SteerBatch, fill_row_bias, make_gates
 from ctxsteer.steering.rows import SteerRow
@@ -42,9 +42,9 @@ class ModelRunner:
             self.num_layers, max_rows, cfg.num_key_value_heads or self.num_heads, head_dim, dtype, self.device
         )
         self.prefill_chunk = prefill_chunk
-        self.rows: list[SteerRow] = []  # steering of slots [0, B)
+        self.live_rows = 0  # slots [0, live_rows) hold rows (the scheduler assigns them)
         self.bias = torch.zeros(max_rows, 0, dtype=torch.float32, device=self.device)  # [Bmax, capacity]
-        self._gates_dirty = True
+        self._gate_rows: list[SteerRow] | None = None  # the rows `_gates` was built for
         self._gates: SteerBatch | None = None
 
     # ---- prefill -------------------------------------------------------------------------
@@ -59,9 +59,10 @@ class ModelRunner:
         return st
 
     @torch.inference_mode()
-    def prefill_step(self, st: PrefillState) -> torch.Tensor | None:
-        """Run the next chunk; returns the last position's fp32 logits [V] once the prompt is done."""
-        end = min(len(st.ids), st.done + self.prefill_chunk)
+    def prefill_step(self, st: PrefillState, max_tokens: int | None = None) -> torch.Tensor | None:
+        """Run the next chunk (at most `max_tokens`, default the runner's chunk); returns the last
+        position's fp32 logits [V] once the prompt is done."""
+        end = min(len(st.ids), st.done + (max_tokens or self.prefill_chunk))
         chunk = torch.tensor([st.ids[st.done : end]], dtype=torch.long, device=self.device)
         pos = torch.arange(st.done, end, device=self.device)[None, :]
         kwargs = {STEER_KWARG: st.batch} if st.batch is not None else {}
@@ -71,38 +72,38 @@ class ModelRunner:
         st.done = end
         return out.logits[0, -1].float() if end == len(st.ids) else None
 
-    def admit(self, st: PrefillState) -> int:
-        """Move a finished prefill into the next free slot; returns the slot."""
-        slot = len(self.rows)
+    def admit(self, st: PrefillState, slot: int) -> None:
+        """Move a finished prefill into KV slot `slot` (the scheduler's choice: the next free one)."""
         layers = [(layer.keys, layer.values) for layer in st.cache.layers]
         self.kv.insert(slot, layers)
         self._ensure_bias_capacity()
         fill_row_bias(self.bias[slot], st.steer, len(st.ids))
-        self.rows.append(st.steer)
-        self._gates_dirty = True
-        return slot
+        self.live_rows = max(self.live_rows, slot + 1)
 
-    def release(self, slot: int) -> int | None:
-        """Free a slot by moving the last row into it; returns the old index of the moved row (or None)."""
-        last = len(self.rows) - 1
-        moved = None
-        if slot != last:
-            self.kv.move(last, slot)
-            self.bias[slot].copy_(self.bias[last])
-            self.rows[slot] = self.rows[last]
-            moved = last
+    def release(self, slot: int, moved_from: int | None) -> None:
+        """A row left `slot`; the row at `moved_from` (the last one, if any) moves into it."""
+        last = self.live_rows - 1
+        if moved_from is not None:
+            self.kv.move(moved_from, slot)
+            self.bias[slot].copy_(self.bias[moved_from])
         self.kv.lengths[last] = 0
         self.bias[last].zero_()
-        self.rows.pop()
-        self._gates_dirty = True
-        return moved
+        self.live_rows = last
+        self._fit_memory()
 
     def reset(self) -> None:
-        """Forget every row (after a failed step); buffers are kept."""
-        self.rows.clear()
+        """Forget every row (after a failed step)."""
+        self.live_rows = 0
         self.kv.lengths = [0] * self.kv.max_rows
         self.bias.zero_()
-        self._gates_dirty = True
+        self._fit_memory()
+
+    def _fit_memory(self) -> None:
+        """KV buffers follow the live rows; once none is left, freed heap pages go back to the OS."""
+        self.kv.fit(self.live_rows)
+        if not self.live_rows:
+            self.bias = self.bias[:, :0].clone()
+            release_free_heap()
 
     # ---- decode --------------------------------------------------------------------------
     def _ensure_bias_capacity(self) -> None:
@@ -111,18 +112,21 @@ class ModelRunner:
             self.bias = torch.nn.functional.pad(self.bias, (0, cap - self.bias.shape[1]))
 
     @torch.inference_mode()
-    def decode(self, last_tokens: Sequence[int]) -> torch.Tensor:
-        """One decode step for slots [0, B); returns fp32 logits [B, V]."""
-        b = len(self.rows)
+    def decode(self, last_tokens: Sequence[int], rows: list[SteerRow]) -> torch.Tensor:
+        """One decode step for slots [0, B) (`rows`: their steering, in slot order); fp32 logits [B, V]."""
+        b = len(rows)
+        if b != self.live_rows:
+            raise RuntimeError(f"decode of {b} rows, but {self.live_rows} slots are live")
         key_lengths = self.kv.begin_step(b)
         self._ensure_bias_capacity()
         width = self.kv.step_width
-        if self._gates_dirty:
+        if rows != self._gate_rows:  # the batch changed (joins, leaves, moves)
             self._gates = make_gates(
-                self.rows, self.bias[:b], num_layers=self.num_layers, num_heads=self.num_heads
+                rows, self.bias[:b], num_layers=self.num_layers, num_heads=self.num_heads
             )
-            self._gates_dirty = False
+            self._gate_rows = list(rows)
         g = self._gates
+        assert g is not None
         steer = SteerBatch(self.bias[:b, :width], g.layer_gate, g.head_gate, g.active_layers, key_lengths)
         ids = torch.tensor(list(last_tokens), dtype=torch.long, device=self.device)[:, None]
         pos = (key_lengths - 1)[:, None]

@@ -1,53 +1,140 @@
-"""Admission and batching policy (no torch): a bounded waiting queue, at most `max_num_seqs` sequences
-being prefilled or decoded, and a KV token budget reserved per sequence as prompt + max_tokens, so an
-admitted sequence can always finish (no preemption needed).
+"""Admission, batching and KV-slot policy of the local engine (no torch).
+
+Each engine step asks `schedule()` for a `StepPlan` (who leaves, who is admitted, which prompt chunk to
+prefill and how many tokens of it, which rows decode), the runner executes it, and the engine reports
+back (`prefilled`, `finish`). A bounded waiting queue; at most `max_num_seqs` sequences admitted; a KV
+token budget reserved per sequence as prompt + max_tokens, so an admitted sequence can always finish
+(no preemption). Admission is FIFO (no overtaking) and prompts are prefilled oldest first. The scheduler
+is the one owner of KV slots: running row i lives in slot i, and a row that leaves is replaced by the
+last row (`Release` says which move the runner must make).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
-from typing import Generic, Protocol, TypeVar
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 
 from ctxsteer.server.engine.interface import QueueFull
+from ctxsteer.server.engine.request import FinishReason
+from ctxsteer.server.engine.sequence import SeqStatus, Sequence
 
 
-class Schedulable(Protocol):
-    request_id: str
+@dataclass(frozen=True, slots=True)
+class Release:
+    """A running row left `slot`; the last row (at `moved_from`, if any) now lives there."""
+
+    slot: int
+    moved_from: int | None
+
+
+@dataclass
+class StepPlan:
+    aborted: list[Sequence] = field(default_factory=list)  # already out of the scheduler
+    releases: list[Release] = field(default_factory=list)  # KV moves the aborted running rows need
+    admitted: list[Sequence] = field(default_factory=list)  # start prefilling (runner state to create)
+    prefill: Sequence | None = None  # whose next prompt chunk runs
+    prefill_tokens: int = 0  # at most this many of its prompt tokens
+    decode: list[Sequence] = field(default_factory=list)  # running rows, in slot order
 
     @property
-    def reserve_tokens(self) -> int: ...
+    def empty(self) -> bool:
+        return self.prefill is None and not self.decode and not self.aborted
 
 
-S = TypeVar("S", bound=Schedulable)
+class PrefillBudget:
+    """How many prompt tokens a prefill step may take (timings in, a token count out).
+
+    The local engine runs a step's prefill chunk and its decode step as two forwards, so every prompt
+    token prefilled in a step delays the running streams' next token. Alone (nothing decoding) a
+    newcomer takes `max_chunk` tokens per step. Beside decoding rows, the chunk may take about `share` of
+    a decode step's time per prompt still waiting to be prefilled: one newcomer then adds at most `share`
+    to the running streams' inter-token latency, instead of stalling them for a whole 512-token chunk,
+    while a burst of k newcomers (k streams whose first token matters as much) gets k times the room.
+    Both costs are running averages of the engine's own measurements (they change with the model, the
+    machine, the batch and the prompt's position).
+    """
+
+    def __init__(
+        self, max_chunk: int, *, min_chunk: int = 16, share: float = 0.75, decay: float = 0.8
+    ) -> None:
+        self.max_chunk, self.min_chunk, self.share, self.decay = max_chunk, min_chunk, share, decay
+        self.prefill_s_per_token: float | None = None
+        self.decode_step_s: float | None = None
+
+    def _average(self, old: float | None, new: float) -> float:
+        return new if old is None else self.decay * old + (1 - self.decay) * new
+
+    def observe_prefill(self, tokens: int, seconds: float) -> None:
+        if tokens > 0:
+            self.prefill_s_per_token = self._average(self.prefill_s_per_token, seconds / tokens)
+
+    def observe_decode(self, seconds: float) -> None:
+        self.decode_step_s = self._average(self.decode_step_s, seconds)
+
+    def chunk(self, decoding: int, prefilling: int = 1) -> int:
+        """Tokens for the next prefill chunk: `decoding` rows running, `prefilling` prompts admitted."""
+        if not decoding:
+            return self.max_chunk
+        if self.prefill_s_per_token is None or self.decode_step_s is None:
+            return max(self.min_chunk, self.max_chunk // 4)
+        room = self.share * max(1, prefilling) * self.decode_step_s
+        return max(self.min_chunk, min(self.max_chunk, int(room / self.prefill_s_per_token)))
 
 
-class Scheduler(Generic[S]):
-    def __init__(self, *, max_num_seqs: int, max_queue: int, kv_budget_tokens: int) -> None:
+class Scheduler:
+    def __init__(
+        self, *, max_num_seqs: int, max_queue: int, kv_budget_tokens: int, budget: PrefillBudget
+    ) -> None:
         self.max_num_seqs, self.max_queue, self.kv_budget = max_num_seqs, max_queue, kv_budget_tokens
-        self.waiting: deque[S] = deque()
-        self.prefilling: deque[S] = deque()  # admitted, prompt not fully processed yet
-        self.running: list[S] = []  # decoding; index == KV slot
+        self.budget = budget
+        self.waiting: deque[Sequence] = deque()
+        self.prefilling: deque[Sequence] = deque()  # admitted, prompt not fully processed yet
+        self.running: list[Sequence] = []  # decoding; index == KV slot
         self.reserved = 0
 
-    def add(self, seq: S, leaving: int = 0) -> None:
+    # ---- requests come and go (any thread, under the engine's lock) ---------------------------
+    def add(self, seq: Sequence, leaving: int = 0) -> None:
         """Queue a sequence; refuses when the running slots are taken and `max_queue` already wait.
         `leaving`: admitted sequences already aborted, which free their places before the next admission."""
         if len(self.waiting) + self.active - leaving >= self.capacity:
             raise QueueFull(retry_after_s=1)
         self.waiting.append(seq)
 
+    def remove_waiting(self, request_id: str) -> Sequence | None:
+        for seq in self.waiting:
+            if seq.request_id == request_id:
+                self.waiting.remove(seq)
+                return seq
+        return None
+
     @property
     def capacity(self) -> int:
-        """Sequences held at most (decoding + waiting)."""
+        """Sequences held at most (admitted + waiting)."""
         return self.max_num_seqs + self.max_queue
 
     @property
     def active(self) -> int:
         return len(self.prefilling) + len(self.running)
 
-    def admit(self) -> list[S]:
-        """Move waiting sequences into prefill while slots and budget allow (FIFO: no overtaking)."""
+    # ---- one engine step ------------------------------------------------------------------------
+    def schedule(self, aborts: Iterable[str] = ()) -> StepPlan:
+        """Apply aborts, admit what fits, pick the prefill chunk and the decode rows."""
+        plan = StepPlan()
+        abort_ids = set(aborts)
+        for seq in [s for s in self.all() if s.request_id in abort_ids]:
+            release = self.finish(seq, FinishReason.ABORT)
+            plan.aborted.append(seq)
+            if release is not None:
+                plan.releases.append(release)
+        plan.admitted = self._admit()
+        if self.prefilling:
+            plan.prefill = self.prefilling[0]
+            plan.prefill_tokens = self.budget.chunk(len(self.running), len(self.prefilling))
+        plan.decode = list(self.running)
+        return plan
+
+    def _admit(self) -> list[Sequence]:
         admitted = []
         while self.waiting and self.active < self.max_num_seqs:
             seq = self.waiting[0]
@@ -55,35 +142,52 @@ class Scheduler(Generic[S]):
                 break  # wait for room; a lone sequence is always admitted (the HTTP layer bounds its size)
             self.waiting.popleft()
             self.reserved += seq.reserve_tokens
+            seq.status = SeqStatus.PREFILLING
             self.prefilling.append(seq)
             admitted.append(seq)
         return admitted
 
-    def start_decoding(self, seq: S) -> int:
+    def prefilled(self, seq: Sequence) -> int:
+        """Its prompt is done: it decodes from now on, in the returned slot (the next free one)."""
         self.prefilling.remove(seq)
+        seq.status = SeqStatus.RUNNING
+        seq.slot = len(self.running)
         self.running.append(seq)
-        return len(self.running) - 1
+        return seq.slot
 
-    def finish(self, seq: S) -> int | None:
-        """Forget a sequence; returns its slot if it was decoding (the last row moves into it)."""
+    def finish(self, seq: Sequence, reason: FinishReason) -> Release | None:
+        """Forget an admitted or waiting sequence; a running one's slot is refilled by the last row."""
+        if seq.finished:
+            return None
+        previous, seq.status, seq.finish_reason = seq.status, SeqStatus.FINISHED, reason
+        if previous is SeqStatus.WAITING:
+            self.waiting.remove(seq)
+            return None
         self.reserved -= seq.reserve_tokens
-        if seq in self.prefilling:
+        if previous is SeqStatus.PREFILLING:
             self.prefilling.remove(seq)
             return None
-        slot = self.running.index(seq)
+        slot = seq.slot
+        assert slot is not None and self.running[slot] is seq
+        seq.slot = None
         last = self.running.pop()
-        if slot < len(self.running):
-            self.running[slot] = last
-        return slot
+        if last is seq:
+            return Release(slot, None)
+        self.running[slot] = last
+        last.slot = slot
+        return Release(slot, len(self.running))
 
-    def remove_waiting(self, request_id: str) -> S | None:
-        for seq in self.waiting:
-            if seq.request_id == request_id:
-                self.waiting.remove(seq)
-                return seq
-        return None
+    def reset(self) -> list[Sequence]:
+        """After a failed step: drop every admitted sequence (returned); waiting ones stay queued."""
+        dropped = [*self.prefilling, *self.running]
+        self.prefilling.clear()
+        self.running.clear()
+        self.reserved = 0
+        for seq in dropped:
+            seq.slot = None
+        return dropped
 
-    def all(self) -> Iterator[S]:
+    def all(self) -> Iterator[Sequence]:
         yield from self.waiting
         yield from self.prefilling
         yield from self.running

@@ -1,0 +1,52 @@
+"""One request's whole state inside the local engine (no torch): what to generate, where it stands, what
+it produced, its timing. The scheduler moves it through the statuses and owns its KV slot; the runner's
+per-row objects (`sampler`, `prefill`) ride along without the scheduler looking into them.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ctxsteer.server.engine.request import FinishReason, GenerationOutput, GenerationRequest
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"  # queued, nothing computed
+    PREFILLING = "prefilling"  # admitted: KV budget reserved, prompt being processed in chunks
+    RUNNING = "running"  # decoding in KV slot `slot`
+    FINISHED = "finished"  # `finish_reason` says why; its final output has been emitted
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: GenerationRequest
+    emit: Callable[[GenerationOutput], None]
+    sampler: Any = None  # sampler.RowSampler: the row's sampling state (seeded generator, penalties)
+    detok: Any = None  # detok.Detokenizer: incremental text and stop strings
+    status: SeqStatus = SeqStatus.WAITING
+    finish_reason: FinishReason | None = None
+    slot: int | None = None  # KV slot while RUNNING (== its row in the decode batch)
+    prefill: Any = None  # runner.PrefillState while PREFILLING
+    generated: list[int] = field(default_factory=list)
+    admitted_at: float = 0.0
+    last_token_at: float = 0.0
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def reserve_tokens(self) -> int:
+        """KV tokens reserved at admission: enough to finish without preemption."""
+        return len(self.request.prompt_ids) + self.request.sampling.max_tokens
+
+    @property
+    def last_token(self) -> int:
+        return self.generated[-1]
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
