@@ -48,6 +48,9 @@ class ServerConfig:
         None  # KV tokens reserved by admitted requests; None = max_num_seqs x max_model_len
     )
     prefill_chunk: int = 512  # prompt tokens per prefill step (decoding of others interleaves between chunks)
+    # while rows decode, a prefill chunk takes about this share of a decode step per waiting prompt (0: whole
+    # chunks, best throughput; e.g. 0.75 bounds running streams' inter-token latency while newcomers arrive)
+    prefill_stall_share: float = 0.0
     cpu_prepack: str = "auto"  # auto = oneDNN-prepacked Linear weights on CPU fp32; off = stock torch
     timeout_keep_alive_s: float = 5.0  # idle time before a keep-alive connection is closed
     timeout_header_read_s: float = 10.0  # connection open / request start -> headers complete, else 408
@@ -105,6 +108,8 @@ class ServerConfig:
             "must be >= 16",
         )
         _check(self.prefill_chunk >= 16, "--prefill-chunk", f"must be >= 16, got {self.prefill_chunk}")
+        share = self.prefill_stall_share
+        _check(math.isfinite(share) and share >= 0, "--prefill-stall-share", f"must be >= 0, got {share}")
         _check(self.cpu_prepack in PREPACK, "--cpu-prepack", f"must be one of {PREPACK}")
         d = self.drain_timeout_s
         _check(math.isfinite(d) and d >= 0, "--drain-timeout", f"must be >= 0, got {d}")
@@ -225,6 +230,13 @@ _FLAGS: tuple[_Flag, ...] = (
         "KV tokens admitted requests may reserve (prompt + max_tokens); default max-num-seqs x max-model-len",
     ),
     _Flag("--prefill-chunk", "prefill_chunk", int, "prompt tokens per prefill step (default 512)"),
+    _Flag(
+        "--prefill-stall-share",
+        "prefill_stall_share",
+        float,
+        "while rows decode, size prefill chunks to this share of a decode step per waiting prompt "
+        "(default 0: whole chunks, best throughput; 0.75 keeps streams smooth while newcomers arrive)",
+    ),
     _Flag(
         "--cpu-prepack",
         "cpu_prepack",

@@ -69,6 +69,7 @@ def build_engine(config: ServerConfig, observer: EngineObserver | None = None) -
         max_queue=config.max_queue,
         kv_budget_tokens=config.kv_budget_tokens,
         prefill_chunk=config.prefill_chunk,
+        prefill_stall_share=config.prefill_stall_share,
         observer=observer,
     )
 

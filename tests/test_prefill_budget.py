@@ -5,8 +5,9 @@ from __future__ import annotations
 from ctxsteer.server.engine.scheduler import PrefillBudget
 
 
-def test_alone_a_newcomer_takes_the_full_chunk() -> None:
-    b = PrefillBudget(512)
+def test_alone_a_newcomer_takes_the_full_chunk_and_the_default_is_off() -> None:
+    assert PrefillBudget(512).chunk(8, prefilling=1) == 512  # share 0: whole chunks beside decoding too
+    b = PrefillBudget(512, share=0.75)
     b.observe_prefill(512, 0.5)
     b.observe_decode(0.08)
     assert b.chunk(0) == 512
@@ -26,7 +27,7 @@ def test_beside_decoding_rows_the_chunk_fits_a_share_of_a_decode_step() -> None:
 
 
 def test_a_failed_or_empty_prefill_does_not_skew_the_average() -> None:
-    b = PrefillBudget(256)
+    b = PrefillBudget(256, share=0.75)
     b.observe_prefill(0, 1.0)
     assert b.prefill_s_per_token is None
 

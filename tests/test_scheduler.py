@@ -18,9 +18,8 @@ def seq(name: str, prompt: int = 10, max_tokens: int = 5) -> Sequence:
 
 
 def sched(max_num_seqs: int = 2, max_queue: int = 3, kv: int = 1000, chunk: int = 512) -> Scheduler:
-    return Scheduler(
-        max_num_seqs=max_num_seqs, max_queue=max_queue, kv_budget_tokens=kv, budget=PrefillBudget(chunk)
-    )
+    budget = PrefillBudget(chunk, share=0.75)
+    return Scheduler(max_num_seqs=max_num_seqs, max_queue=max_queue, kv_budget_tokens=kv, budget=budget)
 
 
 def names(seqs) -> list[str]:  # noqa: ANN001

@@ -5,7 +5,8 @@ Measures (streaming chat completions, same prompts for every case):
 - N concurrent streams: aggregate tok/s, TTFT p50, inter-token latency p50;
 - at the largest concurrency, all requests steered with mixed strengths vs none steered;
 - the local engine's own run: RSS after warm-up and, with nothing running, after 4 concurrent ~5,000-token
-  prompts; ITL p50/p99 of 4 running streams while new 512-token requests keep arriving;
+  prompts; ITL p50/p99 of 4 running streams while new 512-token requests keep arriving, with whole
+  prefill chunks (the default) and on a second server with `--prefill-stall-share 0.75`;
 - optionally the same load against `transformers serve --continuous-batching` on the same model
   (the converted HF directory of the default model), started after ours is stopped.
 """
@@ -294,9 +295,20 @@ def run_ctxsteer(
         warmup(url, args.model)
         rss_warm = rss_mb(proc.pid)
         doc = {"device": device} | run_suite(url, args.model, args)
-        doc |= run_arrivals(url, args.model)
+        whole = run_arrivals(url, args.model)  # the default: whole prefill chunks beside decoding rows
+        doc |= {f"{k}_whole_chunks": v for k, v in whole.items()}
         doc |= run_memory_load(url, args.model, proc.pid)
-        return doc | {"rss_mb_after_warmup": rss_warm}
+    doc["rss_mb_after_warmup"] = rss_warm
+    # the same arrivals on a server that sizes prefill chunks to a share of a decode step
+    share = "0.75"
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd[cmd.index("--port") + 1] = str(port)
+    print(f"starting {label} --prefill-stall-share {share} on {url}", flush=True)
+    with started([*cmd, "--prefill-stall-share", share], url, "/ready", timeout_s=1200):
+        warmup(url, args.model)
+        doc |= run_arrivals(url, args.model) | {"prefill_stall_share_with_arrivals": float(share)}
+    return doc
 
 
 def rss_mb(pid: int, field: str = "VmRSS") -> float:

@@ -54,12 +54,13 @@ class LocalEngine(AsyncEngine):
         max_queue: int = 64,
         kv_budget_tokens: int | None = None,
         prefill_chunk: int = 512,
+        prefill_stall_share: float = 0.0,
         observer: EngineObserver | None = None,
     ) -> None:
         self.info, self.tokenizer = info, tokenizer
         self.runner = ModelRunner(model, max_rows=max_num_seqs, prefill_chunk=prefill_chunk)
         budget = kv_budget_tokens or max_num_seqs * info.max_model_len
-        self.budget = PrefillBudget(prefill_chunk)
+        self.budget = PrefillBudget(prefill_chunk, share=prefill_stall_share)
         self.sched = Scheduler(
             max_num_seqs=max_num_seqs, max_queue=max_queue, kv_budget_tokens=budget, budget=self.budget
         )

@@ -7,7 +7,7 @@ Key index == absolute position (no sliding-window trimming), as the steering bia
 
 Memory follows the live rows: the buffers hold a power of two of rows (at most `max_rows`) and the
 longest live row rounded up to 256 positions; they grow on demand and are reallocated smaller when the
-live rows need less than half (`fit`), down to nothing when no row is left.
+live rows need a quarter or less (`fit`), down to nothing when no row is left.
 """
 
 from __future__ import annotations
@@ -88,11 +88,12 @@ class SlotKVCache:
             self._reallocate(need_rows, need_cap)
 
     def fit(self, rows: int) -> None:
-        """After rows [rows, ...) left: reallocate smaller when the live rows use less than half."""
+        """After rows [rows, ...) left: free everything when none is left; while rows run, reallocate
+        only when they use a quarter or less (a 2x margin would thrash: rows come and go every step)."""
         cap = -(-(max(self.lengths[:rows], default=0) + 1) // _GROW) * _GROW if rows else 0
         want_rows = _pow2(rows, self.max_rows) if rows else 0
         current = (self.allocated_rows, self.capacity)
-        if (want_rows, cap) != current and want_rows * cap * 2 <= current[0] * current[1]:
+        if (want_rows, cap) != current and want_rows * cap * 4 <= current[0] * current[1]:
             self._reallocate(want_rows, cap)
 
     def _reallocate(self, rows: int, cap: int) -> None:
