@@ -8,27 +8,23 @@ stream responses put it on their last chunk.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from ctxsteer.server.api import sse
-from ctxsteer.server.api.body import read_json
 from ctxsteer.server.api.serving import (
     Generation,
+    Prepared,
     ServingContext,
     clamp_logprob,
-    get_context,
-    new_id,
-    resolve_max_tokens,
-    respond,
+    collect_choices,
+    prepare_generation,
+    serve_generation,
     sse_body,
-    steer_row,
-    steering_info,
 )
-from ctxsteer.server.engine.request import GenerationRequest, TokenLogprob
+from ctxsteer.server.engine.request import TokenLogprob
 from ctxsteer.server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -42,52 +38,24 @@ from ctxsteer.server.protocol import (
     TokenLogprobInfo,
     TopLogprob,
 )
-from ctxsteer.steering.spans import render_chat, steered_ranges
+from ctxsteer.steering.spans import render_chat
 
 router = APIRouter()
 
 
-@dataclass(frozen=True, slots=True)
-class _Prepared:
-    ids: list[int]
-    steering: SteeringInfo
-    requests: list[GenerationRequest]
-
-
-def _prepare(ctx: ServingContext, req: ChatCompletionRequest, response_id: str) -> _Prepared:
-    """Tokenizer-bound work, run in a worker thread: render, locate steered tokens, size max_tokens."""
+def _prepare(ctx: ServingContext, req: ChatCompletionRequest, response_id: str) -> Prepared:
+    """Tokenizer-bound work, run in a worker thread: render with the chat template, then the shared steps."""
     spec = ctx.parse_spec(req.steering_object())
     messages = req.render_messages()
     rendered = render_chat(ctx.engine.tokenizer, messages, **req.template_options())
-    n_prompt = len(rendered.ids)
-    max_tokens = resolve_max_tokens(  # before any span work: an oversized prompt costs no more
-        n_prompt, req.requested_max_tokens(), ctx.max_model_len, default=None, prompt_param="messages"
+    return prepare_generation(
+        ctx, req, response_id, rendered, messages, spec, default_max_tokens=None, prompt_param="messages"
     )
-    steered = steered_ranges(rendered, messages, spec)
-    row = steer_row(spec, steered)
-    requests = [
-        GenerationRequest(
-            request_id=f"{response_id}-{i}",
-            prompt_ids=rendered.ids,
-            sampling=req.to_sampling_params(max_tokens=max_tokens, choice=i),
-            steer=row,
-        )
-        for i in range(req.num_choices)
-    ]
-    return _Prepared(rendered.ids, steering_info(spec, steered, n_prompt), requests)
 
 
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(request: Request) -> Response:
-    ctx = get_context(request)
-    req = await read_json(request, ChatCompletionRequest)
-    ctx.check_model(req.model)
-    ctx.check_choices(req.num_choices)
-    response_id = new_id("chatcmpl")
-    prepared = await ctx.run_sync(_prepare, ctx, req, response_id)
-    return await respond(
-        request, ctx, req, response_id, prepared.requests, prepared.steering, _stream, _collect
-    )
+    return await serve_generation(request, ChatCompletionRequest, "chatcmpl", _prepare, _stream, _collect)
 
 
 def chat_logprobs(logprobs: Sequence[TokenLogprob], top_n: int) -> list[TokenLogprobInfo]:
@@ -109,21 +77,18 @@ async def _collect(
     base: dict[str, Any], req: ChatCompletionRequest, steering: SteeringInfo, gen: Generation
 ) -> ChatCompletionResponse:
     n = req.num_choices
-    texts: list[list[str]] = [[] for _ in range(n)]
     logprobs: list[list[TokenLogprobInfo]] = [[] for _ in range(n)]
-    finish: list[str | None] = [None] * n
     top_n = req.top_logprobs or 0
-    while not gen.done:
-        i, out = await gen.next_event()
-        texts[i].append(out.text)
+
+    def on_output(i: int, out: Any) -> None:
         if req.logprobs:
             logprobs[i].extend(chat_logprobs(out.logprobs, top_n))
-        if out.finish_reason is not None:
-            finish[i] = str(out.finish_reason)
+
+    texts, finish = await collect_choices(gen, n, on_output)
     choices = [
         ChatChoice(
             index=i,
-            message=AssistantMessage(content="".join(texts[i])),
+            message=AssistantMessage(content=texts[i]),
             logprobs=ChoiceLogprobs(content=logprobs[i]) if req.logprobs else None,
             finish_reason=finish[i],
         )

@@ -9,27 +9,23 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from ctxsteer.server.api import sse
-from ctxsteer.server.api.body import read_json
 from ctxsteer.server.api.serving import (
     Generation,
+    Prepared,
     ServingContext,
     clamp_logprob,
-    get_context,
-    new_id,
-    resolve_max_tokens,
-    respond,
+    collect_choices,
+    prepare_generation,
+    serve_generation,
     sse_body,
-    steer_row,
-    steering_info,
 )
-from ctxsteer.server.engine.request import GenerationRequest, TokenLogprob
+from ctxsteer.server.engine.request import TokenLogprob
 from ctxsteer.server.errors import bad_request
 from ctxsteer.server.protocol import (
     CompletionChoice,
@@ -38,7 +34,7 @@ from ctxsteer.server.protocol import (
     CompletionResponse,
     SteeringInfo,
 )
-from ctxsteer.steering.spans import render_text, steered_ranges
+from ctxsteer.steering.spans import render_text
 from ctxsteer.steering.spec import SteeringError, SteeringSpec
 
 router = APIRouter()
@@ -59,50 +55,26 @@ def completion_spec(ctx: ServingContext, obj: dict[str, Any] | None) -> Steering
     return spec
 
 
-@dataclass(frozen=True, slots=True)
-class _Prepared:
-    steering: SteeringInfo
-    requests: list[GenerationRequest]
-
-
-def _prepare(ctx: ServingContext, req: CompletionRequest, response_id: str) -> _Prepared:
+def _prepare(ctx: ServingContext, req: CompletionRequest, response_id: str) -> Prepared:
     spec = completion_spec(ctx, req.steering_object())
     rendered = render_text(ctx.engine.tokenizer, req.prompt_text)
-    n_prompt = len(rendered.ids)
-    if n_prompt == 0:  # e.g. whitespace a tokenizer drops: there is nothing to continue from
+    if not rendered.ids:  # e.g. whitespace a tokenizer drops: there is nothing to continue from
         raise bad_request("The prompt has no tokens; send a non-empty prompt.", "prompt", "empty_prompt")
-    max_tokens = resolve_max_tokens(  # before any span work: an oversized prompt costs no more
-        n_prompt,
-        req.requested_max_tokens(),
-        ctx.max_model_len,
-        default=DEFAULT_MAX_TOKENS,
+    return prepare_generation(
+        ctx,
+        req,
+        response_id,
+        rendered,
+        None,
+        spec,
+        default_max_tokens=DEFAULT_MAX_TOKENS,
         prompt_param="prompt",
     )
-    steered = steered_ranges(rendered, None, spec)
-    row = steer_row(spec, steered)
-    requests = [
-        GenerationRequest(
-            request_id=f"{response_id}-{i}",
-            prompt_ids=rendered.ids,
-            sampling=req.to_sampling_params(max_tokens=max_tokens, choice=i),
-            steer=row,
-        )
-        for i in range(req.num_choices)
-    ]
-    return _Prepared(steering_info(spec, steered, n_prompt), requests)
 
 
 @router.post("/v1/completions", response_model=None)
 async def create_completion(request: Request) -> Response:
-    ctx = get_context(request)
-    req = await read_json(request, CompletionRequest)
-    ctx.check_model(req.model)
-    ctx.check_choices(req.num_choices)
-    response_id = new_id("cmpl")
-    prepared = await ctx.run_sync(_prepare, ctx, req, response_id)
-    return await respond(
-        request, ctx, req, response_id, prepared.requests, prepared.steering, _stream, _collect
-    )
+    return await serve_generation(request, CompletionRequest, "cmpl", _prepare, _stream, _collect)
 
 
 class _Logprobs:
@@ -126,23 +98,20 @@ async def _collect(
     base: dict[str, Any], req: CompletionRequest, steering: SteeringInfo, gen: Generation
 ) -> CompletionResponse:
     n = req.num_choices
-    texts: list[list[str]] = [[] for _ in range(n)]
-    finish: list[str | None] = [None] * n
     trackers = [_Logprobs(req.logprobs or 0, len(req.prompt_text)) for _ in range(n)]
     logprobs = [CompletionLogprobs() for _ in range(n)]
-    while not gen.done:
-        i, out = await gen.next_event()
-        texts[i].append(out.text)
+
+    def on_output(i: int, out: Any) -> None:
         if req.logprobs is not None:
             part = trackers[i].convert(out.logprobs)
             for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
                 getattr(logprobs[i], name).extend(getattr(part, name))
-        if out.finish_reason is not None:
-            finish[i] = str(out.finish_reason)
+
+    texts, finish = await collect_choices(gen, n, on_output)
     choices = [
         CompletionChoice(
             index=i,
-            text="".join(texts[i]),
+            text=texts[i],
             logprobs=logprobs[i] if req.logprobs is not None else None,
             finish_reason=finish[i],
         )

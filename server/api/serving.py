@@ -1,6 +1,8 @@
-"""What the endpoints share: the per-app serving context, body parsing, and `Generation`, which drives the
-engine requests of one HTTP request (n choices) and guarantees that every unfinished one is aborted when
-the client goes away, an error occurs or the response generator is closed.
+"""What the endpoints share: the per-app serving context, the one generation pipeline of chat and legacy
+completions (`serve_generation`: parse -> prepare in a worker thread (`prepare_generation` fans out n
+engine requests) -> stream or collect), and `Generation`, which drives the engine requests of one HTTP
+request and guarantees that every unfinished one is aborted when the client goes away, an error occurs or
+the response generator is closed. Each endpoint only renders its prompt and shapes its own responses.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive
 
 from ctxsteer.server.api import sse
+from ctxsteer.server.api.body import read_json
 from ctxsteer.server.config import ServerConfig
 from ctxsteer.server.engine.interface import AsyncEngine
 from ctxsteer.server.engine.request import FinishReason, GenerationOutput, GenerationRequest, SteerRow
@@ -33,6 +36,7 @@ from ctxsteer.server.errors import (
     model_not_found,
 )
 from ctxsteer.server.protocol import PromptTokensDetails, SteeringInfo, UsageInfo
+from ctxsteer.steering.spans import RenderedPrompt, steered_ranges
 from ctxsteer.steering.spec import HeadMap, SteeringSpec, parse_steering
 
 T = TypeVar("T")
@@ -112,6 +116,83 @@ def resolve_max_tokens(
     if requested > room:
         raise context_too_long(prompt_tokens, requested, max_model_len, "max_tokens")
     return requested
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A request, ready for the engine: one engine request per choice, and the steering report."""
+
+    steering: SteeringInfo
+    requests: list[GenerationRequest]
+
+
+def prepare_generation(
+    ctx: ServingContext,
+    req: Any,
+    response_id: str,
+    rendered: RenderedPrompt,
+    messages: Sequence[dict[str, Any]] | None,
+    spec: SteeringSpec,
+    *,
+    default_max_tokens: int | None,
+    prompt_param: str,
+) -> Prepared:
+    """Size max_tokens (before any span work: an oversized prompt costs no more), locate the steered
+    tokens, fan out the n choices."""
+    n_prompt = len(rendered.ids)
+    max_tokens = resolve_max_tokens(
+        n_prompt, req.requested_max_tokens(), ctx.max_model_len, default=default_max_tokens,
+        prompt_param=prompt_param,
+    )  # fmt: skip
+    steered = steered_ranges(rendered, messages, spec)
+    row = steer_row(spec, steered)
+    requests = [
+        GenerationRequest(
+            request_id=f"{response_id}-{i}",
+            prompt_ids=rendered.ids,
+            sampling=req.to_sampling_params(max_tokens=max_tokens, choice=i),
+            steer=row,
+        )
+        for i in range(req.num_choices)
+    ]
+    return Prepared(steering_info(spec, steered, n_prompt), requests)
+
+
+async def serve_generation(
+    request: Request,
+    model: type[Any],
+    id_prefix: str,
+    prepare: Callable[[ServingContext, Any, str], Prepared],
+    stream: Callable[..., AsyncIterator[bytes]],
+    collect: Callable[..., Awaitable[BaseModel]],
+) -> Response:
+    """The pipeline of both generation endpoints: parse and check the body, `prepare` off the event
+    loop (tokenizer work), then answer with SSE frames (`stream`) or one JSON body (`collect`)."""
+    ctx = get_context(request)
+    req = await read_json(request, model)
+    ctx.check_model(req.model)
+    ctx.check_choices(req.num_choices)
+    response_id = new_id(id_prefix)
+    prepared = await ctx.run_sync(prepare, ctx, req, response_id)
+    return await respond(
+        request, ctx, req, response_id, prepared.requests, prepared.steering, stream, collect
+    )
+
+
+async def collect_choices(
+    gen: Generation, n: int, on_output: Callable[[int, GenerationOutput], None]
+) -> tuple[list[str], list[str | None]]:
+    """Drain a non-streamed generation: each choice's text and finish reason (`on_output` sees every
+    output, e.g. for logprobs)."""
+    texts: list[list[str]] = [[] for _ in range(n)]
+    finish: list[str | None] = [None] * n
+    while not gen.done:
+        i, out = await gen.next_event()
+        texts[i].append(out.text)
+        on_output(i, out)
+        if out.finish_reason is not None:
+            finish[i] = str(out.finish_reason)
+    return ["".join(t) for t in texts], finish
 
 
 def steer_row(spec: SteeringSpec, steered: Sequence[Range]) -> SteerRow:
