@@ -132,10 +132,13 @@ class ServerConfig:
         _check(g is None or 0 < g <= 1, "--gpu-memory-utilization", f"must be in (0, 1], got {g}")
         b = self.max_num_batched_tokens
         _check(b is None or b >= 16, "--max-num-batched-tokens", f"must be >= 16, got {b}")
-        if self.engine != "vllm":
-            for f in _FLAGS:
-                if f.vllm_only and getattr(self, f.field) != _DEFAULTS[f.field]:
-                    raise ValueError(f"{f.flag}: is a vLLM engine setting; add --engine vllm")
+        for f in _FLAGS:
+            if getattr(self, f.field) == _DEFAULTS[f.field]:
+                continue
+            if f.vllm_only and self.engine != "vllm":
+                raise ValueError(f"{f.flag}: is a vLLM engine setting; add --engine vllm")
+            if f.local_only and self.engine == "vllm":
+                raise ValueError(f"{f.flag}: is a local engine setting (vLLM chunks prefills itself)")
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -181,6 +184,7 @@ class _Flag:
     help: str
     choices: tuple[str, ...] | None = None
     vllm_only: bool = False  # a vLLM engine setting: refused with the local engine
+    local_only: bool = False  # a local engine setting: refused with --engine vllm
     negatable: bool = False  # bool flag with a --no- form
 
     @property
@@ -236,6 +240,7 @@ _FLAGS: tuple[_Flag, ...] = (
         float,
         "while rows decode, size prefill chunks to this share of a decode step per waiting prompt "
         "(default 0: whole chunks, best throughput; 0.75 keeps streams smooth while newcomers arrive)",
+        local_only=True,
     ),
     _Flag(
         "--cpu-prepack",
