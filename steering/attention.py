@@ -21,6 +21,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ctxsteer.steering.bias import SteerBatch
 from ctxsteer.steering.fold import FOLD_COLUMNS, bias_columns
+from ctxsteer.steering.reliance import MEASURE_KWARG, AttentionMass, value_with_mass_column
 
 ATTN_NAME = "ctxsteer"
 STEER_KWARG = "ctxsteer"  # model(..., ctxsteer=SteerBatch) reaches every attention call
@@ -50,6 +51,7 @@ def _folded_sdpa(
     heads: torch.Tensor | None,
     scaling: float | None,
     dropout: float,
+    measure: AttentionMass | None = None,
 ) -> torch.Tensor:
     b, hq, q_len, d = query.shape
     hkv, k_len = key.shape[1], key.shape[2]
@@ -60,7 +62,10 @@ def _folded_sdpa(
     k_extra[..., :FOLD_COLUMNS] = bias_columns(bias, scale, key.dtype)[:, None]
     q2 = torch.cat([query, q_extra], dim=-1)
     k2 = torch.cat([key, k_extra], dim=-1)
-    v2 = torch.cat([value, value.new_zeros(b, hkv, k_len, FOLD_DIMS)], dim=-1)
+    if measure is None:
+        v2 = torch.cat([value, value.new_zeros(b, hkv, k_len, FOLD_DIMS)], dim=-1)
+    else:  # column d of the output: each query's attention mass on the measured keys
+        v2 = value_with_mass_column(value, measure.key_mask, FOLD_DIMS)
     is_causal = attention_mask is None and getattr(module, "is_causal", True)
     if is_causal and k_len > q_len:  # SDPA's is_causal is top-left aligned: only valid for q_len == k_len
         attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
@@ -75,6 +80,8 @@ def _folded_sdpa(
         is_causal=is_causal,
         enable_gqa=hq != hkv,
     )
+    if measure is not None:
+        measure.record(getattr(module, "layer_idx", 0), out[..., d].float())
     return out[..., :d].transpose(1, 2).contiguous()
 
 
@@ -89,7 +96,18 @@ def steered_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     steer: SteerBatch | None = kwargs.pop(STEER_KWARG, None)
+    measure: AttentionMass | None = kwargs.pop(MEASURE_KWARG, None)
     layer = getattr(module, "layer_idx", 0)
+    if measure is not None and query.shape[2] > 1:  # reliance measured over a full forward (prefill)
+        if kwargs.get("softcap") is not None:
+            raise ValueError("ctxsteer attention (SDPA-based) does not support attention logit softcapping")
+        active = steer is not None and steer.key_lengths is None and layer in steer.active_layers
+        bias = steer.bias_for(layer, key.shape[2]) if active else key.new_zeros(key.shape[0], key.shape[2])
+        heads = steer.heads_for(layer) if active else None
+        out = _folded_sdpa(
+            module, query, key, value, attention_mask, bias.float(), heads, scaling, dropout, measure
+        )
+        return out, None
     if steer is not None and steer.key_lengths is not None and query.shape[2] == 1:
         window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
         mask = steer.decode_mask(layer, key.shape[2], window, query.dtype)
