@@ -57,6 +57,12 @@ def _eval(argv: list[str]) -> int:
     return eval_main(argv)
 
 
+def _score(argv: list[str]) -> int:
+    from ctxsteer.server.score import main as score_main
+
+    return score_main(argv)
+
+
 def _client_command(name: str) -> Callable[[list[str]], int]:
     def run(argv: list[str]) -> int:
         from ctxsteer.clients.cli import main as client_main  # torch-free: starts fast
@@ -76,6 +82,7 @@ COMMANDS = {
     "models": (_client_command("models"), "list the models a server serves"),
     "health": (_client_command("health"), "check that a server is up and its model loaded"),
     "eval": (_eval, "evaluate context awareness with/without steering: `eval nih|qa|paper`"),
+    "score": (_score, "score chat examples by their responses' attention to the user (`score DATA --out F`)"),
 }
 
 
