@@ -218,6 +218,9 @@ def test_streaming_usage_and_engine_gauges(vllm_url: str) -> None:
         "ctxsteer_kv_cache_usage_perc",
     ):
         assert name in metrics
+    # queue time comes from vLLM's own per-request timestamps (it was a constant 0 before)
+    queued = [ln for ln in metrics.splitlines() if ln.startswith("ctxsteer_request_queue_time_seconds_sum")]
+    assert queued and float(queued[0].split()[-1]) > 0.0, queued
 
 
 def test_bad_steering_is_the_same_400(vllm_url: str, local_url: str) -> None:

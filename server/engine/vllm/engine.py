@@ -162,7 +162,7 @@ class VllmEngine(AsyncEngine):
                 if c.token_ids:
                     if not first_at:
                         first_at = now
-                        self.observer.on_first_token(request, now - request.arrival_time, 0.0)
+                        self.observer.on_first_token(request, now - request.arrival_time, _queued_s(ro))
                     else:
                         self.observer.on_token(request, now - last_at)
                     last_at = now
@@ -258,3 +258,11 @@ class _StatsSink(StatLoggerBase):
                 )
 
     def log_engine_initialized(self) -> None: ...
+
+
+def _queued_s(ro: Any) -> float:
+    """Seconds the request waited in vLLM's scheduler before its first step (engine-core timestamps of
+    one clock; 0 when vLLM keeps no per-request stats)."""
+    m = getattr(ro, "metrics", None)
+    queued, scheduled = getattr(m, "queued_ts", 0.0), getattr(m, "scheduled_ts", 0.0)
+    return max(0.0, scheduled - queued) if queued and scheduled else 0.0
