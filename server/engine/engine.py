@@ -3,9 +3,10 @@
 Each step is schedule -> execute -> update: the scheduler (no tensors) applies aborts, admits waiting
 requests and plans one prefill chunk of the oldest admitted prompt plus one decode step over every running
 row; the runner executes the plan; the engine samples and books the outputs into each request's one
-record (`sequence.Sequence`). Newcomers join between steps, finished rows leave at once, and while rows
-decode the prefill chunk is sized to a fraction of a decode step (`scheduler.PrefillBudget`), so
-newcomers do not stall the running streams.
+record (`sequence.Sequence`). Newcomers join between steps and finished rows leave at once. A prefill
+chunk is `prefill_chunk` tokens; with `prefill_stall_share` > 0 the chunk beside decoding rows is sized
+to a share of a decode step instead (`scheduler.PrefillBudget`), so newcomers do not stall the running
+streams.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class LocalEngine(AsyncEngine):
         observer: EngineObserver | None = None,
     ) -> None:
         self.info, self.tokenizer = info, tokenizer
-        self.runner = ModelRunner(model, max_rows=max_num_seqs, prefill_chunk=prefill_chunk)
+        self.runner = ModelRunner(model, max_rows=max_num_seqs)
         budget = kv_budget_tokens or max_num_seqs * info.max_model_len
         self.budget = PrefillBudget(prefill_chunk, share=prefill_stall_share)
         self.sched = Scheduler(

@@ -30,7 +30,7 @@ class PrefillState:
 
 
 class ModelRunner:
-    def __init__(self, model: Any, *, max_rows: int, prefill_chunk: int = 512) -> None:
+    def __init__(self, model: Any, *, max_rows: int) -> None:
         self.model = model
         cfg = model.config.get_text_config()
         self.num_layers = cfg.num_hidden_layers
@@ -41,7 +41,6 @@ class ModelRunner:
         self.kv = SlotKVCache(
             self.num_layers, max_rows, cfg.num_key_value_heads or self.num_heads, head_dim, dtype, self.device
         )
-        self.prefill_chunk = prefill_chunk
         self.live_rows = 0  # slots [0, live_rows) hold rows (the scheduler assigns them)
         self.bias = torch.zeros(max_rows, 0, dtype=torch.float32, device=self.device)  # [Bmax, capacity]
         self._gate_rows: list[SteerRow] | None = None  # the rows `_gates` was built for
@@ -59,10 +58,10 @@ class ModelRunner:
         return st
 
     @torch.inference_mode()
-    def prefill_step(self, st: PrefillState, max_tokens: int | None = None) -> torch.Tensor | None:
-        """Run the next chunk (at most `max_tokens`, default the runner's chunk); returns the last
-        position's fp32 logits [V] once the prompt is done."""
-        end = min(len(st.ids), st.done + (max_tokens or self.prefill_chunk))
+    def prefill_step(self, st: PrefillState, max_tokens: int) -> torch.Tensor | None:
+        """Run the next chunk (at most `max_tokens`, the scheduler's budget); returns the last position's
+        fp32 logits [V] once the prompt is done."""
+        end = min(len(st.ids), st.done + max_tokens)
         chunk = torch.tensor([st.ids[st.done : end]], dtype=torch.long, device=self.device)
         pos = torch.arange(st.done, end, device=self.device)[None, :]
         kwargs = {STEER_KWARG: st.batch} if st.batch is not None else {}
