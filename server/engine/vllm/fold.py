@@ -95,6 +95,10 @@ class FoldSteeringMixin:
     scale: float
     _layer: int | None = None
     _first_head: int = 0
+    # The folded key/value that do_kv_cache_update wrote, for the forward of the same layer that follows:
+    # it receives the same data (as other tensor objects under torch.compile), so it reuses the copies
+    # instead of padding again. Tagged with the model forward and the inputs' storage; dropped after use.
+    _folded_kv: tuple[int, tuple[Any, ...], torch.Tensor, torch.Tensor] | None = None
 
     _platform = "cpu"
 
@@ -116,13 +120,14 @@ class FoldSteeringMixin:
         if self.folded_head_size is None:
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)  # type: ignore[misc]
         fold = self._fold(layer, key.shape[0], key.dtype)
-        return super().do_kv_cache_update(  # type: ignore[misc]
-            layer, self._fold_keys(key, fold), self._pad(value), kv_cache, slot_mapping
-        )
+        k, v = self._fold_keys(key, fold), self._pad(value)
+        self._folded_kv = (STATE.forward_id, _storage(key, value), k, v)
+        return super().do_kv_cache_update(layer, k, v, kv_cache, slot_mapping)  # type: ignore[misc]
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):  # noqa: ANN001, ANN201
         if self.folded_head_size is None:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)  # type: ignore[misc]
+        cached, self._folded_kv = self._folded_kv, None  # never kept past its forward (activation memory)
         if attn_metadata is None:  # profiling / warm-up run
             return output
         fold = self._fold(layer, query.shape[0], query.dtype, attn_metadata)
@@ -131,7 +136,10 @@ class FoldSteeringMixin:
             n = fold.gate.shape[0]
             q[:n, :, self.head_size : self.head_size + FOLD_COLUMNS] = fold.gate[:, :, None]
         out = q.new_empty(q.shape[0], self.num_heads, self.folded_head_size)
-        k, v = self._fold_keys(key, fold), self._pad(value)
+        if cached is not None and cached[:2] == (STATE.forward_id, _storage(key, value)):
+            k, v = cached[2], cached[3]
+        else:  # no cache write before this forward (e.g. a layer sharing another's KV)
+            k, v = self._fold_keys(key, fold), self._pad(value)
         super().forward(layer, q, k, v, kv_cache, attn_metadata, out, *args, **kwargs)  # type: ignore[misc]
         output.view(out.shape[0], self.num_heads, -1).copy_(out[..., : self.head_size])
         return output
@@ -196,6 +204,11 @@ class FoldSteeringMixin:
             return _NOTHING
         key_cols = bias_columns(cols, self.scale, dtype).to(device)
         return _Fold(key_cols, gate.to(dtype=dtype, device=device))
+
+
+def _storage(key: torch.Tensor, value: torch.Tensor) -> tuple[Any, ...]:
+    """Where and how key and value lie in memory: equal means the same data within one forward."""
+    return (key.data_ptr(), key.shape, key.stride(), value.data_ptr(), value.shape, value.stride())
 
 
 def _metadata(layer: Any) -> Any:

@@ -50,10 +50,12 @@ class _State:
     def __init__(self) -> None:
         self.rows: list[SteeredRow] = []
         self.cache: dict[Any, Any] = {}  # per-forward fold columns of the attention backend (fold.py)
+        self.forward_id = 0  # counts model forwards: what fold.py keeps is valid within one only
         self._bias: dict[str, tuple[Any, torch.Tensor]] = {}
 
     def begin(self, runner: Any) -> None:
         """Read the steering of every request in the runner's current batch (before its forward)."""
+        self.forward_id += 1
         req_ids = runner.input_batch.req_ids
         rows: list[SteeredRow] = []
         live: set[str] = set()
