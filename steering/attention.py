@@ -98,36 +98,33 @@ def steered_attention(
     steer: SteerBatch | None = kwargs.pop(STEER_KWARG, None)
     measure: AttentionMass | None = kwargs.pop(MEASURE_KWARG, None)
     layer = getattr(module, "layer_idx", 0)
-    if measure is not None and query.shape[2] > 1:  # reliance measured over a full forward (prefill)
-        if kwargs.get("softcap") is not None:
-            raise ValueError("ctxsteer attention (SDPA-based) does not support attention logit softcapping")
-        active = steer is not None and steer.key_lengths is None and layer in steer.active_layers
-        bias = steer.bias_for(layer, key.shape[2]) if active else key.new_zeros(key.shape[0], key.shape[2])
-        heads = steer.heads_for(layer) if active else None
-        out = _folded_sdpa(
-            module, query, key, value, attention_mask, bias.float(), heads, scaling, dropout, measure
-        )
-        return out, None
-    if steer is not None and steer.key_lengths is not None and query.shape[2] == 1:
+    prefill = query.shape[2] > 1
+    if steer is not None and steer.key_lengths is not None and not prefill:
         window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
         mask = steer.decode_mask(layer, key.shape[2], window, query.dtype)
         return sdpa_attention_forward(
             module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    if steer is None or layer not in steer.active_layers:
+    active = steer is not None and layer in steer.active_layers
+    measuring = measure is not None and prefill  # reliance is measured over a full forward (prefill)
+    if not active and not measuring:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     if kwargs.get("softcap") is not None:
         raise ValueError("ctxsteer attention (SDPA-based) does not support attention logit softcapping")
-    bias = steer.bias_for(layer, key.shape[2])
-    heads = steer.heads_for(layer)
-    if query.shape[2] == 1:
+    if active:
+        assert steer is not None
+        bias, heads = steer.bias_for(layer, key.shape[2]), steer.heads_for(layer)
+    else:  # measured, not steered in this layer: a zero bias
+        bias, heads = key.new_zeros(key.shape[0], key.shape[2], dtype=torch.float32), None
+    if not prefill:
         mask = _decode_mask(attention_mask, bias, heads, query.dtype)
         return sdpa_attention_forward(
             module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    return _folded_sdpa(module, query, key, value, attention_mask, bias, heads, scaling, dropout), None
+    out = _folded_sdpa(module, query, key, value, attention_mask, bias, heads, scaling, dropout, measure)
+    return out, None
 
 
 def register() -> str:
