@@ -334,7 +334,7 @@ def run_arrivals(url: str, model: str, streams: int = 4, arrivals: int = 6, ever
     """Inter-token latency of `streams` running streams while `arrivals` new 512-token requests come in,
     one every `every_s` seconds (does a newcomer's prefill stall the running streams?)."""
 
-    async def main() -> list[StreamResult]:
+    async def main() -> tuple[list[StreamResult], list[StreamResult]]:
         async with httpx.AsyncClient(base_url=url, timeout=600) as client:
             running = [
                 asyncio.create_task(one_stream(client, model, build_messages(256, 900 + i), 96, None))
@@ -346,11 +346,10 @@ def run_arrivals(url: str, model: str, streams: int = 4, arrivals: int = 6, ever
                 msgs = build_messages(512, 950 + j)
                 newcomers.append(asyncio.create_task(one_stream(client, model, msgs, 8, None)))
                 await asyncio.sleep(every_s)
-            await asyncio.gather(*newcomers)
-            return list(await asyncio.gather(*running))
+            return list(await asyncio.gather(*running)), list(await asyncio.gather(*newcomers))
 
-    results = asyncio.run(main())
-    errors = [r.error for r in results if r.error]
+    results, newcomers = asyncio.run(main())
+    errors = [r.error for r in results + newcomers if r.error]
     if errors:
         raise RuntimeError(f"arrivals: {errors[0]}")
     itls = sorted(x for r in results for x in r.itls)
