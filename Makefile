@@ -14,7 +14,7 @@ VLLM_STAMP := $(VLLM_VENV)/.ctxsteer-installed
 VLLM_FLAVOR ?= cpu
 ARGS ?=
 
-.PHONY: venv venv-vllm serve test test-reliability lint bench clean
+.PHONY: venv venv-vllm serve test test-docker test-reliability lint bench clean
 
 venv: $(STAMP)
 
@@ -41,14 +41,20 @@ serve: venv $(if $(findstring vllm,$(ARGS)),venv-vllm)
 test: venv venv-vllm
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(ARGS)
 
+# Opt-in, not in `make test`: builds docker/Dockerfile.cpu for real, runs it (/ready, a steered request,
+# /metrics, HEALTHCHECK, clean stop), then compose with Prometheus scraping it. Starts a Docker engine
+# and makes a local base image where none is reachable (scripts/test_docker.py says how). ~15-30 min.
+test-docker: venv
+	$(PY) scripts/test_docker.py $(ARGS)
+
 # Long-run reliability (overload, cancel storm, SIGTERM, slow clients, 10-min soak) on the embedded
 # model; about 20 minutes. ARGS=--quick for a smoke run.
 test-reliability: venv
 	$(PY) -m tests.reliability.long_run --out docs/reliability.md $(ARGS)
 
 lint: venv
-	$(VENV)/bin/ruff check steering server clients tests
-	$(VENV)/bin/ruff format --check steering server clients tests
+	$(VENV)/bin/ruff check steering server clients tests scripts
+	$(VENV)/bin/ruff format --check steering server clients tests scripts
 	$(PY) scripts/lint_imports.py
 
 bench: venv

@@ -20,7 +20,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ctxsteer.server.api import chat, completions, meta
+from ctxsteer.server.api import chat, completions, meta, ui
 from ctxsteer.server.api.openapi import install_openapi
 from ctxsteer.server.api.serving import ServingContext
 from ctxsteer.server.config import ServerConfig
@@ -41,6 +41,8 @@ logger = logging.getLogger("ctxsteer.server.app")
 REQUEST_ID_HEADER = "X-Request-Id"
 # Answer without an API key: liveness/readiness probes, version, and the API description itself.
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/version", "/openapi.json", "/docs", "/docs/oauth2-redirect"})
+# The playground's static files carry no data: the page asks for the key and sends it on every API call.
+PUBLIC_PREFIXES = (ui.PREFIX + "/",)
 _CLIENT_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
@@ -74,6 +76,8 @@ def build_app(
     install_openapi(app, engine.info, auth=bool(config.api_keys), profiles=sorted(head_profiles or {}))
     for module in (meta, chat, completions):
         app.include_router(module.router)
+    if config.ui:
+        ui.install(app)
     app.add_middleware(GuardMiddleware, config=config)
     # After the guard: a middleware the callable adds wraps it, so it also sees the guard's 401/413.
     if isinstance(metrics_router, APIRouter):
@@ -126,12 +130,12 @@ class GuardMiddleware:
             await error_response(err)(scope, receive, send_with_id)
 
     def _check_auth(self, path: str, headers: Headers) -> CtxsteerError | None:
-        """Deny by default: with keys set, every route but the probes, the API document and /metrics needs
-        one (/tokenize and anything added later touch the tokenizer or model). /metrics takes its own
-        key, or is public without one, as in vLLM."""
+        """Deny by default: with keys set, every route but the probes, the API document, the playground's
+        static files and /metrics needs one (/tokenize and anything added later touch the tokenizer or
+        model). /metrics takes its own key, or is public without one, as in vLLM."""
         if path == "/metrics":
             keys: tuple[bytes, ...] = (self.metrics_key,) if self.metrics_key is not None else ()
-        elif path in PUBLIC_PATHS:
+        elif path in PUBLIC_PATHS or path == ui.PREFIX or path.startswith(PUBLIC_PREFIXES):
             return None
         else:
             keys = self.keys

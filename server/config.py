@@ -57,6 +57,7 @@ class ServerConfig:
     timeout_body_read_s: float = 30.0  # longest body stall while the app waits for it, else 408
     max_header_bytes: int = 64 * 1024  # request line + headers, else 431
     max_connections: int = 1000  # open connections before 503; capped at startup by RLIMIT_NOFILE - 64
+    ui: bool = True  # the playground page at /ui (static files; what it does goes through the API key)
     engine: str = "local"  # local = ctxsteer's own engine; vllm = vLLM's AsyncLLM with the steering plugin
     # vLLM engine settings, under vLLM's names (--engine vllm only); None = vLLM's default.
     tensor_parallel_size: int = 1
@@ -280,6 +281,13 @@ _FLAGS: tuple[_Flag, ...] = (
         int,
         "open connections beyond which a new one gets 503 and close; never more than the open-file "
         "limit minus 64 (default 1000)",
+    ),
+    _Flag(
+        "--ui",
+        "ui",
+        bool,
+        "serve the steering playground page at /ui (on by default; --no-ui turns it off)",
+        negatable=True,
     ),
     _Flag(
         "--engine",

@@ -317,6 +317,7 @@ class TokenizeRequest(_ChatTemplateOptions):
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     prompt: str | None = None
     steering: dict[str, Any] | None = None
+    return_token_strs: bool = False  # as vLLM's /tokenize: each token's vocabulary string too
 
     @model_validator(mode="after")
     def _exactly_one(self) -> TokenizeRequest:
@@ -472,3 +473,4 @@ class TokenizeResponse(ResponseModel):
     max_model_len: int
     steered_spans: list[tuple[int, int]]
     steered_tokens: int
+    token_strs: list[str] | None = Field(None, exclude_if=_omit_none)

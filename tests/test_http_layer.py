@@ -293,6 +293,30 @@ def test_tokenize_prompt_with_spans(srv: Live) -> None:
     assert TOKENIZER.decode(body["tokens"][start:end]) == "needle" and body["steered_tokens"] == end - start
 
 
+def test_tokenize_token_strs_as_vllm() -> None:
+    """`return_token_strs` adds each token's vocabulary string (vLLM's /tokenize field); off by default."""
+    with live() as s:
+        plain = s.http.post("/tokenize", json={"prompt": "find the needle"}).json()
+        body = s.http.post("/tokenize", json={"prompt": "find the needle", "return_token_strs": True}).json()
+    assert "token_strs" not in plain
+    assert body["token_strs"] == TOKENIZER.convert_ids_to_tokens(body["tokens"]) and body["token_strs"]
+
+
+def test_ui_page_public_api_behind_key_and_no_ui() -> None:
+    """The playground's files are served without a key (they carry no data; the page asks for the key),
+    the API they call still wants it, and `--no-ui` removes the page."""
+    with live(api_keys=("k",)) as s:
+        r = s.http.get("/ui", follow_redirects=False)
+        assert r.status_code == 307 and r.headers["location"] == "/ui/"
+        page = s.http.get("/ui/")
+        assert page.status_code == 200 and 'src="app.js"' in page.text
+        assert s.http.get("/ui/app.js").status_code == 200 and s.http.get("/ui/style.css").status_code == 200
+        assert s.http.get("/v1/models").status_code == 401
+        assert s.http.get("/uix").status_code == 401  # only the page's own prefix is public
+    with live(ui=False) as s:
+        assert s.http.get("/ui/").status_code == 404 and s.http.get("/ui").status_code == 404
+
+
 # ------------------------------------------------------------------ bad input
 
 NAN = "NaN"

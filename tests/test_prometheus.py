@@ -7,15 +7,11 @@ the test skips, saying why, only where the package cannot be installed.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
-import os
 import re
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,12 +20,12 @@ from typing import Any
 
 import httpx
 import pytest
+from debian_packages import ensure_binaries
 from server_process import ServerProcess, free_port, serve
 from tiny import save_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD = REPO / "docker" / "grafana" / "dashboards" / "ctxsteer.json"
-INSTALL_LOCK = Path(tempfile.gettempdir()) / "ctxsteer-prometheus-install.lock"
 API_KEY = "test-api-key"
 METRICS_KEY = "test-metrics-key"
 RATE_WINDOW = "1m"  # what the test puts for Grafana's $__rate_interval: covers the whole test
@@ -62,47 +58,10 @@ FAMILIES = (
 )
 
 
-def _install_prometheus() -> str | None:
-    """apt-get install the Debian package; None on success, else why it failed. Services are kept from
-    starting (policy-rc.d), so no packaged Prometheus runs beside the test's own."""
-    if os.geteuid() != 0:
-        return "not root, and the Debian 'prometheus' package is not installed"
-    if shutil.which("apt-get") is None:
-        return "no apt-get on this machine to install the Debian 'prometheus' package"
-    policy = Path("/usr/sbin/policy-rc.d")
-    made_policy = not policy.exists()
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    try:
-        if made_policy:
-            policy.write_text("#!/bin/sh\nexit 101\n")
-            policy.chmod(0o755)
-        for cmd in (
-            ["apt-get", "update"],
-            ["apt-get", "install", "-y", "--no-install-recommends", "prometheus"],
-        ):
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-            if done.returncode != 0:
-                return f"`{' '.join(cmd)}` failed ({done.returncode}): {done.stderr.strip()[-500:]}"
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"installing the Debian 'prometheus' package failed: {e}"
-    finally:
-        if made_policy:
-            policy.unlink(missing_ok=True)
-    return None
-
-
 def ensure_prometheus() -> tuple[str, str]:
-    """(prometheus, promtool) paths; installs the package once (a file lock serialises parallel sessions)
-    and skips the calling test with the reason when that is impossible."""
-    with open(INSTALL_LOCK, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        found = shutil.which("prometheus"), shutil.which("promtool")
-        if None in found:
-            failure = _install_prometheus()
-            found = shutil.which("prometheus"), shutil.which("promtool")
-            if None in found:
-                pytest.skip(failure or "the 'prometheus' package installed no prometheus/promtool binaries")
-    return found[0], found[1]  # type: ignore[return-value]
+    """(prometheus, promtool) paths; installs the Debian package when missing, else skips saying why."""
+    prometheus, promtool = ensure_binaries(("prometheus", "promtool"), ("prometheus",))
+    return prometheus, promtool
 
 
 @dataclass

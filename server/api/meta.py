@@ -87,6 +87,7 @@ def _tokenize(ctx: ServingContext, req: TokenizeRequest) -> TokenizeResponse:
         max_model_len=ctx.max_model_len,
         steered_spans=[(s, e) for s, e in steered],
         steered_tokens=sum(e - s for s, e in steered),
+        token_strs=tokenizer.convert_ids_to_tokens(rendered.ids) if req.return_token_strs else None,
     )
 
 

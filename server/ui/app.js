@@ -1,0 +1,304 @@
+// ctxsteer playground: plain JS against the server's own OpenAI-compatible API (same origin).
+// Nothing is fetched from elsewhere. Every API error is shown with the server's message.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const KEY_STORE = "ctxsteer.apiKey";
+let controllers = [];
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  const key = $("api-key").value.trim();
+  if (key) h["Authorization"] = "Bearer " + key;
+  return h;
+}
+
+function showError(message) {
+  const box = $("error");
+  box.textContent = message;
+  box.hidden = false;
+}
+
+function clearError() {
+  $("error").hidden = true;
+  $("error").textContent = "";
+}
+
+// The server's OpenAI-shaped error message, whatever shape the body has.
+async function errorMessage(resp) {
+  const text = await resp.text();
+  try {
+    const body = JSON.parse(text);
+    if (body && body.error && body.error.message) return `${resp.status}: ${body.error.message}`;
+  } catch (_) { /* not JSON */ }
+  return `${resp.status} ${resp.statusText}${text ? ": " + text.slice(0, 300) : ""}`;
+}
+
+async function api(path, body) {
+  const resp = await fetch(path, {
+    method: body === undefined ? "GET" : "POST",
+    headers: headers(),
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  if (!resp.ok) throw new Error(await errorMessage(resp));
+  return resp.json();
+}
+
+async function loadModels() {
+  const select = $("model");
+  try {
+    const list = await api("/v1/models");
+    select.innerHTML = "";
+    for (const m of list.data) {
+      const opt = document.createElement("option");
+      opt.value = m.id;
+      opt.textContent = m.max_model_len ? `${m.id} (${m.max_model_len} tokens)` : m.id;
+      select.appendChild(opt);
+    }
+    clearError();
+  } catch (e) {
+    select.innerHTML = '<option value="">(no models: see the error)</option>';
+    showError("Could not list models: " + e.message);
+  }
+}
+
+function messages() {
+  const msgs = [];
+  const system = $("system").value.trim();
+  if (system) msgs.push({ role: "system", content: system });
+  const docs = $("documents").value.trim();
+  const question = $("question").value.trim();
+  const user = [docs, question].filter(Boolean).join("\n\n");
+  msgs.push({ role: "user", content: user });
+  return msgs;
+}
+
+function steering(strength) {
+  const s = { strength: strength };
+  const targets = [...document.querySelectorAll('input[name="target"]:checked')].map((c) => c.value);
+  s.targets = targets;
+  const spans = $("spans").value.split("\n").map((l) => l.trim()).filter(Boolean);
+  if (spans.length) s.spans = spans;
+  const layers = $("layers").value.trim();
+  if (layers && layers !== "all") s.layers = layers.split(",").map((x) => Number(x.trim()));
+  const profile = $("head-profile").value.trim();
+  if (profile && profile !== "none") s.head_profile = profile;
+  return s;
+}
+
+function request(strength) {
+  const body = {
+    model: $("model").value || undefined,
+    messages: messages(),
+    max_tokens: Number($("max-tokens").value) || 96,
+    temperature: Number($("temperature").value),
+    stream: true,
+    stream_options: { include_usage: true },
+    steering: steering(strength),
+  };
+  return body;
+}
+
+// Stream one chat completion into `textEl`; resolves to {text, steering, usage}.
+async function stream(body, textEl, metaEl) {
+  const ctrl = new AbortController();
+  controllers.push(ctrl);
+  textEl.textContent = "";
+  textEl.classList.add("streaming");
+  metaEl.textContent = "";
+  const t0 = performance.now();
+  let text = "", info = null, usage = null, finish = null;
+  try {
+    const resp = await fetch("/v1/chat/completions", {
+      method: "POST", headers: headers(), body: JSON.stringify(body), signal: ctrl.signal,
+    });
+    if (!resp.ok) throw new Error(await errorMessage(resp));
+    const reader = resp.body.getReader();
+    const decoder = new TextDecoder();
+    let buf = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buf += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buf.indexOf("\n\n")) >= 0) {
+        const frame = buf.slice(0, cut);
+        buf = buf.slice(cut + 2);
+        for (const line of frame.split("\n")) {
+          if (!line.startsWith("data:")) continue;
+          const data = line.slice(5).trim();
+          if (data === "[DONE]") continue;
+          const chunk = JSON.parse(data);
+          if (chunk.error) throw new Error(chunk.error.message || JSON.stringify(chunk.error));
+          for (const c of chunk.choices || []) {
+            if (c.delta && c.delta.content) {
+              text += c.delta.content;
+              textEl.textContent = text;
+            }
+            if (c.finish_reason) finish = c.finish_reason;
+          }
+          if (chunk.steering) info = chunk.steering;
+          if (chunk.usage) usage = chunk.usage;
+        }
+      }
+    }
+  } finally {
+    textEl.classList.remove("streaming");
+    controllers = controllers.filter((c) => c !== ctrl);
+  }
+  const secs = (performance.now() - t0) / 1000;
+  const parts = [];
+  if (info && info.strength === 1) parts.push("steering off (strength 1)");
+  else if (info) parts.push(`strength ${info.strength}, ${info.steered_tokens}/${info.prompt_tokens} prompt tokens steered`);
+  if (usage) parts.push(`${usage.completion_tokens} tokens in ${secs.toFixed(1)} s`);
+  if (finish) parts.push(`finish: ${finish}`);
+  metaEl.textContent = parts.join(" · ");
+  return { text, info, usage };
+}
+
+// Word-level LCS diff: marks the words of each answer that the other does not share.
+function diffWords(a, b) {
+  const wa = a.split(/(\s+)/), wb = b.split(/(\s+)/);
+  const n = wa.length, m = wb.length;
+  const dp = Array.from({ length: n + 1 }, () => new Int32Array(m + 1));
+  for (let i = n - 1; i >= 0; i--)
+    for (let j = m - 1; j >= 0; j--)
+      dp[i][j] = wa[i] === wb[j] ? dp[i + 1][j + 1] + 1 : Math.max(dp[i + 1][j], dp[i][j + 1]);
+  const keepA = new Array(n).fill(false), keepB = new Array(m).fill(false);
+  for (let i = 0, j = 0; i < n && j < m;) {
+    if (wa[i] === wb[j]) { keepA[i++] = true; keepB[j++] = true; }
+    else if (dp[i + 1][j] >= dp[i][j + 1]) i++;
+    else j++;
+  }
+  return [[wa, keepA], [wb, keepB]];
+}
+
+function renderDiff(el, words, keep) {
+  el.textContent = "";
+  words.forEach((w, i) => {
+    if (keep[i] || /^\s*$/.test(w)) {
+      el.appendChild(document.createTextNode(w));
+    } else {
+      const mark = document.createElement("mark");
+      mark.className = "diff";
+      mark.textContent = w;
+      el.appendChild(mark);
+    }
+  });
+}
+
+function strength() {
+  return Number($("strength").value);
+}
+
+function busy(on) {
+  for (const id of ["run", "compare", "show-spans"]) $(id).disabled = on;
+  $("stop").disabled = !on;
+}
+
+async function run() {
+  clearError();
+  busy(true);
+  $("answer-base").hidden = true;
+  $("title-steered").textContent = `Strength ${strength()}`;
+  try {
+    await stream(request(strength()), $("text-steered"), $("meta-steered"));
+    showLooked();
+  } catch (e) {
+    if (e.name !== "AbortError") showError(e.message);
+  } finally {
+    busy(false);
+  }
+}
+
+async function compare() {
+  clearError();
+  busy(true);
+  $("answer-base").hidden = false;
+  $("title-steered").textContent = `Strength ${strength()} (steered)`;
+  try {
+    // Both at once: the server batches them, and one failing must not hide the other's answer.
+    const [base, steered] = await Promise.allSettled([
+      stream(request(1), $("text-base"), $("meta-base")),
+      stream(request(strength()), $("text-steered"), $("meta-steered")),
+    ]);
+    const failed = [base, steered].find((r) => r.status === "rejected");
+    if (failed) throw failed.reason;
+    const [[wa, ka], [wb, kb]] = diffWords(base.value.text, steered.value.text);
+    renderDiff($("text-base"), wa, ka);
+    renderDiff($("text-steered"), wb, kb);
+    const same = base.value.text === steered.value.text;
+    $("meta-steered").textContent += same ? " · identical to strength 1" : " · differences highlighted";
+    showLooked();
+    await showSpans();
+  } catch (e) {
+    if (e.name !== "AbortError") showError(e.message);
+  } finally {
+    busy(false);
+  }
+}
+
+// Byte-level BPE and SentencePiece markers shown as the whitespace they stand for.
+function pieceText(piece) {
+  return piece.replace(/Ġ|▁/g, " ").replace(/Ċ|<0x0A>/g, "\n").replace(/ĉ/g, "\t");
+}
+
+async function showSpans() {
+  clearError();
+  const view = $("spans-view");
+  try {
+    const body = { model: $("model").value || undefined, messages: messages(), steering: steering(strength()),
+      return_token_strs: true };
+    const res = await api("/tokenize", body);
+    const steered = new Uint8Array(res.count);
+    for (const [s, e] of res.steered_spans) steered.fill(1, s, e);
+    view.textContent = "";
+    let run = null, runSteered = -1;
+    res.token_strs.forEach((piece, i) => {
+      if (steered[i] !== runSteered) {
+        run = document.createElement("span");
+        run.className = steered[i] ? "steered" : "plain";
+        view.appendChild(run);
+        runSteered = steered[i];
+      }
+      run.textContent += pieceText(piece);
+    });
+    $("spans-meta").textContent =
+      `${res.steered_tokens} of ${res.count} prompt tokens steered (highlighted); ` +
+      `at strength ${strength()} every other prompt token gets ${(1 / strength()).toPrecision(3)}× its attention.`;
+  } catch (e) {
+    showError(e.message);
+  }
+}
+
+function showLooked() {
+  $("looked").textContent =
+    "Not available yet: this server does not measure per-token attention on the user context " +
+    "(planned with the live context-reliance report).";
+}
+
+function init() {
+  $("api-key").value = sessionStorage.getItem(KEY_STORE) || "";
+  $("api-key").addEventListener("change", () => {
+    sessionStorage.setItem(KEY_STORE, $("api-key").value.trim());
+    loadModels();
+  });
+  $("reload-models").addEventListener("click", loadModels);
+  $("strength").addEventListener("input", () => { $("strength-out").value = $("strength").value; });
+  $("doc-file").addEventListener("change", async (ev) => {
+    for (const file of ev.target.files) {
+      const text = await file.text();
+      const doc = $("documents");
+      doc.value = (doc.value.trim() ? doc.value.trimEnd() + "\n\n" : "") + text;
+    }
+    ev.target.value = "";
+  });
+  $("run").addEventListener("click", run);
+  $("compare").addEventListener("click", compare);
+  $("show-spans").addEventListener("click", showSpans);
+  $("stop").addEventListener("click", () => controllers.forEach((c) => c.abort()));
+  showLooked();
+  loadModels();
+}
+
+init();

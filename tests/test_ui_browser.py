@@ -1,0 +1,170 @@
+"""The /ui playground in a real headless Chromium (Debian's, driven by Playwright) against a real
+`ctxsteer serve` of the embedded model behind an API key.
+
+Checks what a user sees: the key field (a missing or wrong key shows the server's message), a compare
+run whose two answers equal what the API returns for the same requests, the steered spans highlighted
+exactly where /tokenize puts them, and an API error shown as the server's message. A screenshot of the
+compare view is saved to build/test-artifacts/ui-compare.png (the README's picture comes from it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from debian_packages import ensure_binaries
+from server_process import ServerProcess, serve
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "build" / "test-artifacts"
+API_KEY = "ui-test-key"
+# As the workplace probe starts it: no sandbox as root, and no background traffic to unreachable hosts.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+# The README's memo example: unsteered, SmolLM2 answers from its prior ("Tuesday"); steered, from the memo.
+SYSTEM = "You are a helpful assistant."
+DOCUMENT = "The meeting was moved from Tuesday to Friday at 3pm, in room 12."
+QUESTION = "When is the meeting?"
+STRENGTH = "3"  # a slider step
+MAX_TOKENS = 32
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the [dev] extra")
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    """Debian's Chromium, installed when missing (before the server starts, so a skip costs nothing)."""
+    (path,) = ensure_binaries(("chromium",), ("chromium",))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(chromium: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    args = ("--api-key", API_KEY, "--max-model-len", "2048")
+    with serve(None, *args, log_dir=tmp_path_factory.mktemp("ui-logs")) as sp:
+        yield sp
+
+
+@pytest.fixture(scope="module")
+def browser(chromium: str) -> Iterator[Any]:
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser: Any, tmp_path: Path) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    pg = context.new_page()
+    yield pg
+    context.close()
+
+
+def _messages() -> list[dict[str, str]]:
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"{DOCUMENT}\n\n{QUESTION}"}]
+
+
+def _api_answer(sp: ServerProcess, strength: float) -> str:
+    """The same request the page sends, without streaming: the page must show exactly this text."""
+    body = {
+        "messages": _messages(),
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "steering": {"strength": strength, "targets": ["user"]},
+    }
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    r = httpx.post(f"{sp.url}/v1/chat/completions", json=body, headers=headers, timeout=120)
+    r.raise_for_status()
+    return r.json()["choices"][0]["message"]["content"]
+
+
+def _steered_text(sp: ServerProcess) -> str:
+    """The steered tokens' text as /tokenize reports them (joined vocabulary pieces)."""
+    body = {"messages": _messages(), "steering": {"strength": float(STRENGTH)}, "return_token_strs": True}
+    r = httpx.post(f"{sp.url}/tokenize", json=body, headers={"Authorization": f"Bearer {API_KEY}"})
+    r.raise_for_status()
+    res = r.json()
+    assert res["steered_tokens"] > 0 and len(res["token_strs"]) == res["count"]
+    return "".join("".join(res["token_strs"][s:e]) for s, e in res["steered_spans"])
+
+
+def _open(page: Any, sp: ServerProcess) -> None:
+    page.goto(f"{sp.url}/ui", wait_until="load")
+
+
+def _set_key(page: Any, key: str) -> None:
+    page.fill("#api-key", key)
+    page.dispatch_event("#api-key", "change")
+
+
+def test_bad_key_shows_the_servers_message(page: Any, server: ServerProcess) -> None:
+    _open(page, server)
+    page.wait_for_selector("#error:not([hidden])")
+    assert "Missing API key" in page.inner_text("#error")
+    _set_key(page, "wrong-key")
+    page.wait_for_function("document.getElementById('error').textContent.includes('Incorrect API key')")
+    _set_key(page, API_KEY)
+    page.wait_for_selector("#error", state="hidden")
+    assert page.input_value("#model") != ""
+
+
+def test_compare_answers_and_spans(page: Any, server: ServerProcess) -> None:
+    _open(page, server)
+    _set_key(page, API_KEY)
+    page.wait_for_selector("#error", state="hidden")
+    page.fill("#system", SYSTEM)
+    page.fill("#documents", DOCUMENT)
+    page.fill("#question", QUESTION)
+    page.fill("#max-tokens", str(MAX_TOKENS))
+    page.fill("#temperature", "0")
+    set_slider = f"(el) => {{ el.value = '{STRENGTH}'; el.dispatchEvent(new Event('input')); }}"
+    page.eval_on_selector("#strength", set_slider)
+    page.click("#compare")
+    # Compare ends with the spans panel filled; the buttons come back when both streams are done.
+    page.wait_for_selector("#spans-view .steered", timeout=120_000)
+    page.wait_for_selector("#compare:not([disabled])", timeout=120_000)
+    assert page.is_hidden("#error"), page.inner_text("#error")
+
+    base, steered = page.text_content("#text-base"), page.text_content("#text-steered")
+    assert base == _api_answer(server, 1.0) and base
+    assert steered == _api_answer(server, float(STRENGTH)) and steered
+    assert f"strength {STRENGTH}," in page.inner_text("#meta-steered")
+    if base != steered:  # every word that differs is highlighted, none that is shared
+        assert page.locator("#text-steered mark.diff").count() > 0
+
+    highlighted = "".join(page.locator("#spans-view .steered").all_text_contents())
+    want = _steered_text(server).replace("Ġ", " ").replace("Ċ", "\n")
+    assert highlighted == want and "room 12" in highlighted and QUESTION in highlighted
+    assert SYSTEM.split()[0] not in highlighted  # the system prompt is not steered
+    assert "Not available" in page.inner_text("#looked")
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "ui-compare.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+
+
+def test_api_error_is_shown(page: Any, server: ServerProcess) -> None:
+    """A request the server refuses (a layer the model does not have) shows its 400 message."""
+    _open(page, server)
+    _set_key(page, API_KEY)
+    page.wait_for_selector("#error", state="hidden")
+    page.fill("#documents", DOCUMENT)
+    page.fill("#question", QUESTION)
+    page.fill("#layers", "999")
+    page.click("#run")
+    page.wait_for_selector("#error:not([hidden])", timeout=60_000)
+    text = page.inner_text("#error")
+    assert text.startswith("400: ") and "layer" in text.lower(), text
