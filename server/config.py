@@ -57,6 +57,9 @@ class ServerConfig:
     timeout_body_read_s: float = 30.0  # longest body stall while the app waits for it, else 408
     max_header_bytes: int = 64 * 1024  # request line + headers, else 431
     max_connections: int = 1000  # open connections before 503; capped at startup by RLIMIT_NOFILE - 64
+    # share of requests whose context attention is measured for ctxsteer_context_attention_ratio, beside
+    # those that ask for it in `report` (local engine; a few % of a decode step per measured row)
+    context_attention_sample_rate: float = 0.05
     ui: bool = True  # the playground page at /ui (static files; what it does goes through the API key)
     engine: str = "local"  # local = ctxsteer's own engine; vllm = vLLM's AsyncLLM with the steering plugin
     # vLLM engine settings, under vLLM's names (--engine vllm only); None = vLLM's default.
@@ -111,6 +114,12 @@ class ServerConfig:
         _check(self.prefill_chunk >= 16, "--prefill-chunk", f"must be >= 16, got {self.prefill_chunk}")
         share = self.prefill_stall_share
         _check(math.isfinite(share) and share >= 0, "--prefill-stall-share", f"must be >= 0, got {share}")
+        rate = self.context_attention_sample_rate
+        _check(
+            math.isfinite(rate) and 0 <= rate <= 1,
+            "--context-attention-sample-rate",
+            f"must be in [0, 1], got {rate}",
+        )
         _check(self.cpu_prepack in PREPACK, "--cpu-prepack", f"must be one of {PREPACK}")
         d = self.drain_timeout_s
         _check(math.isfinite(d) and d >= 0, "--drain-timeout", f"must be >= 0, got {d}")
@@ -281,6 +290,14 @@ _FLAGS: tuple[_Flag, ...] = (
         int,
         "open connections beyond which a new one gets 503 and close; never more than the open-file "
         "limit minus 64 (default 1000)",
+    ),
+    _Flag(
+        "--context-attention-sample-rate",
+        "context_attention_sample_rate",
+        float,
+        "share of requests (0..1) whose attention on the user context is measured for the "
+        "ctxsteer_context_attention_ratio histogram (default 0.05; requests asking for the report are "
+        "always measured)",
     ),
     _Flag(
         "--ui",

@@ -134,6 +134,12 @@ class Metrics:
         self.steered_fraction = histogram(
             "steered_token_fraction", "Steered / prompt tokens per steered request.", FRACTION_BUCKETS
         ).labels(m)
+        self.context_attention = histogram(
+            "context_attention_ratio",
+            "Attention the generated tokens paid to the user context (mean over tokens, layers, heads) of "
+            "measured requests: those asking for report.context_attention and a sample of the rest.",
+            FRACTION_BUCKETS,
+        ).labels(m)
         self.http_requests = counter(
             "http_requests", "HTTP responses by method, route and status.", "method", "route", "status"
         )
@@ -172,6 +178,8 @@ class Metrics:
         self.e2e.observe(e2e_s)
         self.request_prompt.observe(out.prompt_tokens)
         self.request_generation.observe(out.completion_tokens)
+        if out.context_ratio is not None:
+            self.context_attention.observe(out.context_ratio)
         row = request.steer
         self.steered[row.active].inc()
         if row.active:

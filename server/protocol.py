@@ -110,6 +110,12 @@ class StreamOptions(OpenAIBaseModel):
     include_usage: bool | None = None
 
 
+class ReportOptions(OpenAIBaseModel):
+    """What a response reports beyond the OpenAI fields (opt-in: measuring costs a little)."""
+
+    context_attention: bool = False  # the top-level `context_attention` object
+
+
 class _GenerationRequest(OpenAIBaseModel):
     """Fields shared by chat and legacy completions. Order matters: validators read earlier fields."""
 
@@ -130,6 +136,7 @@ class _GenerationRequest(OpenAIBaseModel):
     steering: dict[str, Any] | None = None  # validated by ctxsteer.steering.spec.parse_steering
     # shorthand for {"steering": {"strength": x}}
     steering_strength: float | None = Field(None, ge=1.0, le=MAX_STRENGTH)
+    report: ReportOptions | None = None
     # Known OpenAI fields we cannot honour: declared so that they are rejected, not ignored.
     logit_bias: Any = None
     response_format: Any = None
@@ -188,6 +195,9 @@ class _GenerationRequest(OpenAIBaseModel):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    def wants_context_attention(self) -> bool:
+        return self.report is not None and self.report.context_attention
 
     def steering_object(self) -> dict[str, Any] | None:
         """The steering request as `parse_steering` takes it (the flat shorthand folded in)."""
@@ -396,6 +406,27 @@ def _omit_none(v: Any) -> bool:
     return v is None
 
 
+class ChoiceContextAttention(ResponseModel):
+    """One choice's context attention: per generated token, the share of attention (mean over layers and
+    heads) that the query predicting it paid to the context tokens."""
+
+    index: int
+    ratio: float | None  # mean of per_token (None: no token generated)
+    unsteered_ratio: float | None
+    per_token: list[float]
+    unsteered_per_token: list[float]  # the same scores without the steering bias (same hidden states)
+
+
+class ContextAttention(ResponseModel):
+    """`report.context_attention`: how much the response attended to the context (the steered tokens,
+    i.e. by default the user messages), as served and as if unsteered."""
+
+    ratio: float | None  # over every generated token of every choice
+    unsteered_ratio: float | None
+    context_tokens: int
+    choices: list[ChoiceContextAttention]
+
+
 class ChatCompletionResponse(ResponseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -404,6 +435,7 @@ class ChatCompletionResponse(ResponseModel):
     choices: list[ChatChoice]
     usage: UsageInfo
     steering: SteeringInfo
+    context_attention: ContextAttention | None = Field(None, exclude_if=_omit_none)
 
 
 class DeltaMessage(ResponseModel):
@@ -426,6 +458,7 @@ class ChatCompletionChunk(ResponseModel):
     choices: list[ChatChunkChoice]
     usage: UsageInfo | None = Field(None, exclude_if=_omit_none)
     steering: SteeringInfo | None = Field(None, exclude_if=_omit_none)
+    context_attention: ContextAttention | None = Field(None, exclude_if=_omit_none)
 
 
 class CompletionLogprobs(ResponseModel):
@@ -452,6 +485,7 @@ class CompletionResponse(ResponseModel):
     choices: list[CompletionChoice]
     usage: UsageInfo | None = Field(None, exclude_if=_omit_none)
     steering: SteeringInfo | None = Field(None, exclude_if=_omit_none)
+    context_attention: ContextAttention | None = Field(None, exclude_if=_omit_none)
 
 
 class ModelCard(ResponseModel):

@@ -19,9 +19,15 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ctxsteer.steering.bias import SteerBatch
+from ctxsteer.steering.bias import SteerBatch, visible_keys
 from ctxsteer.steering.fold import FOLD_COLUMNS, bias_columns
-from ctxsteer.steering.reliance import MEASURE_KWARG, AttentionMass, value_with_mass_column
+from ctxsteer.steering.reliance import (
+    MEASURE_KWARG,
+    WATCH_KWARG,
+    AttentionMass,
+    ContextWatch,
+    value_with_mass_column,
+)
 
 ATTN_NAME = "ctxsteer"
 STEER_KWARG = "ctxsteer"  # model(..., ctxsteer=SteerBatch) reaches every attention call
@@ -97,8 +103,11 @@ def steered_attention(
 ) -> tuple[torch.Tensor, None]:
     steer: SteerBatch | None = kwargs.pop(STEER_KWARG, None)
     measure: AttentionMass | None = kwargs.pop(MEASURE_KWARG, None)
+    watch: ContextWatch | None = kwargs.pop(WATCH_KWARG, None)
     layer = getattr(module, "layer_idx", 0)
     prefill = query.shape[2] > 1
+    if watch is not None:
+        _watch(watch, module, layer, query, key, steer, scaling, kwargs)
     if steer is not None and steer.key_lengths is not None and not prefill:
         window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
         mask = steer.decode_mask(layer, key.shape[2], window, query.dtype)
@@ -125,6 +134,30 @@ def steered_attention(
         )
     out = _folded_sdpa(module, query, key, value, attention_mask, bias, heads, scaling, dropout, measure)
     return out, None
+
+
+def _watch(
+    watch: ContextWatch,
+    module: torch.nn.Module,
+    layer: int,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    steer: SteerBatch | None,
+    scaling: float | None,
+    kwargs: dict[str, Any],
+) -> None:
+    """Record the last query's context attention. The engine's decode rows see keys [0, key_lengths); any
+    other forward here is one unpadded prompt (chunk) per row, whose last query sees every key."""
+    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+    n = key.shape[2]
+    if steer is not None and steer.key_lengths is not None:
+        base = steer.decode_base(n, window)
+    else:
+        lengths = torch.full((key.shape[0],), n, dtype=torch.long, device=key.device)
+        base = visible_keys(lengths, n, window)
+    added = steer.added_bias(layer, n) if steer is not None else None
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    watch.record(layer, query, key, base, added, scale, kwargs.get("softcap"))
 
 
 def register() -> str:

@@ -41,30 +41,36 @@ class SteerBatch:
         self, layer: int, num_keys: int, sliding_window: int | None, dtype: torch.dtype
     ) -> torch.Tensor:
         """[B, 1|H, 1, K] additive mask of one decode step from `key_lengths` (+ bias on steered layers)."""
-        base = self._base_masks.get(sliding_window)
-        if base is None or base.shape[1] != num_keys:
-            cols = torch.arange(num_keys, device=self.key_bias.device)[None, :]
-            n = self.key_lengths[:, None]
-            valid = cols < n
-            if sliding_window is not None:  # HF semantics: key j visible from query i iff j > i - window
-                valid &= cols > n - 1 - sliding_window
-            base = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device).masked_fill(
-                ~valid, float("-inf")
-            )
-            self._base_masks[sliding_window] = base
+        base = self.decode_base(num_keys, sliding_window)
         if layer not in self.active_layers:
             return base[:, None, None, :].to(dtype)
         uniform = self.layer_gate is None and self.head_gate is None  # same mask in every steered layer
         key = (sliding_window, dtype)  # steered decode mask, shared by all steered layers
         if uniform and (hit := self._step_masks.get(key)) is not None and hit.shape[-1] == num_keys:
             return hit
-        bias = self.bias_for(layer, num_keys)
-        heads = self.heads_for(layer)
-        add = bias[:, None, :] if heads is None else heads[:, :, None] * bias[:, None, :]
+        add = self.added_bias(layer, num_keys)
+        assert add is not None
         mask = (base[:, None, :] + add)[:, :, None, :].to(dtype)
         if uniform:
             self._step_masks[key] = mask
         return mask
+
+    def decode_base(self, num_keys: int, sliding_window: int | None) -> torch.Tensor:
+        """[B, K] fp32 0 / -inf: the keys each row's one decode query sees (from `key_lengths`)."""
+        base = self._base_masks.get(sliding_window)
+        if base is None or base.shape[1] != num_keys:
+            assert self.key_lengths is not None
+            base = visible_keys(self.key_lengths, num_keys, sliding_window)
+            self._base_masks[sliding_window] = base
+        return base
+
+    def added_bias(self, layer: int, num_keys: int) -> torch.Tensor | None:
+        """[B, 1|H, K] fp32: what steering adds to this layer's scores; None where no row is steered."""
+        if layer not in self.active_layers:
+            return None
+        bias = self.bias_for(layer, num_keys)
+        heads = self.heads_for(layer)
+        return bias[:, None, :] if heads is None else heads[:, :, None] * bias[:, None, :]
 
     def bias_for(self, layer: int, num_keys: int) -> torch.Tensor:
         """[B, num_keys] fp32 bias of this layer (row gating applied)."""
@@ -80,6 +86,18 @@ class SteerBatch:
 
     def heads_for(self, layer: int) -> torch.Tensor | None:
         return None if self.head_gate is None else self.head_gate[layer]
+
+
+def visible_keys(key_lengths: torch.Tensor, num_keys: int, sliding_window: int | None) -> torch.Tensor:
+    """[B, K] fp32 additive mask (0 / -inf) of the last query of rows holding `key_lengths` keys."""
+    cols = torch.arange(num_keys, device=key_lengths.device)[None, :]
+    n = key_lengths[:, None]
+    valid = cols < n
+    if sliding_window is not None:  # HF semantics: key j visible from query i iff j > i - window
+        valid &= cols > n - 1 - sliding_window
+    return torch.zeros(valid.shape, dtype=torch.float32, device=valid.device).masked_fill(
+        ~valid, float("-inf")
+    )
 
 
 def fill_row_bias(dst: torch.Tensor, row: SteerRow, prompt_len: int, offset: int = 0) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 MEASURE_KWARG = "ctxsteer_measure"  # model(..., ctxsteer_measure=AttentionMass(...)) reaches every layer
+WATCH_KWARG = "ctxsteer_watch"  # model(..., ctxsteer_watch=ContextWatch(...)): live, one query per row
 
 
 @dataclass
@@ -70,3 +71,62 @@ def attention_ratio(
     model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False,
           **{MEASURE_KWARG: measure}, **forward_kwargs)  # fmt: skip
     return measure.ratio()
+
+
+@dataclass
+class ContextWatch:
+    """Live context reliance of the *last* query of some rows (the one predicting their next token).
+
+    Per layer, each watched row's attention mass on its context keys, averaged over query heads: as served
+    (with the steering bias) and as if unsteered (the same scores without the bias, i.e. the same hidden
+    states: a per-layer counterfactual, not a second forward). One query per row makes the probabilities
+    cheap to form explicitly: O(rows x heads x keys) per layer, no L x L map.
+
+    rows:    [M] batch rows watched (indices into the forward's batch).
+    context: [M, W] 1.0 on context keys (absolute key positions), 0 elsewhere; keys beyond W are not context.
+    """
+
+    rows: torch.Tensor
+    context: torch.Tensor
+    served: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [M]
+    unsteered: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def record(
+        self,
+        layer: int,
+        query: torch.Tensor,  # [B, Hq, Q, D]: the last position is measured
+        key: torch.Tensor,  # [B, Hkv, K, D]
+        base_mask: torch.Tensor,  # [B, K] additive (0 / -inf): padding, causality, sliding window
+        bias: torch.Tensor | None,  # [B, 1|Hq, K] steering added in this layer, None = none
+        scale: float,
+        softcap: float | None = None,
+    ) -> None:
+        q = query[self.rows, :, -1:].float()
+        k = key[self.rows].float()
+        if k.shape[1] != q.shape[1]:  # GQA
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        scores = (q @ k.transpose(-1, -2))[:, :, 0] * scale  # [M, Hq, K]
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        scores = scores + base_mask[self.rows, None, :].float()
+        n = key.shape[2]
+        ctx = self.context[:, :n]
+        if ctx.shape[1] < n:
+            ctx = torch.nn.functional.pad(ctx, (0, n - ctx.shape[1]))
+        ctx = ctx[:, None, :].to(scores.dtype)
+        plain = (torch.softmax(scores, -1) * ctx).sum(-1).mean(1)
+        self.unsteered[layer] = plain
+        if bias is None:
+            self.served[layer] = plain
+        else:
+            steered = torch.softmax(scores + bias[self.rows].float(), -1)
+            self.served[layer] = (steered * ctx).sum(-1).mean(1)
+
+    def result(self) -> tuple[list[float], list[float]]:
+        """Per watched row: (served, unsteered) ratios, each the mean over layers."""
+        if not self.served:
+            raise RuntimeError("no layer reported its attention: is the ctxsteer attention in use?")
+        layers = sorted(self.served)
+        served = torch.stack([self.served[k] for k in layers]).mean(0)
+        plain = torch.stack([self.unsteered[k] for k in layers]).mean(0)
+        return served.tolist(), plain.tolist()

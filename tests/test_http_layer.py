@@ -302,6 +302,15 @@ def test_tokenize_token_strs_as_vllm() -> None:
     assert body["token_strs"] == TOKENIZER.convert_ids_to_tokens(body["tokens"]) and body["token_strs"]
 
 
+def test_context_report_refused_where_the_engine_cannot_measure(srv: Live) -> None:
+    """The fake engine, like --engine vllm, does not measure context attention: asking is a clear 400;
+    not asking (and the server's sampling) never fails a request."""
+    r = srv.chat(report={"context_attention": True})
+    assert assert_error(r, 400, "report.context_attention")["code"] == "unsupported_report"
+    ok = srv.chat(report={"context_attention": False})
+    assert ok.status_code == 200 and "context_attention" not in ok.json()
+
+
 def test_ui_page_public_api_behind_key_and_no_ui() -> None:
     """The playground's files are served without a key (they carry no data; the page asks for the key),
     the API they call still wants it, and `--no-ui` removes the page."""

@@ -51,6 +51,7 @@ FAMILIES = (
     "ctxsteer_steered_requests_total",
     "ctxsteer_steered_prompt_tokens_total",
     "ctxsteer_steered_token_fraction_bucket",
+    "ctxsteer_context_attention_ratio_bucket",
     "ctxsteer_http_requests_total",
     "ctxsteer_http_request_duration_seconds_bucket",
     "ctxsteer_process_cpu_seconds_total",
@@ -177,7 +178,7 @@ def _drive_traffic(sp: ServerProcess, model: str) -> None:
             r = http.post("/v1/chat/completions", json=body)
             assert r.status_code == 200, r.text
 
-        ok({**base, "max_tokens": 6, "steering": {"strength": 3}})
+        ok({**base, "max_tokens": 6, "steering": {"strength": 3}, "report": {"context_attention": True}})
         ok({**base, "max_tokens": 5, "steering": {"strength": 1.5}})
         ok({**base, "max_tokens": 4})
         with http.stream(

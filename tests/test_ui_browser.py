@@ -76,18 +76,26 @@ def _messages() -> list[dict[str, str]]:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"{DOCUMENT}\n\n{QUESTION}"}]
 
 
-def _api_answer(sp: ServerProcess, strength: float) -> str:
-    """The same request the page sends, without streaming: the page must show exactly this text."""
+def _api_answer(sp: ServerProcess, strength: float) -> tuple[str, list[float], list[float]]:
+    """The same request the page sends, without streaming: the page must show exactly this text and
+    these per-token context attentions (as served, as if unsteered)."""
     body = {
         "messages": _messages(),
         "max_tokens": MAX_TOKENS,
         "temperature": 0,
         "steering": {"strength": strength, "targets": ["user"]},
+        "report": {"context_attention": True},
     }
     headers = {"Authorization": f"Bearer {API_KEY}"}
     r = httpx.post(f"{sp.url}/v1/chat/completions", json=body, headers=headers, timeout=120)
     r.raise_for_status()
-    return r.json()["choices"][0]["message"]["content"]
+    choice = r.json()["context_attention"]["choices"][0]
+    return r.json()["choices"][0]["message"]["content"], choice["per_token"], choice["unsteered_per_token"]
+
+
+def _strip_values(page: Any, index: int) -> list[float]:
+    cells = page.locator("#looked .strip").nth(index).locator(".cell")
+    return [float(v) for v in cells.evaluate_all("(els) => els.map((e) => e.dataset.value)")]
 
 
 def _steered_text(sp: ServerProcess) -> str:
@@ -138,8 +146,10 @@ def test_compare_answers_and_spans(page: Any, server: ServerProcess) -> None:
     assert page.is_hidden("#error"), page.inner_text("#error")
 
     base, steered = page.text_content("#text-base"), page.text_content("#text-steered")
-    assert base == _api_answer(server, 1.0) and base
-    assert steered == _api_answer(server, float(STRENGTH)) and steered
+    want_base, base_ctx, _ = _api_answer(server, 1.0)
+    want_steered, steered_ctx, steered_plain = _api_answer(server, float(STRENGTH))
+    assert base == want_base and base
+    assert steered == want_steered and steered
     assert f"strength {STRENGTH}," in page.inner_text("#meta-steered")
     if base != steered:  # every word that differs is highlighted, none that is shared
         assert page.locator("#text-steered mark.diff").count() > 0
@@ -148,7 +158,15 @@ def test_compare_answers_and_spans(page: Any, server: ServerProcess) -> None:
     want = _steered_text(server).replace("Ġ", " ").replace("Ċ", "\n")
     assert highlighted == want and "room 12" in highlighted and QUESTION in highlighted
     assert SYSTEM.split()[0] not in highlighted  # the system prompt is not steered
-    assert "Not available" in page.inner_text("#looked")
+    # Where it looked: strips for unsteered (as served) and steered (as served, as if unsteered), one
+    # shaded cell per generated token with the API's values (the page's two requests ran batched, the
+    # API's alone: equal to fp32 batching noise).
+    assert page.locator("#looked .strip").count() == 3
+    assert _strip_values(page, 0) == pytest.approx(base_ctx, abs=1e-4)
+    assert _strip_values(page, 1) == pytest.approx(steered_ctx, abs=1e-4)
+    assert _strip_values(page, 2) == pytest.approx(steered_plain, abs=1e-4)
+    assert sum(steered_ctx) > sum(steered_plain)  # the steered answer looked at the memo more
+    assert "of attention on the context" in page.inner_text("#looked")
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shot = ARTIFACTS / "ui-compare.png"

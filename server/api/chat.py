@@ -94,7 +94,7 @@ async def _collect(
         )
         for i in range(n)
     ]
-    return ChatCompletionResponse(**base, choices=choices, usage=gen.usage(), steering=steering)
+    return ChatCompletionResponse(**base, choices=choices, usage=gen.usage(), **gen.extras(steering))
 
 
 def _stream(
@@ -120,7 +120,7 @@ def _stream(
             logprobs=ChoiceLogprobs(content=lps) if lps else None,
             finish_reason=None if out.finish_reason is None else str(out.finish_reason),
         )
-        return chunk([choice], steering=steering if last else None)
+        return chunk([choice], **(gen.extras(steering) if last else {}))
 
     roles = [
         chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
@@ -128,7 +128,7 @@ def _stream(
     ]
 
     def usage() -> bytes:
-        return chunk([], usage=gen.usage(), steering=steering)
+        return chunk([], usage=gen.usage(), **gen.extras(steering))
 
     return sse_body(
         gen, first, frame_for=frame_for, usage_frame=usage if req.include_usage else None, head=roles

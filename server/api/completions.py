@@ -117,7 +117,7 @@ async def _collect(
         )
         for i in range(n)
     ]
-    return CompletionResponse(**base, choices=choices, usage=gen.usage(), steering=steering)
+    return CompletionResponse(**base, choices=choices, usage=gen.usage(), **gen.extras(steering))
 
 
 def _stream(
@@ -135,9 +135,10 @@ def _stream(
             return None
         reason = None if out.finish_reason is None else str(out.finish_reason)
         choice = CompletionChoice(index=i, text=out.text, logprobs=lps, finish_reason=reason)
-        return sse.frame(CompletionResponse(**base, choices=[choice], steering=steering if last else None))
+        extras = gen.extras(steering) if last else {}
+        return sse.frame(CompletionResponse(**base, choices=[choice], **extras))
 
     def usage() -> bytes:
-        return sse.frame(CompletionResponse(**base, choices=[], usage=gen.usage(), steering=steering))
+        return sse.frame(CompletionResponse(**base, choices=[], usage=gen.usage(), **gen.extras(steering)))
 
     return sse_body(gen, first, frame_for=frame_for, usage_frame=usage if req.include_usage else None)

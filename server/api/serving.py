@@ -8,6 +8,7 @@ the response generator is closed. Each endpoint only renders its prompt and shap
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -35,7 +36,13 @@ from ctxsteer.server.errors import (
     error_payload,
     model_not_found,
 )
-from ctxsteer.server.protocol import PromptTokensDetails, SteeringInfo, UsageInfo
+from ctxsteer.server.protocol import (
+    ChoiceContextAttention,
+    ContextAttention,
+    PromptTokensDetails,
+    SteeringInfo,
+    UsageInfo,
+)
 from ctxsteer.steering.spans import RenderedPrompt, steered_ranges
 from ctxsteer.steering.spec import HeadMap, SteeringSpec, parse_steering
 
@@ -90,6 +97,21 @@ class ServingContext:
         if spec.active and info.steering_unsupported:
             raise bad_request(info.steering_unsupported, "steering", "steering_unsupported")
         return spec
+
+    def watch_context(self, requested: bool) -> bool:
+        """Whether to measure a request's context attention: asked for in `report`, or sampled (at
+        --context-attention-sample-rate) for the ratio histogram, on engines that measure it."""
+        if not self.engine.info.context_attention:
+            if requested:
+                raise bad_request(
+                    "report.context_attention is not available with this engine (the local engine "
+                    "measures it; --engine vllm does not).",
+                    "report.context_attention",
+                    "unsupported_report",
+                )
+            return False
+        rate = self.config.context_attention_sample_rate
+        return requested or (rate > 0 and random.random() < rate)
 
     async def run_sync(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run tokenizer work in a worker thread so a long prompt never stalls other streams."""
@@ -146,12 +168,14 @@ def prepare_generation(
     )  # fmt: skip
     steered = steered_ranges(rendered, messages, spec)
     row = steer_row(spec, steered)
+    watch = ctx.watch_context(req.wants_context_attention())
     requests = [
         GenerationRequest(
             request_id=f"{response_id}-{i}",
             prompt_ids=rendered.ids,
             sampling=req.to_sampling_params(max_tokens=max_tokens, choice=i),
             steer=row,
+            watch_context=watch,
         )
         for i in range(req.num_choices)
     ]
@@ -226,12 +250,20 @@ class Generation:
     """
 
     def __init__(
-        self, engine: AsyncEngine, requests: Sequence[GenerationRequest], receive: Receive | None
+        self,
+        engine: AsyncEngine,
+        requests: Sequence[GenerationRequest],
+        receive: Receive | None,
+        *,
+        report_context: bool = False,
     ) -> None:
         self.engine = engine
         self.requests = list(requests)
         self.finished = [False] * len(self.requests)
         self.completion_tokens = [0] * len(self.requests)
+        self.report_context = report_context
+        # per choice: token index -> (as served, as if unsteered) context attention
+        self.context: list[dict[int, tuple[float, float]]] = [{} for _ in self.requests]
         self.cached_tokens: int | None = None  # prefix-cache hits of the (shared) prompt, if reported
         self._receive = receive
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -256,6 +288,31 @@ class Generation:
             prompt_tokens_details=None
             if self.cached_tokens is None
             else PromptTokensDetails(cached_tokens=self.cached_tokens),
+        )
+
+    def extras(self, steering: SteeringInfo) -> dict[str, Any]:
+        """ctxsteer's top-level response fields: `steering`, and `context_attention` when asked for."""
+        if not self.report_context:
+            return {"steering": steering}
+        return {"steering": steering, "context_attention": self.context_report(steering.steered_tokens)}
+
+    def context_report(self, context_tokens: int) -> ContextAttention:
+        def mean(xs: list[float]) -> float | None:
+            return round(sum(xs) / len(xs), 6) if xs else None
+
+        choices, served, plain = [], [], []
+        for i, values in enumerate(self.context):
+            s = [round(values[k][0], 6) for k in sorted(values)]
+            u = [round(values[k][1], 6) for k in sorted(values)]
+            served += s
+            plain += u
+            choices.append(
+                ChoiceContextAttention(
+                    index=i, ratio=mean(s), unsteered_ratio=mean(u), per_token=s, unsteered_per_token=u
+                )
+            )
+        return ContextAttention(
+            ratio=mean(served), unsteered_ratio=mean(plain), context_tokens=context_tokens, choices=choices
         )
 
     def start(self) -> None:
@@ -293,6 +350,9 @@ class Generation:
             self.completion_tokens[i] = max(
                 self.completion_tokens[i] + len(out.token_ids), out.completion_tokens
             )
+            first = out.completion_tokens - len(out.context_attention)  # index of the first value's token
+            for j, value in enumerate(out.context_attention):
+                self.context[i][first + j] = value
             if out.finish_reason is not None:
                 self.finished[i] = True
                 if out.finish_reason == FinishReason.ERROR:
@@ -342,7 +402,7 @@ async def respond(
     collect: Callable[..., Awaitable[BaseModel]],
 ) -> Response:
     """Run the generation and answer with SSE frames (`stream`) or one JSON body (`collect`)."""
-    gen = Generation(ctx.engine, requests, request.receive)
+    gen = Generation(ctx.engine, requests, request.receive, report_context=req.wants_context_attention())
     gen.start()
     base = {"id": response_id, "model": ctx.model_name, "created": int(time.time())}
     if req.stream:

@@ -58,7 +58,7 @@ class LocalEngine(AsyncEngine):
         prefill_stall_share: float = 0.0,
         observer: EngineObserver | None = None,
     ) -> None:
-        self.info, self.tokenizer = info, tokenizer
+        self.info, self.tokenizer = dataclasses.replace(info, context_attention=True), tokenizer
         self.runner = ModelRunner(model, max_rows=max_num_seqs)
         budget = kv_budget_tokens or max_num_seqs * info.max_model_len
         self.budget = PrefillBudget(prefill_chunk, share=prefill_stall_share)
@@ -200,7 +200,8 @@ class LocalEngine(AsyncEngine):
         now = time.monotonic()
         for seq in plan.admitted:
             seq.admitted_at = now
-            seq.prefill = self.runner.start_prefill(seq.request.prompt_ids, seq.request.steer)
+            req = seq.request
+            seq.prefill = self.runner.start_prefill(req.prompt_ids, req.steer, req.watch_context)
         prefill_tokens, joined = self._run_prefill(plan) if plan.prefill is not None else (0, None)
         rows = [*plan.decode, joined] if joined is not None else plan.decode  # slot order
         if rows:
@@ -228,6 +229,8 @@ class LocalEngine(AsyncEngine):
         self.budget.observe_prefill(tokens, time.perf_counter() - t0)
         if logits is not None:  # the prompt is done: the row joins the decode batch
             state, seq.prefill = seq.prefill, None
+            if state.context is not None:
+                seq.context.append(state.context)
             with self._lock:
                 slot = self.sched.prefilled(seq)
             self.runner.admit(state, slot)
@@ -238,7 +241,8 @@ class LocalEngine(AsyncEngine):
     def _run_decode(self, rows: list[Sequence], prefill_tokens: int) -> None:
         t0 = time.perf_counter()
         try:
-            logits = self.runner.decode([s.last_token for s in rows], [s.request.steer for s in rows])
+            watch = [i for i, s in enumerate(rows) if s.request.watch_context]
+            result = self.runner.decode([s.last_token for s in rows], [s.request.steer for s in rows], watch)
             self.budget.observe_decode(time.perf_counter() - t0)
         except Exception:  # noqa: BLE001
             log.exception("decode step failed; failing %d rows", len(rows))
@@ -248,7 +252,9 @@ class LocalEngine(AsyncEngine):
         # Reported before any row's output is emitted: rows in the forward, and the warm-up's last step
         # is seen while the engine is still not ready.
         self.observer.on_step(len(rows), prefill_tokens)
-        self._sample_and_accept(rows, logits)
+        for i, value in result.context.items():
+            rows[i].context.append(value)
+        self._sample_and_accept(rows, result.logits)
 
     def _sample_and_accept(self, seqs: list[Sequence], logits: torch.Tensor, first: bool = False) -> None:
         """Sample and book every row; a row whose own sampling or bookkeeping raises fails alone, so one
@@ -303,6 +309,8 @@ class LocalEngine(AsyncEngine):
     def _output(
         self, seq: Sequence, text: str, lp: TokenLogprob | None, reason: FinishReason | None
     ) -> GenerationOutput:
+        # The context value of this output's token, when measured (each step books one per watched row).
+        fresh = bool(seq.generated) and len(seq.context) == len(seq.generated)
         return GenerationOutput(
             request_id=seq.request_id,
             token_ids=(seq.last_token,) if seq.generated else (),
@@ -311,6 +319,7 @@ class LocalEngine(AsyncEngine):
             finish_reason=reason,
             prompt_tokens=len(seq.request.prompt_ids),
             completion_tokens=len(seq.generated),
+            context_attention=(seq.context[-1],) if fresh else (),
         )
 
     def _finish(
@@ -353,6 +362,8 @@ class LocalEngine(AsyncEngine):
         out = self._output(seq, text, lp, reason)
         if error is not None:
             out = dataclasses.replace(out, error=error)
+        if seq.context:
+            out = dataclasses.replace(out, context_ratio=sum(v[0] for v in seq.context) / len(seq.context))
         self.observer.on_finish(seq.request, out, time.monotonic() - seq.request.arrival_time)
         seq.emit(out)
 

@@ -42,6 +42,9 @@ class GenerationRequest:
     prompt_ids: list[int]
     sampling: SamplingParams
     steer: SteerRow = field(default_factory=SteerRow)
+    # Measure the attention each generated token's query pays to the context (the steered ranges); for
+    # the response's `context_attention` report and the ratio histogram (engines that can: ModelInfo).
+    watch_context: bool = False
     arrival_time: float = field(default_factory=time.monotonic)
 
 
@@ -71,3 +74,7 @@ class GenerationOutput:
         None  # prompt tokens whose KV came from a prefix cache (engines that have one)
     )
     error: str | None = None  # set with FinishReason.ERROR; safe to show to the client
+    # With `watch_context`: per token of `token_ids`, the attention (mean over layers and heads) that the
+    # query predicting it paid to the context, (as served, as if unsteered).
+    context_attention: tuple[tuple[float, float], ...] = ()
+    context_ratio: float | None = None  # on the final output: the mean as-served value over the request

@@ -15,7 +15,10 @@ from transformers import DynamicCache
 from ctxsteer.server.engine.kv_cache import SlotKVCache, release_free_heap
 from ctxsteer.steering.attention import STEER_KWARG
 from ctxsteer.steering.bias import SteerBatch, fill_row_bias, make_gates
+from ctxsteer.steering.reliance import WATCH_KWARG, ContextWatch
 from ctxsteer.steering.rows import SteerRow
+
+ContextValue = tuple[float, float]  # attention on the context (as served, as if unsteered)
 
 
 @dataclass
@@ -24,9 +27,26 @@ class PrefillState:
 
     ids: list[int]
     steer: SteerRow
+    watch: bool = False  # measure the context attention of the last prompt position (the first token's)
     done: int = 0
     cache: DynamicCache = field(default_factory=DynamicCache)
     batch: SteerBatch | None = None
+    context: ContextValue | None = None  # set with `watch` once the prompt is done
+
+
+@dataclass
+class DecodeResult:
+    logits: torch.Tensor  # fp32 [B, V]
+    context: dict[int, ContextValue]  # watched row -> its query's context attention
+
+
+def context_mask(rows: Sequence[SteerRow], width: int, device: torch.device) -> torch.Tensor:
+    """[M, width] 1.0 on each row's context keys: the ranges its steering targets (at any strength)."""
+    mask = torch.zeros(len(rows), width, dtype=torch.float32)
+    for i, row in enumerate(rows):
+        for s, e in row.steered:
+            mask[i, max(s, 0) : min(e, width)] = 1.0
+    return mask.to(device)
 
 
 class ModelRunner:
@@ -47,8 +67,8 @@ class ModelRunner:
         self._gates: SteerBatch | None = None
 
     # ---- prefill -------------------------------------------------------------------------
-    def start_prefill(self, ids: list[int], steer: SteerRow) -> PrefillState:
-        st = PrefillState(ids, steer)
+    def start_prefill(self, ids: list[int], steer: SteerRow, watch: bool = False) -> PrefillState:
+        st = PrefillState(ids, steer, watch)
         if steer.active:
             bias = torch.zeros(1, len(ids), dtype=torch.float32)
             fill_row_bias(bias[0], steer, len(ids))
@@ -64,12 +84,21 @@ class ModelRunner:
         end = min(len(st.ids), st.done + max_tokens)
         chunk = torch.tensor([st.ids[st.done : end]], dtype=torch.long, device=self.device)
         pos = torch.arange(st.done, end, device=self.device)[None, :]
-        kwargs = {STEER_KWARG: st.batch} if st.batch is not None else {}
+        kwargs: dict[str, Any] = {STEER_KWARG: st.batch} if st.batch is not None else {}
+        last = end == len(st.ids)
+        watch = None
+        if last and st.watch:
+            rows = torch.zeros(1, dtype=torch.long, device=self.device)
+            watch = ContextWatch(rows, context_mask([st.steer], end, self.device))
+            kwargs[WATCH_KWARG] = watch
         out = self.model(
             input_ids=chunk, position_ids=pos, cache=st.cache, logits_to_keep=1, use_cache=True, **kwargs
         )
         st.done = end
-        return out.logits[0, -1].float() if end == len(st.ids) else None
+        if watch is not None:
+            served, plain = watch.result()
+            st.context = (served[0], plain[0])
+        return out.logits[0, -1].float() if last else None
 
     def admit(self, st: PrefillState, slot: int) -> None:
         """Move a finished prefill into KV slot `slot` (the scheduler's choice: the next free one)."""
@@ -111,8 +140,11 @@ class ModelRunner:
             self.bias = torch.nn.functional.pad(self.bias, (0, cap - self.bias.shape[1]))
 
     @torch.inference_mode()
-    def decode(self, last_tokens: Sequence[int], rows: list[SteerRow]) -> torch.Tensor:
-        """One decode step for slots [0, B) (`rows`: their steering, in slot order); fp32 logits [B, V]."""
+    def decode(
+        self, last_tokens: Sequence[int], rows: list[SteerRow], watch: Sequence[int] = ()
+    ) -> DecodeResult:
+        """One decode step for slots [0, B) (`rows`: their steering, in slot order); `watch`: the slots
+        whose query's context attention is measured (an eager softmax of one query per watched row)."""
         b = len(rows)
         if b != self.live_rows:
             raise RuntimeError(f"decode of {b} rows, but {self.live_rows} slots are live")
@@ -129,8 +161,16 @@ class ModelRunner:
         steer = SteerBatch(self.bias[:b, :width], g.layer_gate, g.head_gate, g.active_layers, key_lengths)
         ids = torch.tensor(list(last_tokens), dtype=torch.long, device=self.device)[:, None]
         pos = (key_lengths - 1)[:, None]
-        out = self.model(
-            input_ids=ids, position_ids=pos, cache=self.kv.cache, use_cache=True, **{STEER_KWARG: steer}
-        )
+        kwargs: dict[str, Any] = {STEER_KWARG: steer}
+        watcher = None
+        if watch:
+            slots = torch.tensor(list(watch), dtype=torch.long, device=self.device)
+            watcher = ContextWatch(slots, context_mask([rows[i] for i in watch], width, self.device))
+            kwargs[WATCH_KWARG] = watcher
+        out = self.model(input_ids=ids, position_ids=pos, cache=self.kv.cache, use_cache=True, **kwargs)
         self.kv.end_step()
-        return out.logits[:, -1].float()
+        context: dict[int, ContextValue] = {}
+        if watcher is not None:
+            served, plain = watcher.result()
+            context = {slot: (s, p) for slot, s, p in zip(watch, served, plain, strict=True)}
+        return DecodeResult(out.logits[:, -1].float(), context)

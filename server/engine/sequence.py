@@ -31,6 +31,8 @@ class Sequence:
     slot: int | None = None  # KV slot while RUNNING (== its row in the decode batch)
     prefill: Any = None  # runner.PrefillState while PREFILLING
     generated: list[int] = field(default_factory=list)
+    # With `request.watch_context`: one (as served, as if unsteered) context attention per generated token
+    context: list[tuple[float, float]] = field(default_factory=list)
     admitted_at: float = 0.0
     last_token_at: float = 0.0
 

@@ -5,6 +5,7 @@
 const $ = (id) => document.getElementById(id);
 const KEY_STORE = "ctxsteer.apiKey";
 let controllers = [];
+let measureRefused = null; // the server's message when it cannot measure context attention
 
 function headers() {
   const h = { "Content-Type": "application/json" };
@@ -96,23 +97,48 @@ function request(strength) {
     stream_options: { include_usage: true },
     steering: steering(strength),
   };
+  if (measureRefused === null) {
+    // Where it looked: per-token attention on the context, labelled with the tokens (logprobs).
+    body.report = { context_attention: true };
+    body.logprobs = true;
+  }
   return body;
 }
 
-// Stream one chat completion into `textEl`; resolves to {text, steering, usage}.
+// Stream one chat completion into `textEl`; resolves to {text, info, usage, tokens, context}.
+// A server that cannot measure context attention refuses `report` with 400 unsupported_report: the
+// request is then sent again without it, and the panel shows the server's reason.
 async function stream(body, textEl, metaEl) {
+  try {
+    return await streamOnce(body, textEl, metaEl);
+  } catch (e) {
+    if (e.code !== "unsupported_report") throw e;
+    measureRefused = e.message;
+    delete body.report;
+    delete body.logprobs;
+    return streamOnce(body, textEl, metaEl);
+  }
+}
+
+async function streamOnce(body, textEl, metaEl) {
   const ctrl = new AbortController();
   controllers.push(ctrl);
   textEl.textContent = "";
   textEl.classList.add("streaming");
   metaEl.textContent = "";
   const t0 = performance.now();
-  let text = "", info = null, usage = null, finish = null;
+  let text = "", info = null, usage = null, finish = null, context = null;
+  const tokens = [];
   try {
     const resp = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(), body: JSON.stringify(body), signal: ctrl.signal,
     });
-    if (!resp.ok) throw new Error(await errorMessage(resp));
+    if (!resp.ok) {
+      const copy = resp.clone();
+      const err = new Error(await errorMessage(resp));
+      try { err.code = (await copy.json()).error.code; } catch (_) { /* not JSON */ }
+      throw err;
+    }
     const reader = resp.body.getReader();
     const decoder = new TextDecoder();
     let buf = "";
@@ -135,9 +161,11 @@ async function stream(body, textEl, metaEl) {
               text += c.delta.content;
               textEl.textContent = text;
             }
+            if (c.logprobs && c.logprobs.content) for (const lp of c.logprobs.content) tokens.push(lp.token);
             if (c.finish_reason) finish = c.finish_reason;
           }
           if (chunk.steering) info = chunk.steering;
+          if (chunk.context_attention) context = chunk.context_attention;
           if (chunk.usage) usage = chunk.usage;
         }
       }
@@ -153,7 +181,7 @@ async function stream(body, textEl, metaEl) {
   if (usage) parts.push(`${usage.completion_tokens} tokens in ${secs.toFixed(1)} s`);
   if (finish) parts.push(`finish: ${finish}`);
   metaEl.textContent = parts.join(" · ");
-  return { text, info, usage };
+  return { text, info, usage, tokens, context };
 }
 
 // Word-level LCS diff: marks the words of each answer that the other does not share.
@@ -202,8 +230,8 @@ async function run() {
   $("answer-base").hidden = true;
   $("title-steered").textContent = `Strength ${strength()}`;
   try {
-    await stream(request(strength()), $("text-steered"), $("meta-steered"));
-    showLooked();
+    const res = await stream(request(strength()), $("text-steered"), $("meta-steered"));
+    showLooked([[`Strength ${strength()}`, res]]);
   } catch (e) {
     if (e.name !== "AbortError") showError(e.message);
   } finally {
@@ -229,7 +257,7 @@ async function compare() {
     renderDiff($("text-steered"), wb, kb);
     const same = base.value.text === steered.value.text;
     $("meta-steered").textContent += same ? " · identical to strength 1" : " · differences highlighted";
-    showLooked();
+    showLooked([["Strength 1 (unsteered)", base.value], [`Strength ${strength()} (steered)`, steered.value]]);
     await showSpans();
   } catch (e) {
     if (e.name !== "AbortError") showError(e.message);
@@ -271,10 +299,56 @@ async function showSpans() {
   }
 }
 
-function showLooked() {
-  $("looked").textContent =
-    "Not available yet: this server does not measure per-token attention on the user context " +
-    "(planned with the live context-reliance report).";
+// One strip per answer: each generated token shaded by the share of attention its prediction paid to the
+// context (the steered tokens), as served; steered answers also get the as-if-unsteered strip.
+function showLooked(results) {
+  const panel = $("looked");
+  panel.textContent = "";
+  if (measureRefused !== null) {
+    panel.textContent = "Not available from this server: " + measureRefused;
+    return;
+  }
+  if (!results || !results.some(([, r]) => r && r.context)) {
+    panel.textContent = "Run or compare to see, per generated token, how much attention went to your context.";
+    return;
+  }
+  for (const [title, r] of results) {
+    if (!r || !r.context) continue;
+    const choice = r.context.choices[0];
+    const head = document.createElement("h3");
+    const pct = (x) => (x === null || x === undefined ? "–" : (100 * x).toFixed(1) + "%");
+    head.textContent = `${title}: ${pct(choice.ratio)} of attention on the context`;
+    const steered = r.info && r.info.strength !== 1;
+    if (steered) head.textContent += ` (${pct(choice.unsteered_ratio)} without the steering bias)`;
+    panel.appendChild(head);
+    panel.appendChild(strip("as served", choice.per_token, r.tokens));
+    if (steered) panel.appendChild(strip("as if unsteered", choice.unsteered_per_token, r.tokens));
+  }
+  const note = document.createElement("p");
+  note.className = "hint";
+  note.textContent = "Darker = more attention on the context (mean over layers and heads). " +
+    "\"As if unsteered\" removes the bias from the same scores, layer by layer.";
+  panel.appendChild(note);
+}
+
+function strip(label, values, tokens) {
+  const row = document.createElement("div");
+  row.className = "strip";
+  const name = document.createElement("span");
+  name.className = "strip-label";
+  name.textContent = label;
+  row.appendChild(name);
+  values.forEach((v, i) => {
+    const cell = document.createElement("span");
+    cell.className = "cell";
+    const tok = tokens && tokens.length === values.length ? tokens[i] : "·";
+    cell.textContent = tok.replace(/\n/g, "⏎") || "·";
+    cell.style.background = `rgba(217, 119, 6, ${Math.min(1, v).toFixed(3)})`;
+    cell.title = `${(100 * v).toFixed(1)}% on the context`;
+    cell.dataset.value = v;
+    row.appendChild(cell);
+  });
+  return row;
 }
 
 function init() {
@@ -297,7 +371,7 @@ function init() {
   $("compare").addEventListener("click", compare);
   $("show-spans").addEventListener("click", showSpans);
   $("stop").addEventListener("click", () => controllers.forEach((c) => c.abort()));
-  showLooked();
+  showLooked(null);
   loadModels();
 }
 
