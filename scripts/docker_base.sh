@@ -13,6 +13,7 @@ fi
 command -v debootstrap > /dev/null || apt-get install -y -q debootstrap > /dev/null
 ROOT=$(mktemp -d /var/tmp/ctxsteer-base.XXXXXX)
 trap 'rm -rf "$ROOT"' EXIT
+chmod 755 "$ROOT"  # it becomes the image's "/": mktemp's 0700 would lock every non-root user out
 echo "debootstrap bookworm -> $ROOT"
 debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$ROOT" "$MIRROR" \
     > "$ROOT.log" 2>&1 || { tail -20 "$ROOT.log"; exit 1; }

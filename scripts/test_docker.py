@@ -195,6 +195,11 @@ def find_links_dirs() -> list[Path]:
     return dirs
 
 
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        pass
+
+
 @contextlib.contextmanager
 def torch_source() -> Iterator[dict[str, str]]:
     """Build args for the torch install: PyTorch's CPU index when it answers, else a local CPU wheel
@@ -211,8 +216,7 @@ def torch_source() -> Iterator[dict[str, str]]:
     wheel = next((w for d in find_links_dirs() for w in sorted(d.glob(pattern))), None)
     if wheel is None:
         raise SystemExit(f"PyTorch's index is unreachable and no local {pattern} is in pip's find-links")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(wheel.parent))
-    handler.log_message = lambda *a: None  # type: ignore[attr-defined, method-assign]
+    handler = functools.partial(_QuietHandler, directory=str(wheel.parent))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/"

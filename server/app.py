@@ -33,6 +33,7 @@ from ctxsteer.server.errors import (
     report_rejection,
 )
 from ctxsteer.server.errors import to_ctxsteer_error as _to_error
+from ctxsteer.steering.indicator import indicator_id
 from ctxsteer.steering.profiles import load_head_profiles
 from ctxsteer.steering.spec import HeadMap
 
@@ -71,7 +72,13 @@ def build_app(
         model_name=config.served_model_name or engine.info.name,
         head_profiles=head_profiles,
         created=int(time.time()),
+        indicator_id=indicator_id(engine.tokenizer),
     )
+    if config.context_indicator != "off" and app.state.serving.indicator_id is None:
+        raise ValueError(
+            f"--context-indicator {config.context_indicator}: the model's tokenizer has no [IND] token "
+            "(only models fine-tuned with the indicator token have one)"
+        )
     install_exception_handlers(app)
     install_openapi(app, engine.info, auth=bool(config.api_keys), profiles=sorted(head_profiles or {}))
     for module in (meta, chat, completions):

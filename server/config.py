@@ -23,6 +23,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 PREPACK = ("auto", "off")
 ENGINES = ("local", "vllm")
 EXECUTORS = ("mp", "ray", "uni")
+INDICATOR_MODES = ("off", "on", "auto")  # steering.indicator.MODES (config stays free of the core)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +61,10 @@ class ServerConfig:
     # share of requests whose context attention is measured for ctxsteer_context_attention_ratio, beside
     # those that ask for it in `report` (local engine; a few % of a decode step per measured row)
     context_attention_sample_rate: float = 0.05
+    context_indicator: str = "off"  # default context_indicator of chat requests (models with [IND])
+    # "auto": the indicator is added when the prompt's last position pays more than this share of its
+    # attention to the user context (measured during prefill)
+    context_indicator_threshold: float = 0.5
     ui: bool = True  # the playground page at /ui (static files; what it does goes through the API key)
     engine: str = "local"  # local = ctxsteer's own engine; vllm = vLLM's AsyncLLM with the steering plugin
     # vLLM engine settings, under vLLM's names (--engine vllm only); None = vLLM's default.
@@ -114,6 +119,15 @@ class ServerConfig:
         _check(self.prefill_chunk >= 16, "--prefill-chunk", f"must be >= 16, got {self.prefill_chunk}")
         share = self.prefill_stall_share
         _check(math.isfinite(share) and share >= 0, "--prefill-stall-share", f"must be >= 0, got {share}")
+        _check(
+            self.context_indicator in INDICATOR_MODES,
+            "--context-indicator",
+            f"must be one of {INDICATOR_MODES}, got {self.context_indicator!r}",
+        )
+        t = self.context_indicator_threshold
+        _check(
+            math.isfinite(t) and 0 <= t <= 1, "--context-indicator-threshold", f"must be in [0, 1], got {t}"
+        )
         rate = self.context_attention_sample_rate
         _check(
             math.isfinite(rate) and 0 <= rate <= 1,
@@ -298,6 +312,20 @@ _FLAGS: tuple[_Flag, ...] = (
         "share of requests (0..1) whose attention on the user context is measured for the "
         "ctxsteer_context_attention_ratio histogram (default 0.05; requests asking for the report are "
         "always measured)",
+    ),
+    _Flag(
+        "--context-indicator",
+        "context_indicator",
+        str,
+        "models fine-tuned with the [IND] token: the default context_indicator of chat requests (off)",
+        INDICATOR_MODES,
+    ),
+    _Flag(
+        "--context-indicator-threshold",
+        "context_indicator_threshold",
+        float,
+        'context_indicator "auto": add [IND] when the prompt\'s last position pays more than this share of '
+        "its attention to the user context (default 0.5)",
     ),
     _Flag(
         "--ui",

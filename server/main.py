@@ -112,7 +112,11 @@ def run(config: ServerConfig) -> int:
     except (LoadError, ValueError) as e:
         print(f"ctxsteer serve: {e}", file=sys.stderr)
         return 2
-    app = create_app(config, engine, **_metrics_app_kwargs(config))
+    try:
+        app = create_app(config, engine, **_metrics_app_kwargs(config))
+    except ValueError as e:  # a flag the loaded model cannot honour (e.g. --context-indicator)
+        print(f"ctxsteer serve: {e}", file=sys.stderr)
+        return 2
     i = engine.info
     log.info("model %s (%s) on %s, %s, max_model_len %d", i.name, i.path, i.device, i.dtype, i.max_model_len)
     log.info("serving on http://%s:%d/v1", config.host, config.port)

@@ -257,6 +257,9 @@ class _ChatTemplateOptions(OpenAIBaseModel):
 class ChatCompletionRequest(_ChatTemplateOptions, _GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    # the [IND] indicator of models tuned with it: append it to the last user turn ("on"), never ("off"),
+    # or when the prompt's own attention on the context is above the server's threshold ("auto")
+    context_indicator: Literal["off", "on", "auto"] | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     parallel_tool_calls: bool | None = None  # harmless without tools
@@ -427,6 +430,16 @@ class ContextAttention(ResponseModel):
     choices: list[ChoiceContextAttention]
 
 
+class ContextIndicatorInfo(ResponseModel):
+    """Whether `[IND]` was appended to the user turn (models tuned with the indicator). With "auto":
+    the prompt's last-position attention on the context that decided, and the threshold."""
+
+    mode: Literal["off", "on", "auto"]
+    applied: bool
+    ratio: float | None = Field(None, exclude_if=_omit_none)
+    threshold: float | None = Field(None, exclude_if=_omit_none)
+
+
 class ChatCompletionResponse(ResponseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -436,6 +449,7 @@ class ChatCompletionResponse(ResponseModel):
     usage: UsageInfo
     steering: SteeringInfo
     context_attention: ContextAttention | None = Field(None, exclude_if=_omit_none)
+    context_indicator: ContextIndicatorInfo | None = Field(None, exclude_if=_omit_none)
 
 
 class DeltaMessage(ResponseModel):
@@ -459,6 +473,7 @@ class ChatCompletionChunk(ResponseModel):
     usage: UsageInfo | None = Field(None, exclude_if=_omit_none)
     steering: SteeringInfo | None = Field(None, exclude_if=_omit_none)
     context_attention: ContextAttention | None = Field(None, exclude_if=_omit_none)
+    context_indicator: ContextIndicatorInfo | None = Field(None, exclude_if=_omit_none)
 
 
 class CompletionLogprobs(ResponseModel):

@@ -90,6 +90,8 @@ class ContextWatch:
     context: torch.Tensor
     served: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [M]
     unsteered: dict[int, torch.Tensor] = field(default_factory=dict)
+    _all: bool | None = None
+    _ctx_cache: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def record(
         self,
@@ -101,26 +103,44 @@ class ContextWatch:
         scale: float,
         softcap: float | None = None,
     ) -> None:
-        q = query[self.rows, :, -1:].float()
-        k = key[self.rows].float()
-        if k.shape[1] != q.shape[1]:  # GQA
-            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        scores = (q @ k.transpose(-1, -2))[:, :, 0] * scale  # [M, Hq, K]
+        rows = None if self._all_rows(query.shape[0]) else self.rows
+        q = query[:, :, -1] if rows is None else query[rows, :, -1]  # [M, Hq, D]
+        k = key if rows is None else key[rows]  # [M, Hkv, K, D]
+        m, hq, d = q.shape
+        hkv, n = k.shape[1], k.shape[2]
+        # GQA without copying keys: query head h reads kv head h // (Hq / Hkv), as HF's repeat_kv does
+        scores = (q.view(m, hkv, hq // hkv, d).float() @ k.float().transpose(-1, -2)).view(m, hq, n)
+        scores = scores * scale
         if softcap is not None:
             scores = softcap * torch.tanh(scores / softcap)
-        scores = scores + base_mask[self.rows, None, :].float()
-        n = key.shape[2]
-        ctx = self.context[:, :n]
-        if ctx.shape[1] < n:
-            ctx = torch.nn.functional.pad(ctx, (0, n - ctx.shape[1]))
-        ctx = ctx[:, None, :].to(scores.dtype)
-        plain = (torch.softmax(scores, -1) * ctx).sum(-1).mean(1)
-        self.unsteered[layer] = plain
+        base = base_mask if rows is None else base_mask[rows]
+        scores = scores + base[:, None, :].float()
+        ctx = self._context(n)
+        plain = (torch.softmax(scores, -1) @ ctx)[..., 0]  # [M, Hq]: mass on the context keys
+        self.unsteered[layer] = plain.mean(1)
         if bias is None:
-            self.served[layer] = plain
+            self.served[layer] = self.unsteered[layer]
         else:
-            steered = torch.softmax(scores + bias[self.rows].float(), -1)
-            self.served[layer] = (steered * ctx).sum(-1).mean(1)
+            added = bias if rows is None else bias[rows]
+            self.served[layer] = (torch.softmax(scores + added.float(), -1) @ ctx)[..., 0].mean(1)
+
+    def _all_rows(self, batch: int) -> bool:
+        """Every row of the forward, in order: no gather needed."""
+        if self._all is None:
+            self._all = self.rows.numel() == batch and bool(
+                (self.rows == torch.arange(batch, device=self.rows.device)).all()
+            )
+        return self._all
+
+    def _context(self, n: int) -> torch.Tensor:
+        """The context as a matmul operand [M, n, 1], cut or zero-padded to the forward's n keys."""
+        cached = self._ctx_cache.get(n)
+        if cached is None:
+            ctx = self.context[:, :n].float()
+            if ctx.shape[1] < n:
+                ctx = torch.nn.functional.pad(ctx, (0, n - ctx.shape[1]))
+            cached = self._ctx_cache[n] = ctx[:, :, None]
+        return cached
 
     def result(self) -> tuple[list[float], list[float]]:
         """Per watched row: (served, unsteered) ratios, each the mean over layers."""

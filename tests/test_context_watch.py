@@ -35,8 +35,10 @@ def _rows(lengths: list[int]) -> list[SteerRow]:
     ]
 
 
-def _run(model, prompts: list[list[int]], rows: list[SteerRow], watch: bool):
-    """Prefill each prompt in chunks, then decode STEPS greedy tokens for all rows together."""
+def _run(model, prompts: list[list[int]], rows: list[SteerRow], watch: bool, decode_rows=None):
+    """Prefill each prompt in chunks, then decode STEPS greedy tokens for all rows together (`decode_rows`:
+    the rows watched at decode, default all)."""
+    decode_rows = range(len(rows)) if decode_rows is None else decode_rows
     runner = ModelRunner(model, max_rows=len(prompts))
     tokens: list[list[int]] = []
     values: list[list[tuple[float, float]]] = []
@@ -51,11 +53,12 @@ def _run(model, prompts: list[list[int]], rows: list[SteerRow], watch: bool):
         values.append([st.context] if watch else [])
         logits_seen.append(logits)
     for _ in range(STEPS):
-        result = runner.decode([t[-1] for t in tokens], rows, range(len(rows)) if watch else ())
+        result = runner.decode([t[-1] for t in tokens], rows, decode_rows if watch else ())
         logits_seen.append(result.logits)
+        assert sorted(result.context) == (sorted(decode_rows) if watch else [])
         for b in range(len(rows)):
             tokens[b].append(int(result.logits[b].argmax()))
-            if watch:
+            if b in result.context:
                 values[b].append(result.context[b])
     return tokens, values, logits_seen
 
@@ -108,3 +111,9 @@ def test_live_context_attention_equals_the_eager_maps(arch: str) -> None:
             assert got_served == got_plain
     # steering toward the context raises the attention it gets, token by token
     assert all(s > p for s, p in values[0])
+    # watching a subset of the batch (gathered rows) gives those rows the same values
+    _, some, _ = _run(model, prompts, rows, watch=True, decode_rows=[2, 0])
+    for b in (0, 2):
+        flat = [x for pair in values[b] for x in pair]
+        assert [x for pair in some[b] for x in pair] == pytest.approx(flat, abs=1e-6)
+    assert len(some[1]) == 1  # row 1: its prefill value only

@@ -311,6 +311,18 @@ def test_context_report_refused_where_the_engine_cannot_measure(srv: Live) -> No
     assert ok.status_code == 200 and "context_attention" not in ok.json()
 
 
+@pytest.mark.parametrize("mode", ["on", "auto"])
+def test_context_indicator_needs_a_tuned_model(srv: Live, mode: str) -> None:
+    """A model whose tokenizer has no [IND]: asking for the indicator is a 400; "off" is fine and reports
+    nothing; a server default other than off is refused at start-up."""
+    r = srv.chat(context_indicator=mode)
+    assert assert_error(r, 400, "context_indicator")["code"] == "indicator_unavailable"
+    ok = srv.chat(context_indicator="off")
+    assert ok.status_code == 200 and "context_indicator" not in ok.json()
+    with pytest.raises(ValueError, match="no \\[IND\\] token"):
+        build_app(ServerConfig(context_indicator=mode), FakeEngine(TOKENIZER))
+
+
 def test_ui_page_public_api_behind_key_and_no_ui() -> None:
     """The playground's files are served without a key (they carry no data; the page asks for the key),
     the API they call still wants it, and `--no-ui` removes the page."""

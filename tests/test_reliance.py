@@ -76,3 +76,23 @@ def test_ratio_equals_the_eager_maps(arch: str) -> None:
     # steering toward the user tokens raises their share, and only in the steered rows
     assert steered[0] > plain[0] and steered[2] > plain[2]
     assert abs(steered[1] - plain[1]) <= TOL
+
+
+def test_bench_steering_reports_the_cost_of_the_ratio(tmp_path) -> None:
+    """`ctxsteer bench steering --json` carries ratio_prefill_ratio / ratio_decode_ratio (measured vs
+    unsteered), per length and worst over lengths."""
+    import json
+
+    from tiny import save_tiny_model
+
+    from ctxsteer.server.bench.steering import main
+
+    model_dir = save_tiny_model(tmp_path / "llama", "llama")
+    out = tmp_path / "bench.json"
+    args = ["--model", str(model_dir), "--lengths", "40,60", "--reps", "1", "--new-tokens", "2"]
+    assert main([*args, "--no-eager", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    for key in ("ratio_prefill_ratio", "ratio_decode_ratio"):
+        per_length = [r[key] for r in doc["results"]]
+        assert len(per_length) == 2 and all(x > 0 for x in per_length)
+        assert doc[key] == max(per_length)

@@ -21,6 +21,7 @@ from ctxsteer.server.api.serving import (
     clamp_logprob,
     collect_choices,
     prepare_generation,
+    render_with_indicator,
     serve_generation,
     sse_body,
 )
@@ -38,7 +39,6 @@ from ctxsteer.server.protocol import (
     TokenLogprobInfo,
     TopLogprob,
 )
-from ctxsteer.steering.spans import render_chat
 
 router = APIRouter()
 
@@ -46,11 +46,14 @@ router = APIRouter()
 def _prepare(ctx: ServingContext, req: ChatCompletionRequest, response_id: str) -> Prepared:
     """Tokenizer-bound work, run in a worker thread: render with the chat template, then the shared steps."""
     spec = ctx.parse_spec(req.steering_object())
-    messages = req.render_messages()
-    rendered = render_chat(ctx.engine.tokenizer, messages, **req.template_options())
-    return prepare_generation(
-        ctx, req, response_id, rendered, messages, spec, default_max_tokens=None, prompt_param="messages"
+    mode = ctx.indicator_mode(req.context_indicator)
+    rendered, messages, marked = render_with_indicator(
+        ctx, req.render_messages(), mode, req.template_options()
     )
+    return prepare_generation(
+        ctx, req, response_id, rendered, messages, spec, default_max_tokens=None, prompt_param="messages",
+        indicator_mode=mode if ctx.indicator_id is not None else None, marked=marked,
+    )  # fmt: skip
 
 
 @router.post("/v1/chat/completions", response_model=None)

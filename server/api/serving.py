@@ -39,11 +39,13 @@ from ctxsteer.server.errors import (
 from ctxsteer.server.protocol import (
     ChoiceContextAttention,
     ContextAttention,
+    ContextIndicatorInfo,
     PromptTokensDetails,
     SteeringInfo,
     UsageInfo,
 )
-from ctxsteer.steering.spans import RenderedPrompt, steered_ranges
+from ctxsteer.steering.indicator import IndicatorPlan, insertion_point, mark_messages
+from ctxsteer.steering.spans import RenderedPrompt, render_chat, steered_ranges
 from ctxsteer.steering.spec import HeadMap, SteeringSpec, parse_steering
 
 T = TypeVar("T")
@@ -64,6 +66,7 @@ class ServingContext:
     # Tokenization runs off the event loop, one call at a time: HF fast tokenizers are not safe to
     # reconfigure concurrently and rendering is cheap next to generation.
     tokenize_limiter: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(1))
+    indicator_id: int | None = None  # the tokenizer's `[IND]` token (models fine-tuned with it)
 
     @property
     def max_model_len(self) -> int:
@@ -97,6 +100,26 @@ class ServingContext:
         if spec.active and info.steering_unsupported:
             raise bad_request(info.steering_unsupported, "steering", "steering_unsupported")
         return spec
+
+    def indicator_mode(self, requested: str | None) -> str:
+        """The request's context_indicator mode (the server's default when it gives none); 400 when it
+        asks for the indicator on a model whose tokenizer has no `[IND]` token."""
+        mode = requested or self.config.context_indicator
+        if mode != "off" and self.indicator_id is None:
+            raise bad_request(
+                f"context_indicator {mode!r} needs a model fine-tuned with the [IND] token; this model's "
+                'tokenizer has none. Send "off" or leave it out.',
+                "context_indicator",
+                "indicator_unavailable",
+            )
+        if mode == "auto" and not self.engine.info.context_attention:
+            raise bad_request(
+                'context_indicator "auto" measures the prompt\'s attention during prefill, which this engine '
+                '(--engine vllm) does not; send "on" or "off".',
+                "context_indicator",
+                "unsupported_indicator_mode",
+            )
+        return mode
 
     def watch_context(self, requested: bool) -> bool:
         """Whether to measure a request's context attention: asked for in `report`, or sampled (at
@@ -146,6 +169,34 @@ class Prepared:
 
     steering: SteeringInfo
     requests: list[GenerationRequest]
+    indicator_mode: str | None = None  # chat only: the context_indicator mode, reported in the response
+
+
+@dataclass(frozen=True, slots=True)
+class MarkedPrompt:
+    """The prompt with `[IND]` inserted, for context_indicator "auto" (the engine decides which runs)."""
+
+    rendered: RenderedPrompt
+    messages: list[dict[str, Any]]
+    insert_at: int
+
+
+def render_with_indicator(
+    ctx: ServingContext, messages: list[dict[str, Any]], mode: str, options: dict[str, Any]
+) -> tuple[RenderedPrompt, list[dict[str, Any]], MarkedPrompt | None]:
+    """Render a chat for its context_indicator mode: "on" marks the last user turn, "auto" also renders
+    the marked variant and where the indicator token lands in it."""
+    tokenizer = ctx.engine.tokenizer
+    if mode == "on":
+        messages = mark_messages(messages)
+    rendered = render_chat(tokenizer, messages, **options)
+    if mode != "auto":
+        return rendered, messages, None
+    assert ctx.indicator_id is not None
+    marked_messages = mark_messages(messages)
+    marked = render_chat(tokenizer, marked_messages, **options)
+    at = insertion_point(rendered.ids, marked.ids, ctx.indicator_id)
+    return rendered, messages, MarkedPrompt(marked, marked_messages, at)
 
 
 def prepare_generation(
@@ -158,16 +209,24 @@ def prepare_generation(
     *,
     default_max_tokens: int | None,
     prompt_param: str,
+    indicator_mode: str | None = None,
+    marked: MarkedPrompt | None = None,
 ) -> Prepared:
     """Size max_tokens (before any span work: an oversized prompt costs no more), locate the steered
-    tokens, fan out the n choices."""
+    tokens, fan out the n choices. With `marked` (context_indicator "auto") both prompts must fit."""
     n_prompt = len(rendered.ids)
+    longest = len(marked.rendered.ids) if marked is not None else n_prompt
     max_tokens = resolve_max_tokens(
-        n_prompt, req.requested_max_tokens(), ctx.max_model_len, default=default_max_tokens,
+        longest, req.requested_max_tokens(), ctx.max_model_len, default=default_max_tokens,
         prompt_param=prompt_param,
     )  # fmt: skip
     steered = steered_ranges(rendered, messages, spec)
     row = steer_row(spec, steered)
+    plan = None
+    if marked is not None:
+        marked_row = steer_row(spec, steered_ranges(marked.rendered, marked.messages, spec))
+        threshold = ctx.config.context_indicator_threshold
+        plan = IndicatorPlan(marked.insert_at, tuple(marked.rendered.ids), marked_row, threshold)
     watch = ctx.watch_context(req.wants_context_attention())
     requests = [
         GenerationRequest(
@@ -176,10 +235,11 @@ def prepare_generation(
             sampling=req.to_sampling_params(max_tokens=max_tokens, choice=i),
             steer=row,
             watch_context=watch,
+            indicator=plan,
         )
         for i in range(req.num_choices)
     ]
-    return Prepared(steering_info(spec, steered, n_prompt), requests)
+    return Prepared(steering_info(spec, steered, n_prompt), requests, indicator_mode)
 
 
 async def serve_generation(
@@ -198,9 +258,7 @@ async def serve_generation(
     ctx.check_choices(req.num_choices)
     response_id = new_id(id_prefix)
     prepared = await ctx.run_sync(prepare, ctx, req, response_id)
-    return await respond(
-        request, ctx, req, response_id, prepared.requests, prepared.steering, stream, collect
-    )
+    return await respond(request, ctx, req, response_id, prepared, stream, collect)
 
 
 async def collect_choices(
@@ -256,6 +314,7 @@ class Generation:
         receive: Receive | None,
         *,
         report_context: bool = False,
+        indicator_mode: str | None = None,
     ) -> None:
         self.engine = engine
         self.requests = list(requests)
@@ -264,6 +323,8 @@ class Generation:
         self.report_context = report_context
         # per choice: token index -> (as served, as if unsteered) context attention
         self.context: list[dict[int, tuple[float, float]]] = [{} for _ in self.requests]
+        self.indicator_mode = indicator_mode
+        self.indicator: tuple[bool, float] | None = None  # the engine's "auto" decision
         self.cached_tokens: int | None = None  # prefix-cache hits of the (shared) prompt, if reported
         self._receive = receive
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -291,10 +352,24 @@ class Generation:
         )
 
     def extras(self, steering: SteeringInfo) -> dict[str, Any]:
-        """ctxsteer's top-level response fields: `steering`, and `context_attention` when asked for."""
-        if not self.report_context:
-            return {"steering": steering}
-        return {"steering": steering, "context_attention": self.context_report(steering.steered_tokens)}
+        """ctxsteer's top-level response fields: `steering`; `context_attention` when asked for;
+        `context_indicator` on models that have the indicator."""
+        out: dict[str, Any] = {"steering": steering}
+        if self.report_context:
+            out["context_attention"] = self.context_report(steering.steered_tokens)
+        if self.indicator_mode is not None:
+            out["context_indicator"] = self.indicator_report()
+        return out
+
+    def indicator_report(self) -> ContextIndicatorInfo:
+        mode = self.indicator_mode
+        if mode == "auto" and self.indicator is not None:
+            applied, ratio = self.indicator
+            threshold = self.requests[0].indicator.threshold if self.requests[0].indicator else None
+            return ContextIndicatorInfo(
+                mode=mode, applied=applied, ratio=round(ratio, 6), threshold=threshold
+            )
+        return ContextIndicatorInfo(mode=mode or "off", applied=mode == "on")
 
     def context_report(self, context_tokens: int) -> ContextAttention:
         def mean(xs: list[float]) -> float | None:
@@ -350,6 +425,8 @@ class Generation:
             self.completion_tokens[i] = max(
                 self.completion_tokens[i] + len(out.token_ids), out.completion_tokens
             )
+            if out.indicator is not None:
+                self.indicator = out.indicator
             first = out.completion_tokens - len(out.context_attention)  # index of the first value's token
             for j, value in enumerate(out.context_attention):
                 self.context[i][first + j] = value
@@ -396,13 +473,19 @@ async def respond(
     ctx: ServingContext,
     req: Any,
     response_id: str,
-    requests: list[GenerationRequest],
-    steering: SteeringInfo,
+    prepared: Prepared,
     stream: Callable[..., AsyncIterator[str]],
     collect: Callable[..., Awaitable[BaseModel]],
 ) -> Response:
     """Run the generation and answer with SSE frames (`stream`) or one JSON body (`collect`)."""
-    gen = Generation(ctx.engine, requests, request.receive, report_context=req.wants_context_attention())
+    gen = Generation(
+        ctx.engine,
+        prepared.requests,
+        request.receive,
+        report_context=req.wants_context_attention(),
+        indicator_mode=prepared.indicator_mode,
+    )
+    steering = prepared.steering
     gen.start()
     base = {"id": response_id, "model": ctx.model_name, "created": int(time.time())}
     if req.stream:

@@ -5,7 +5,10 @@ repetition, medians reported:
 - unsteered: stock SDPA;
 - steered:   ctxsteer attention (fold at prefill, biased mask at decode), strength 2 on the user turn;
 - eager:     the paper's code path: eager attention with log(alpha) added to the 4D float attention
-             mask by a forward pre-hook on every attention module (prefill only: it is the baseline).
+             mask by a forward pre-hook on every attention module (prefill only: it is the baseline);
+- ratio:     unsteered, measuring the user attention ratio: at prefill over every prompt query (the
+             `ctxsteer score` path: one extra value column), at decode the live per-token measure
+             (`report.context_attention`: one explicit softmax of the new query per layer).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from transformers import DynamicCache
 from ctxsteer.server.engine.loader import load_model
 from ctxsteer.steering.attention import ATTN_NAME, STEER_KWARG, register
 from ctxsteer.steering.bias import build_steer_batch
+from ctxsteer.steering.reliance import MEASURE_KWARG, WATCH_KWARG, AttentionMass, ContextWatch
 from ctxsteer.steering.rows import SteerRow
 from ctxsteer.steering.spans import render_chat, steered_ranges
 from ctxsteer.steering.spec import SteeringSpec
@@ -103,17 +107,20 @@ def _mask_hook(bias: torch.Tensor) -> Callable:
 
 
 @torch.inference_mode()
-def run_once(model: Any, ids: torch.Tensor, new_tokens: int, kwargs: dict) -> tuple[float, float]:
-    """Prefill seconds and median decode ms/token of one greedy generation."""
+def run_once(
+    model: Any, ids: torch.Tensor, new_tokens: int, kwargs: Callable[[bool], dict]
+) -> tuple[float, float]:
+    """Prefill seconds and median decode ms/token of one greedy generation; `kwargs(prefill)` gives the
+    forward's extra arguments (made inside the timed region: per-forward state is part of the cost)."""
     cache = DynamicCache()
     t0 = time.perf_counter()
-    out = model(input_ids=ids, cache=cache, logits_to_keep=1, **kwargs)
+    out = model(input_ids=ids, cache=cache, logits_to_keep=1, **kwargs(True))
     prefill = time.perf_counter() - t0
     steps = []
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     for _ in range(new_tokens):
         t0 = time.perf_counter()
-        out = model(input_ids=nxt, cache=cache, **kwargs)
+        out = model(input_ids=nxt, cache=cache, **kwargs(False))
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         steps.append(time.perf_counter() - t0)
     return prefill, 1000 * statistics.median(steps) if steps else math.nan
@@ -147,12 +154,30 @@ def bench_length(model: Any, tokenizer: Any, length: int, new_tokens: int, reps:
         num_heads=cfg.num_attention_heads,
         device=model.device,
     )
-    samples: dict[str, list] = {"unsteered": [], "steered": [], "eager": []}
-    rss = {"unsteered": 0.0, "steered": 0.0}
+    width = len(prompt) + new_tokens + 1
+    context = torch.zeros(1, width, device=model.device)
+    for s, e in row.steered:
+        context[0, s:e] = 1.0
+    all_queries = torch.ones(1, len(prompt), device=model.device)
+    first_row = torch.zeros(1, dtype=torch.long, device=model.device)
+
+    def variant_kwargs(variant: str) -> Callable[[bool], dict]:
+        if variant == "steered":
+            return lambda prefill: {STEER_KWARG: steer}
+        if variant == "ratio":
+            return lambda prefill: (
+                {MEASURE_KWARG: AttentionMass(context[:, : len(prompt)], all_queries)}
+                if prefill
+                else {WATCH_KWARG: ContextWatch(first_row, context)}
+            )
+        return lambda prefill: {}
+
+    samples: dict[str, list] = {"unsteered": [], "steered": [], "ratio": [], "eager": []}
+    rss = {"unsteered": 0.0, "steered": 0.0, "ratio": 0.0}
     for rep in range(reps + 1):  # rep 0 warms up kernels and allocator, and is dropped
-        for variant in ("unsteered", "steered"):
+        for variant in ("unsteered", "steered", "ratio"):
             model.set_attn_implementation("sdpa" if variant == "unsteered" else ATTN_NAME)
-            kwargs = {STEER_KWARG: steer} if variant == "steered" else {}
+            kwargs = variant_kwargs(variant)
             with PeakRSS() as peak:
                 result = run_once(model, ids, new_tokens, kwargs)
             rss[variant] = max(rss[variant], peak.peak_mb)
@@ -172,6 +197,8 @@ def bench_length(model: Any, tokenizer: Any, length: int, new_tokens: int, reps:
         "decode_ms_steered": dec["steered"],
         "prefill_ratio": med["steered"] / med["unsteered"],
         "decode_ratio": dec["steered"] / dec["unsteered"],
+        "ratio_prefill_ratio": med["ratio"] / med["unsteered"],
+        "ratio_decode_ratio": dec["ratio"] / dec["unsteered"],
         "eager_prefill_ratio": statistics.median(samples["eager"]) / med["steered"] if eager else None,
         "prefill_s_eager": statistics.median(samples["eager"]) if eager else None,
         "peak_rss_mb_steered": round(rss["steered"], 1),
@@ -203,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     header = (
         f"{'length':>7} {'prefill x':>9} {'decode x':>8} {'eager/fast':>10} {'prefill s':>9} {'decode ms':>9}"
+        f" {'ratio prefill x':>15} {'ratio decode x':>14}"
     )
     print(f"device={info.device} dtype={info.dtype} threads={torch.get_num_threads()} model={info.source}")
     print(header)
@@ -212,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         eager = f"{r['eager_prefill_ratio']:.2f}" if r["eager_prefill_ratio"] is not None else "-"
         print(
             f"{r['length']:>7} {r['prefill_ratio']:>9.3f} {r['decode_ratio']:>8.3f} {eager:>10} "
-            f"{r['prefill_s_steered']:>9.3f} {r['decode_ms_steered']:>9.1f}",
+            f"{r['prefill_s_steered']:>9.3f} {r['decode_ms_steered']:>9.1f} "
+            f"{r['ratio_prefill_ratio']:>15.3f} {r['ratio_decode_ratio']:>14.3f}",
             flush=True,
         )
     doc = {
@@ -222,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         "model": info.source,
         "new_tokens": args.new_tokens,
         "reps": args.reps,
+        # the cost of measuring the user attention ratio vs unsteered, worst over the lengths (goal <= 1.10)
+        "ratio_prefill_ratio": max(r["ratio_prefill_ratio"] for r in results),
+        "ratio_decode_ratio": max(r["ratio_decode_ratio"] for r in results),
         "results": results,
     }
     if args.json:

@@ -201,7 +201,8 @@ class LocalEngine(AsyncEngine):
         for seq in plan.admitted:
             seq.admitted_at = now
             req = seq.request
-            seq.prefill = self.runner.start_prefill(req.prompt_ids, req.steer, req.watch_context)
+            watch = req.watch_context or req.indicator is not None
+            seq.prefill = self.runner.start_prefill(req.prompt_ids, req.steer, watch)
         prefill_tokens, joined = self._run_prefill(plan) if plan.prefill is not None else (0, None)
         rows = [*plan.decode, joined] if joined is not None else plan.decode  # slot order
         if rows:
@@ -221,15 +222,17 @@ class LocalEngine(AsyncEngine):
         t0 = time.perf_counter()
         try:
             logits = self.runner.prefill_step(seq.prefill, plan.prefill_tokens)
-        except Exception:  # noqa: BLE001
+            tokens = seq.prefill.done - before
+            if logits is not None and self._indicator_restart(seq, seq.prefill):
+                return tokens, None
+        except Exception:  # noqa: BLE001 - this request fails alone
             log.exception("prefill failed for %s", seq.request_id)
             self._finish(seq, FinishReason.ERROR, "generation failed")
             return 0, None
-        tokens = seq.prefill.done - before
         self.budget.observe_prefill(tokens, time.perf_counter() - t0)
         if logits is not None:  # the prompt is done: the row joins the decode batch
             state, seq.prefill = seq.prefill, None
-            if state.context is not None:
+            if state.context is not None and seq.request.watch_context:
                 seq.context.append(state.context)
             with self._lock:
                 slot = self.sched.prefilled(seq)
@@ -237,6 +240,24 @@ class LocalEngine(AsyncEngine):
             self._sample_and_accept([seq], logits.unsqueeze(0), first=True)
             return tokens, None if seq.finished else seq
         return tokens, None
+
+    def _indicator_restart(self, seq: Sequence, state: Any) -> bool:
+        """context_indicator "auto": once the plain prompt is prefilled, its last position's attention on
+        the context decides; above the threshold the row continues with the marked prompt (True)."""
+        plan = seq.request.indicator
+        if plan is None or seq.indicator is not None:
+            return False
+        ratio = state.context[0] if state.context is not None else 0.0
+        applied = ratio > plan.threshold
+        seq.indicator = (applied, ratio)
+        if not applied:
+            return False
+        req = seq.request
+        req.prompt_ids, req.steer = list(plan.marked_ids), plan.marked_steer
+        seq.detok = Detokenizer(self.tokenizer, req.prompt_ids, req.sampling.stop)
+        self.runner.restart_prefill(state, plan.marked_ids, plan.marked_steer, plan.insert_at)
+        state.watch = req.watch_context
+        return True
 
     def _run_decode(self, rows: list[Sequence], prefill_tokens: int) -> None:
         t0 = time.perf_counter()
@@ -320,6 +341,7 @@ class LocalEngine(AsyncEngine):
             prompt_tokens=len(seq.request.prompt_ids),
             completion_tokens=len(seq.generated),
             context_attention=(seq.context[-1],) if fresh else (),
+            indicator=seq.indicator,
         )
 
     def _finish(

@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from ctxsteer.steering.indicator import IndicatorPlan
 from ctxsteer.steering.rows import SteerRow
 
 
@@ -45,6 +46,7 @@ class GenerationRequest:
     # Measure the attention each generated token's query pays to the context (the steered ranges); for
     # the response's `context_attention` report and the ratio histogram (engines that can: ModelInfo).
     watch_context: bool = False
+    indicator: IndicatorPlan | None = None  # context_indicator "auto": decided after the prompt's prefill
     arrival_time: float = field(default_factory=time.monotonic)
 
 
@@ -78,3 +80,5 @@ class GenerationOutput:
     # query predicting it paid to the context, (as served, as if unsteered).
     context_attention: tuple[tuple[float, float], ...] = ()
     context_ratio: float | None = None  # on the final output: the mean as-served value over the request
+    # context_indicator "auto": (applied, the prompt's last-position attention on the context)
+    indicator: tuple[bool, float] | None = None

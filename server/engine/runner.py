@@ -69,13 +69,25 @@ class ModelRunner:
     # ---- prefill -------------------------------------------------------------------------
     def start_prefill(self, ids: list[int], steer: SteerRow, watch: bool = False) -> PrefillState:
         st = PrefillState(ids, steer, watch)
-        if steer.active:
-            bias = torch.zeros(1, len(ids), dtype=torch.float32)
-            fill_row_bias(bias[0], steer, len(ids))
-            st.batch = make_gates(
-                [steer], bias.to(self.device), num_layers=self.num_layers, num_heads=self.num_heads
-            )
+        st.batch = self._prefill_gates(steer, len(ids))
         return st
+
+    def restart_prefill(self, st: PrefillState, ids: Sequence[int], steer: SteerRow, keep: int) -> None:
+        """Continue `st` with other prompt ids that share its first `keep` tokens (e.g. the prompt with the
+        context indicator inserted at `keep`): that KV is kept, the rest is prefilled again."""
+        if keep > st.done or list(ids[:keep]) != st.ids[:keep]:
+            raise ValueError("restart_prefill: the new prompt does not share the kept prefix")
+        if st.done > keep:
+            st.cache.crop(keep - st.done)  # a negative count removes that many tokens from the end
+        st.ids, st.steer, st.done, st.context = list(ids), steer, keep, None
+        st.batch = self._prefill_gates(steer, len(st.ids))
+
+    def _prefill_gates(self, steer: SteerRow, n: int) -> SteerBatch | None:
+        if not steer.active:
+            return None
+        bias = torch.zeros(1, n, dtype=torch.float32)
+        fill_row_bias(bias[0], steer, n)
+        return make_gates([steer], bias.to(self.device), num_layers=self.num_layers, num_heads=self.num_heads)
 
     @torch.inference_mode()
     def prefill_step(self, st: PrefillState, max_tokens: int) -> torch.Tensor | None:

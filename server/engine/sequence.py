@@ -33,6 +33,7 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     # With `request.watch_context`: one (as served, as if unsteered) context attention per generated token
     context: list[tuple[float, float]] = field(default_factory=list)
+    indicator: tuple[bool, float] | None = None  # the "auto" decision: (applied, measured ratio)
     admitted_at: float = 0.0
     last_token_at: float = 0.0
 
@@ -42,8 +43,11 @@ class Sequence:
 
     @property
     def reserve_tokens(self) -> int:
-        """KV tokens reserved at admission: enough to finish without preemption."""
-        return len(self.request.prompt_ids) + self.request.sampling.max_tokens
+        """KV tokens reserved at admission: enough to finish without preemption (constant: an "auto"
+        context indicator may still lengthen the prompt by its token)."""
+        plan = self.request.indicator
+        prompt = max(len(self.request.prompt_ids), len(plan.marked_ids) if plan is not None else 0)
+        return prompt + self.request.sampling.max_tokens
 
     @property
     def last_token(self) -> int:
