@@ -150,9 +150,10 @@ def _watch(
     other forward here is one unpadded prompt (chunk) per row, whose last query sees every key."""
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
     n = key.shape[2]
+    base: torch.Tensor | None = None  # None: the query sees every key
     if steer is not None and steer.key_lengths is not None:
         base = steer.decode_base(n, window)
-    else:
+    elif window is not None and window < n:
         lengths = torch.full((key.shape[0],), n, dtype=torch.long, device=key.device)
         base = visible_keys(lengths, n, window)
     added = steer.added_bias(layer, n) if steer is not None else None

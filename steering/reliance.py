@@ -88,7 +88,7 @@ class ContextWatch:
 
     rows: torch.Tensor
     context: torch.Tensor
-    served: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [M]
+    served: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [M, Hq, 1]
     unsteered: dict[int, torch.Tensor] = field(default_factory=dict)
     _all: bool | None = None
     _ctx_cache: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -98,7 +98,7 @@ class ContextWatch:
         layer: int,
         query: torch.Tensor,  # [B, Hq, Q, D]: the last position is measured
         key: torch.Tensor,  # [B, Hkv, K, D]
-        base_mask: torch.Tensor,  # [B, K] additive (0 / -inf): padding, causality, sliding window
+        base_mask: torch.Tensor | None,  # [B, K] additive (0 / -inf): padding, window; None = all visible
         bias: torch.Tensor | None,  # [B, 1|Hq, K] steering added in this layer, None = none
         scale: float,
         softcap: float | None = None,
@@ -108,21 +108,26 @@ class ContextWatch:
         k = key if rows is None else key[rows]  # [M, Hkv, K, D]
         m, hq, d = q.shape
         hkv, n = k.shape[1], k.shape[2]
-        # GQA without copying keys: query head h reads kv head h // (Hq / Hkv), as HF's repeat_kv does
-        scores = (q.view(m, hkv, hq // hkv, d).float() @ k.float().transpose(-1, -2)).view(m, hq, n)
-        scores = scores * scale
+        # One bmm per layer on 3-D views (4-D broadcast matmul would copy the keys); GQA without copying:
+        # query head h reads kv head h // (Hq / Hkv), as HF's repeat_kv does.
+        q3 = q.float().reshape(m * hkv, hq // hkv, d)
+        k3 = k.float().reshape(m * hkv, n, d)
+        scores = torch.bmm(q3, k3.transpose(1, 2)).view(m, hq, n)
         if softcap is not None:
-            scores = softcap * torch.tanh(scores / softcap)
-        base = base_mask if rows is None else base_mask[rows]
-        scores = scores + base[:, None, :].float()
+            scores = softcap * torch.tanh(scores * (scale / softcap))
+            scale = 1.0
+        if base_mask is None:
+            scores = scores * scale
+        else:
+            base = (base_mask if rows is None else base_mask[rows]).float()
+            scores = torch.add(base[:, None, :], scores, alpha=scale)
         ctx = self._context(n)
-        plain = (torch.softmax(scores, -1) @ ctx)[..., 0]  # [M, Hq]: mass on the context keys
-        self.unsteered[layer] = plain.mean(1)
+        self.unsteered[layer] = torch.bmm(torch.softmax(scores, -1), ctx)  # [M, Hq, 1]
         if bias is None:
             self.served[layer] = self.unsteered[layer]
         else:
-            added = bias if rows is None else bias[rows]
-            self.served[layer] = (torch.softmax(scores + added.float(), -1) @ ctx)[..., 0].mean(1)
+            added = (bias if rows is None else bias[rows]).float()
+            self.served[layer] = torch.bmm(torch.softmax(scores + added, -1), ctx)
 
     def _all_rows(self, batch: int) -> bool:
         """Every row of the forward, in order: no gather needed."""
@@ -146,7 +151,7 @@ class ContextWatch:
         """Per watched row: (served, unsteered) ratios, each the mean over layers."""
         if not self.served:
             raise RuntimeError("no layer reported its attention: is the ctxsteer attention in use?")
-        layers = sorted(self.served)
-        served = torch.stack([self.served[k] for k in layers]).mean(0)
-        plain = torch.stack([self.unsteered[k] for k in layers]).mean(0)
+        layers = sorted(self.served)  # each [M, Hq, 1]: mean over heads, then over layers
+        served = torch.stack([self.served[k] for k in layers]).mean(dim=(0, 2, 3))
+        plain = torch.stack([self.unsteered[k] for k in layers]).mean(dim=(0, 2, 3))
         return served.tolist(), plain.tolist()
