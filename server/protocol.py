@@ -369,6 +369,16 @@ class UsageInfo(ResponseModel):
     prompt_tokens_details: PromptTokensDetails | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
+class AutoStrengthInfo(ResponseModel):
+    """`strength: "auto"`: the bound and target asked for, and what the prompt's measure gave: its last
+    position's attention on the context without steering, and as predicted at the chosen strength."""
+
+    target_ratio: float
+    max_strength: float
+    unsteered_ratio: float | None = None
+    predicted_ratio: float | None = None
+
+
 class SteeringInfo(ResponseModel):
     """What steering was applied: echoed so clients can log and compare runs."""
 
@@ -377,6 +387,7 @@ class SteeringInfo(ResponseModel):
     steered_tokens: int
     prompt_tokens: int
     layers: Literal["all"] | list[int]
+    auto: AutoStrengthInfo | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class TopLogprob(ResponseModel):

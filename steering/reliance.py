@@ -147,6 +147,10 @@ class ContextWatch:
             cached = self._ctx_cache[n] = ctx[:, :, None]
         return cached
 
+    def unsteered_heads(self, row: int) -> list[list[float]]:
+        """One watched row's context mass per layer and query head, without the steering bias."""
+        return [self.unsteered[k][row, :, 0].tolist() for k in sorted(self.unsteered)]
+
     def result(self) -> tuple[list[float], list[float]]:
         """Per watched row: (served, unsteered) ratios, each the mean over layers."""
         if not self.served:

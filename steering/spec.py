@@ -27,6 +27,15 @@ class SteeringError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class AutoStrength:
+    """`strength: "auto"`: per request, the smallest strength in [1, max_strength] whose predicted attention
+    of the prompt's last position on the context reaches `target_ratio` (steering.auto_strength)."""
+
+    target_ratio: float = 0.5
+    max_strength: float = 4.0
+
+
+@dataclass(frozen=True, slots=True)
 class SteeringSpec:
     """A validated steering request.
 
@@ -42,6 +51,7 @@ class SteeringSpec:
     spans: tuple[str, ...] = ()
     layers: tuple[int, ...] | None = None
     heads: HeadMap | None = None
+    auto: AutoStrength | None = None  # strength "auto": alpha stays 1 until the engine picks one
 
     @property
     def strength(self) -> float:
@@ -129,7 +139,7 @@ def parse_steering(
         return SteeringSpec(alpha=strength_to_alpha(default_strength, "default_steering_strength"))
     if not isinstance(obj, Mapping):
         raise SteeringError(field, "must be an object")
-    known = {"strength", "alpha", "targets", "spans", "layers", "heads", "head_profile"}
+    known = {"strength", "alpha", "targets", "spans", "layers", "heads", "head_profile"} | AUTO_FIELDS
     unknown = sorted(set(obj) - known)
     if unknown:
         raise SteeringError(f"{field}.{unknown[0]}", f"unknown field; expected one of {sorted(known)}")
@@ -137,14 +147,19 @@ def parse_steering(
     has_s, has_a = obj.get("strength") is not None, obj.get("alpha") is not None
     if has_s and has_a:
         raise SteeringError(field, "give either strength or alpha, not both")
+    auto = None
     if has_a:
         alpha = _number(obj["alpha"], f"{field}.alpha")
         if not MIN_ALPHA <= alpha <= 1.0:
             raise SteeringError(f"{field}.alpha", f"must be in [{MIN_ALPHA:g}, 1] (1 = off), got {alpha}")
+    elif has_s and obj["strength"] == "auto":
+        alpha, auto = 1.0, _parse_auto(obj, field)
     elif has_s:
         alpha = strength_to_alpha(obj["strength"], f"{field}.strength")
     else:
         alpha = strength_to_alpha(default_strength, "default_steering_strength")
+    if auto is None and (extra := sorted(k for k in AUTO_FIELDS if obj.get(k) is not None)):
+        raise SteeringError(f"{field}.{extra[0]}", 'only applies with "strength": "auto"')
 
     spans = obj.get("spans")
     spans = () if spans is None else spans
@@ -184,4 +199,21 @@ def parse_steering(
                 f"unknown head profile {name!r}; known: {sorted(head_profiles or {})}",
             )
         heads = dict(head_profiles[name])  # type: ignore[index]
-    return SteeringSpec(alpha=alpha, targets=tuple(targets), spans=tuple(spans), layers=layers, heads=heads)
+    return SteeringSpec(
+        alpha=alpha, targets=tuple(targets), spans=tuple(spans), layers=layers, heads=heads, auto=auto
+    )
+
+
+AUTO_FIELDS = frozenset({"target_ratio", "max_strength"})
+
+
+def _parse_auto(obj: Mapping[str, Any], field: str) -> AutoStrength:
+    default = AutoStrength()  # null = not given, as for every steering field
+    target = obj.get("target_ratio")
+    target = default.target_ratio if target is None else _number(target, f"{field}.target_ratio")
+    if not 0.0 < target < 1.0:
+        raise SteeringError(f"{field}.target_ratio", f"must be in (0, 1), got {target}")
+    bound = obj.get("max_strength")
+    bound = default.max_strength if bound is None else bound
+    strength_to_alpha(bound, f"{field}.max_strength")  # the same rule as any strength
+    return AutoStrength(target_ratio=target, max_strength=float(bound))

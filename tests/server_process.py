@@ -83,3 +83,9 @@ def serve(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def greedy_chat(sp: ServerProcess, messages: list[dict], max_tokens: int, **body: object) -> httpx.Response:
+    """POST a greedy chat completion (temperature 0, EOS ignored: a fixed token count) to a served model."""
+    payload = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, **body}
+    return httpx.post(f"{sp.url}/v1/chat/completions", json=payload, timeout=60)

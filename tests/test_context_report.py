@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from server_process import ServerProcess, serve
+from server_process import ServerProcess, greedy_chat, serve
 from tiny import save_tiny_model
 
 MESSAGES = [
@@ -31,8 +31,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 
 def _chat(sp: ServerProcess, **body: Any) -> httpx.Response:
-    payload = {"messages": MESSAGES, "max_tokens": 8, "temperature": 0, "ignore_eos": True, **body}
-    return httpx.post(f"{sp.url}/v1/chat/completions", json=payload, timeout=60)
+    return greedy_chat(sp, MESSAGES, 8, **body)
 
 
 def _histogram_count(sp: ServerProcess) -> float:

@@ -311,6 +311,11 @@ def test_context_report_refused_where_the_engine_cannot_measure(srv: Live) -> No
     assert ok.status_code == 200 and "context_attention" not in ok.json()
 
 
+def test_auto_strength_refused_where_the_engine_cannot_measure(srv: Live) -> None:
+    r = srv.chat(steering={"strength": "auto"})
+    assert assert_error(r, 400, "steering.strength")["code"] == "unsupported_auto_strength"
+
+
 @pytest.mark.parametrize("mode", ["on", "auto"])
 def test_context_indicator_needs_a_tuned_model(srv: Live, mode: str) -> None:
     """A model whose tokenizer has no [IND]: asking for the indicator is a 400; "off" is fine and reports

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from server_process import ServerProcess, serve
+from server_process import ServerProcess, greedy_chat, serve
 from tiny import CHAT_TEMPLATE, TRIMMING_CHAT_TEMPLATE, make_model, make_tokenizer
 
 from ctxsteer.steering.indicator import INDICATOR, indicator_id, insertion_point, mark_messages
@@ -131,8 +131,7 @@ def ind_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProce
 
 
 def _chat(sp: ServerProcess, **body: Any) -> httpx.Response:
-    payload = {"messages": MESSAGES, "max_tokens": 6, "temperature": 0, "ignore_eos": True, **body}
-    return httpx.post(f"{sp.url}/v1/chat/completions", json=payload, timeout=60)
+    return greedy_chat(sp, MESSAGES, 6, **body)
 
 
 def test_on_off_and_auto_applied_equals_on(ind_server: ServerProcess) -> None:
@@ -163,6 +162,13 @@ def test_auto_below_the_threshold_is_not_applied(tmp_path: Path) -> None:
 
     info = json.loads(last[6:])["context_indicator"]
     assert info["mode"] == "auto" and info["applied"] is False and info["threshold"] == 1.0
+
+
+def test_auto_indicator_and_auto_strength_do_not_combine(ind_server: ServerProcess) -> None:
+    r = _chat(ind_server, steering={"strength": "auto"})  # the server's default indicator mode is auto
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_combination", r.text
+    ok = _chat(ind_server, steering={"strength": "auto"}, context_indicator="on")
+    assert ok.status_code == 200 and ok.json()["context_indicator"]["applied"] is True
 
 
 @pytest.mark.parametrize("value", ["sometimes", True, 1, ["on"]])

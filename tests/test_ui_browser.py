@@ -128,13 +128,18 @@ def test_bad_key_shows_the_servers_message(page: Any, server: ServerProcess) -> 
     assert page.input_value("#model") != ""
 
 
-def test_compare_answers_and_spans(page: Any, server: ServerProcess) -> None:
+def _fill(page: Any, server: ServerProcess) -> None:
+    """Open the page with the key, and type the example's documents and question."""
     _open(page, server)
     _set_key(page, API_KEY)
     page.wait_for_selector("#error", state="hidden")
-    page.fill("#system", SYSTEM)
     page.fill("#documents", DOCUMENT)
     page.fill("#question", QUESTION)
+
+
+def test_compare_answers_and_spans(page: Any, server: ServerProcess) -> None:
+    _fill(page, server)
+    page.fill("#system", SYSTEM)
     page.fill("#max-tokens", str(MAX_TOKENS))
     page.fill("#temperature", "0")
     set_slider = f"(el) => {{ el.value = '{STRENGTH}'; el.dispatchEvent(new Event('input')); }}"
@@ -176,11 +181,7 @@ def test_compare_answers_and_spans(page: Any, server: ServerProcess) -> None:
 
 def test_api_error_is_shown(page: Any, server: ServerProcess) -> None:
     """A request the server refuses (a layer the model does not have) shows its 400 message."""
-    _open(page, server)
-    _set_key(page, API_KEY)
-    page.wait_for_selector("#error", state="hidden")
-    page.fill("#documents", DOCUMENT)
-    page.fill("#question", QUESTION)
+    _fill(page, server)
     page.fill("#layers", "999")
     page.click("#run")
     page.wait_for_selector("#error:not([hidden])", timeout=60_000)

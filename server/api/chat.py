@@ -26,6 +26,7 @@ from ctxsteer.server.api.serving import (
     sse_body,
 )
 from ctxsteer.server.engine.request import TokenLogprob
+from ctxsteer.server.errors import bad_request
 from ctxsteer.server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -47,6 +48,12 @@ def _prepare(ctx: ServingContext, req: ChatCompletionRequest, response_id: str) 
     """Tokenizer-bound work, run in a worker thread: render with the chat template, then the shared steps."""
     spec = ctx.parse_spec(req.steering_object())
     mode = ctx.indicator_mode(req.context_indicator)
+    if mode == "auto" and spec.auto is not None:
+        raise bad_request(
+            'context_indicator "auto" and steering.strength "auto" cannot be combined yet; fix one of them.',
+            "context_indicator",
+            "unsupported_combination",
+        )
     rendered, messages, marked = render_with_indicator(
         ctx, req.render_messages(), mode, req.template_options()
     )

@@ -161,7 +161,13 @@ def _steering_schema(info: ModelInfo, profiles: list[str]) -> dict[str, Any]:
         "type": "object",
         "description": "Attention steering toward the given roles' messages (see README). 1 = off.",
         "properties": {
-            "strength": {"type": "number", "minimum": 1, "maximum": MAX_STRENGTH},
+            "strength": {
+                "anyOf": [{"type": "number", "minimum": 1, "maximum": MAX_STRENGTH}, {"const": "auto"}],
+                "description": '"auto": the server picks the smallest strength up to max_strength whose '
+                "predicted attention of the prompt on the context reaches target_ratio (local engine).",
+            },
+            "target_ratio": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+            "max_strength": {"type": "number", "minimum": 1, "maximum": MAX_STRENGTH},
             "alpha": {"type": "number", "minimum": MIN_ALPHA, "maximum": 1},
             "targets": {"type": "array", "items": {"enum": list(ROLES)}},
             "spans": {
@@ -185,10 +191,23 @@ def _steering_schema(info: ModelInfo, profiles: list[str]) -> dict[str, Any]:
             "head_profile": {"enum": profiles} if profiles else {"type": "null"},
         },
         "additionalProperties": False,
-        "allOf": [_not_both("strength", "alpha"), _not_both("heads", "head_profile")],
+        "allOf": [
+            _not_both("strength", "alpha"),
+            _not_both("heads", "head_profile"),
+            _only_with_auto("target_ratio"),
+            _only_with_auto("max_strength"),
+        ],
     }
     schema["properties"] = {k: _nullable(v) for k, v in schema["properties"].items()}  # null = not given
     return schema
+
+
+def _only_with_auto(name: str) -> dict[str, Any]:
+    """Schema: `name`, when given, needs "strength": "auto"."""
+    return {
+        "if": {"required": [name], "properties": {name: {"not": {"type": "null"}}}},
+        "then": {"required": ["strength"], "properties": {"strength": {"const": "auto"}}},
+    }
 
 
 def _not_both(a: str, b: str) -> dict[str, Any]:

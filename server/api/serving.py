@@ -37,6 +37,7 @@ from ctxsteer.server.errors import (
     model_not_found,
 )
 from ctxsteer.server.protocol import (
+    AutoStrengthInfo,
     ChoiceContextAttention,
     ContextAttention,
     ContextIndicatorInfo,
@@ -97,8 +98,15 @@ class ServingContext:
             head_profiles=self.head_profiles,
             default_strength=self.config.default_steering_strength,
         )
-        if spec.active and info.steering_unsupported:
+        if (spec.active or spec.auto is not None) and info.steering_unsupported:
             raise bad_request(info.steering_unsupported, "steering", "steering_unsupported")
+        if spec.auto is not None and not info.context_attention:
+            raise bad_request(
+                'steering.strength "auto" measures the prompt\'s attention during prefill, which this engine '
+                "(--engine vllm) does not; give a number.",
+                "steering.strength",
+                "unsupported_auto_strength",
+            )
         return spec
 
     def indicator_mode(self, requested: str | None) -> str:
@@ -236,6 +244,7 @@ def prepare_generation(
             steer=row,
             watch_context=watch,
             indicator=plan,
+            auto_strength=spec.auto,
         )
         for i in range(req.num_choices)
     ]
@@ -282,12 +291,18 @@ def steer_row(spec: SteeringSpec, steered: Sequence[Range]) -> SteerRow:
 
 
 def steering_info(spec: SteeringSpec, steered: Sequence[Range], prompt_tokens: int) -> SteeringInfo:
+    """What the request asked for; with strength "auto" the engine's choice replaces strength/alpha
+    (`Generation.extras`)."""
+    auto = spec.auto
     return SteeringInfo(
         strength=spec.strength,
         alpha=spec.alpha,
         steered_tokens=sum(e - s for s, e in steered),
         prompt_tokens=prompt_tokens,
         layers="all" if spec.layers is None else list(spec.layers),
+        auto=None
+        if auto is None
+        else AutoStrengthInfo(target_ratio=auto.target_ratio, max_strength=auto.max_strength),
     )
 
 
@@ -325,6 +340,7 @@ class Generation:
         self.context: list[dict[int, tuple[float, float]]] = [{} for _ in self.requests]
         self.indicator_mode = indicator_mode
         self.indicator: tuple[bool, float] | None = None  # the engine's "auto" decision
+        self.auto_strength: tuple[float, float, float] | None = None  # strength "auto": the engine's pick
         self.cached_tokens: int | None = None  # prefix-cache hits of the (shared) prompt, if reported
         self._receive = receive
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -354,6 +370,14 @@ class Generation:
     def extras(self, steering: SteeringInfo) -> dict[str, Any]:
         """ctxsteer's top-level response fields: `steering`; `context_attention` when asked for;
         `context_indicator` on models that have the indicator."""
+        if self.auto_strength is not None and steering.auto is not None:
+            strength, unsteered, predicted = self.auto_strength
+            auto = steering.auto.model_copy(
+                update={"unsteered_ratio": round(unsteered, 6), "predicted_ratio": round(predicted, 6)}
+            )
+            steering = steering.model_copy(
+                update={"strength": strength, "alpha": 1.0 / strength, "auto": auto}
+            )
         out: dict[str, Any] = {"steering": steering}
         if self.report_context:
             out["context_attention"] = self.context_report(steering.steered_tokens)
@@ -427,6 +451,8 @@ class Generation:
             )
             if out.indicator is not None:
                 self.indicator = out.indicator
+            if out.auto_strength is not None:
+                self.auto_strength = out.auto_strength
             first = out.completion_tokens - len(out.context_attention)  # index of the first value's token
             for j, value in enumerate(out.context_attention):
                 self.context[i][first + j] = value

@@ -40,6 +40,7 @@ from ctxsteer.server.engine.runner import ModelRunner
 from ctxsteer.server.engine.sampler import RowSampler, Sampled, sample_rows
 from ctxsteer.server.engine.scheduler import PrefillBudget, Scheduler, StepPlan
 from ctxsteer.server.engine.sequence import SeqStatus, Sequence
+from ctxsteer.steering.auto_strength import choose_strength, head_gates
 
 log = logging.getLogger("ctxsteer.engine")
 
@@ -201,7 +202,7 @@ class LocalEngine(AsyncEngine):
         for seq in plan.admitted:
             seq.admitted_at = now
             req = seq.request
-            watch = req.watch_context or req.indicator is not None
+            watch = req.watch_context or req.indicator is not None or req.auto_strength is not None
             seq.prefill = self.runner.start_prefill(req.prompt_ids, req.steer, watch)
         prefill_tokens, joined = self._run_prefill(plan) if plan.prefill is not None else (0, None)
         rows = [*plan.decode, joined] if joined is not None else plan.decode  # slot order
@@ -223,7 +224,9 @@ class LocalEngine(AsyncEngine):
         try:
             logits = self.runner.prefill_step(seq.prefill, plan.prefill_tokens)
             tokens = seq.prefill.done - before
-            if logits is not None and self._indicator_restart(seq, seq.prefill):
+            if logits is not None and (
+                self._auto_strength_restart(seq, seq.prefill) or self._indicator_restart(seq, seq.prefill)
+            ):
                 return tokens, None
         except Exception:  # noqa: BLE001 - this request fails alone
             log.exception("prefill failed for %s", seq.request_id)
@@ -240,6 +243,23 @@ class LocalEngine(AsyncEngine):
             self._sample_and_accept([seq], logits.unsqueeze(0), first=True)
             return tokens, None if seq.finished else seq
         return tokens, None
+
+    def _auto_strength_restart(self, seq: Sequence, state: Any) -> bool:
+        """strength "auto": once the unsteered prompt is prefilled, its last position's attention on the
+        context picks the strength; above 1 the prompt is prefilled again with that steering (True)."""
+        auto, req = seq.request.auto_strength, seq.request
+        if auto is None or seq.auto_strength is not None or state.context_heads is None:
+            return False
+        masses = state.context_heads
+        gates = head_gates(req.steer, len(masses), len(masses[0]))
+        seq.auto_strength = choose_strength(masses, gates, auto)
+        strength = seq.auto_strength[0]
+        if strength == 1.0:
+            return False
+        req.steer = dataclasses.replace(req.steer, alpha=1.0 / strength)
+        self.runner.restart_prefill(state, state.ids, req.steer, 0)
+        state.watch = req.watch_context
+        return True
 
     def _indicator_restart(self, seq: Sequence, state: Any) -> bool:
         """context_indicator "auto": once the plain prompt is prefilled, its last position's attention on
@@ -342,6 +362,7 @@ class LocalEngine(AsyncEngine):
             completion_tokens=len(seq.generated),
             context_attention=(seq.context[-1],) if fresh else (),
             indicator=seq.indicator,
+            auto_strength=seq.auto_strength,
         )
 
     def _finish(

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from ctxsteer.steering.indicator import IndicatorPlan
 from ctxsteer.steering.rows import SteerRow
+from ctxsteer.steering.spec import AutoStrength
 
 
 class FinishReason(enum.StrEnum):
@@ -47,6 +48,7 @@ class GenerationRequest:
     # the response's `context_attention` report and the ratio histogram (engines that can: ModelInfo).
     watch_context: bool = False
     indicator: IndicatorPlan | None = None  # context_indicator "auto": decided after the prompt's prefill
+    auto_strength: AutoStrength | None = None  # strength "auto": decided after the prompt's prefill
     arrival_time: float = field(default_factory=time.monotonic)
 
 
@@ -82,3 +84,5 @@ class GenerationOutput:
     context_ratio: float | None = None  # on the final output: the mean as-served value over the request
     # context_indicator "auto": (applied, the prompt's last-position attention on the context)
     indicator: tuple[bool, float] | None = None
+    # strength "auto": (chosen strength, unsteered ratio, predicted ratio at the chosen strength)
+    auto_strength: tuple[float, float, float] | None = None

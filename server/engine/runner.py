@@ -32,6 +32,7 @@ class PrefillState:
     cache: DynamicCache = field(default_factory=DynamicCache)
     batch: SteerBatch | None = None
     context: ContextValue | None = None  # set with `watch` once the prompt is done
+    context_heads: list[list[float]] | None = None  # with it: per layer and head, without the bias
 
 
 @dataclass
@@ -79,7 +80,7 @@ class ModelRunner:
             raise ValueError("restart_prefill: the new prompt does not share the kept prefix")
         if st.done > keep:
             st.cache.crop(keep - st.done)  # a negative count removes that many tokens from the end
-        st.ids, st.steer, st.done, st.context = list(ids), steer, keep, None
+        st.ids, st.steer, st.done, st.context, st.context_heads = list(ids), steer, keep, None, None
         st.batch = self._prefill_gates(steer, len(st.ids))
 
     def _prefill_gates(self, steer: SteerRow, n: int) -> SteerBatch | None:
@@ -110,6 +111,7 @@ class ModelRunner:
         if watch is not None:
             served, plain = watch.result()
             st.context = (served[0], plain[0])
+            st.context_heads = watch.unsteered_heads(0)
         return out.logits[0, -1].float() if last else None
 
     def admit(self, st: PrefillState, slot: int) -> None:

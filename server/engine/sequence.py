@@ -34,6 +34,7 @@ class Sequence:
     # With `request.watch_context`: one (as served, as if unsteered) context attention per generated token
     context: list[tuple[float, float]] = field(default_factory=list)
     indicator: tuple[bool, float] | None = None  # the "auto" decision: (applied, measured ratio)
+    auto_strength: tuple[float, float, float] | None = None  # (strength, unsteered, predicted ratio)
     admitted_at: float = 0.0
     last_token_at: float = 0.0
 
