@@ -122,3 +122,19 @@ def test_streamed_auto_reports_the_choice(server: ServerProcess) -> None:
     steering = [f["steering"] for f in frames if "steering" in f]
     assert len(steering) == 1 and steering[0]["auto"]["max_strength"] == 3.0
     assert 1.0 <= steering[0]["strength"] <= 3.0 and "unsteered_ratio" in steering[0]["auto"]
+
+
+def test_eval_harness_takes_auto() -> None:
+    """`ctxsteer eval ... --strengths 1,2,auto`: auto is sent as "auto" and labelled so in tables/files."""
+    from ctxsteer.clients.eval.api import AUTO_STRENGTH, steering_payload
+    from ctxsteer.clients.eval.cli import _strengths
+    from ctxsteer.clients.eval.plots import file_label, strength_label
+
+    assert _strengths("1,2,auto") == [1.0, 2.0, AUTO_STRENGTH]
+    assert steering_payload(AUTO_STRENGTH) == {"steering": {"strength": "auto"}}
+    assert steering_payload(2) == {"steering": {"strength": 2.0}}
+    assert strength_label(AUTO_STRENGTH) == "auto" and file_label(AUTO_STRENGTH) == "auto"
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError):
+        _strengths("0.5")

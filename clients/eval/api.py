@@ -51,8 +51,15 @@ def root_url(url: str) -> str:
     return url[: -len("/v1")] if url.endswith("/v1") else url
 
 
+# The harness's stand-in for `"strength": "auto"` (the server picks per request): real strengths are >= 1,
+# so 0 can never clash with one, and results stay keyed, sorted and stored as numbers.
+AUTO_STRENGTH = 0.0
+
+
 def steering_payload(strength: float) -> dict[str, Any]:
     """Explicit even at strength 1, so a server-side default strength cannot leak into the baseline."""
+    if strength == AUTO_STRENGTH:
+        return {"steering": {"strength": "auto"}}
     return {"steering": {"strength": float(strength)}}
 
 

@@ -14,13 +14,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ctxsteer.clients.eval.api import DEFAULT_TIMEOUT_S, EvalError
+from ctxsteer.clients.eval.api import AUTO_STRENGTH, DEFAULT_TIMEOUT_S, EvalError
 from ctxsteer.clients.eval.datasets import TASKS
 from ctxsteer.clients.eval.haystack import DataMissing
 from ctxsteer.clients.eval.needle import DEFAULT_NEEDLE, DEFAULT_QUESTION
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-STRENGTHS_HELP = "steering strengths, 1 = off, alpha = 1/strength (default 1,1.5,2,4)"
+STRENGTHS_HELP = (
+    "steering strengths, 1 = off, alpha = 1/strength, auto = the server picks per request (default 1,1.5,2,4)"
+)
 OUT_HELP = "output directory; rerunning into it resumes (default eval-nih)"
 
 
@@ -40,8 +42,8 @@ def _numbers(kind: Callable[[str], Any], name: str) -> Callable[[str], list[Any]
 
 
 def _strengths(text: str) -> list[float]:
-    values = _numbers(float, "strengths")(text)
-    if any(v < 1 for v in values):
+    values = _numbers(lambda v: AUTO_STRENGTH if v.strip() == "auto" else float(v), "strengths")(text)
+    if any(v < 1 and v != AUTO_STRENGTH for v in values):
         raise argparse.ArgumentTypeError("strengths must be >= 1 (1 = steering off; alpha = 1/strength)")
     return values
 

@@ -106,7 +106,7 @@ def _sizes(r: PaperResult, haystack: str) -> str:
         f"NIH: lengths {', '.join(map(str, p.lengths))} x depths {', '.join(f'{d:g}' for d in p.depths)}% "
         f"(haystack {haystack}); "
         f"SQuAD {counts.get('squad', 0)}, DROP {counts.get('drop', 0)}, conflict {counts.get('conflict', 0)} "
-        f"questions (seed 0); strengths {', '.join(f'{s:.3g}' for s in p.strengths)}; greedy decoding."
+        f"questions (seed 0); strengths {', '.join(strength_label(s) for s in p.strengths)}; greedy decoding."
     )
 
 

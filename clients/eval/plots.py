@@ -9,18 +9,22 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ctxsteer.clients.eval.api import AUTO_STRENGTH
+
 # Kamradt's red -> yellow -> green scale: recall 0 is red, 1 is green.
 COLORS = ("#F0496E", "#EBB839", "#0CD79F")
 
 
 def strength_label(strength: float) -> str:
-    """`1 (off)`, `1.11 (α=0.9)`: the knob, and the paper's alpha = 1/strength."""
+    """`1 (off)`, `1.11 (α=0.9)`: the knob, and the paper's alpha = 1/strength; `auto` (server's pick)."""
+    if strength == AUTO_STRENGTH:
+        return "auto"
     s = f"{strength:.3g}"
     return f"{s} (off)" if strength == 1 else f"{s} (α={1 / strength:.2g})"
 
 
 def file_label(strength: float) -> str:
-    return f"{strength:.3g}".replace(".", "_")
+    return "auto" if strength == AUTO_STRENGTH else f"{strength:.3g}".replace(".", "_")
 
 
 def _grid(cells: Iterable[dict[str, Any]]) -> tuple[list[int], list[float], dict[tuple[int, float], float]]:
