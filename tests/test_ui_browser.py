@@ -179,6 +179,21 @@ def test_compare_answers_and_spans(page: Any, server: ServerProcess) -> None:
     assert shot.stat().st_size > 10_000
 
 
+def test_auto_strength_reports_the_servers_choice(page: Any, server: ServerProcess) -> None:
+    """The "auto" box sends strength "auto" bounded by the slider; the page shows what the server chose."""
+    _fill(page, server)
+    page.fill("#max-tokens", "8")
+    page.check("#strength-auto")
+    page.click("#run")
+    page.wait_for_selector("#run:not([disabled])", timeout=120_000)
+    assert page.is_hidden("#error"), page.inner_text("#error")
+    meta = page.inner_text("#meta-steered")
+    assert meta.startswith("auto: chose strength ") and "target 50.0%" in meta, meta
+    chosen = float(meta.split("chose strength ")[1].split()[0])
+    assert 1.0 <= chosen <= float(STRENGTH)
+    assert page.inner_text("#title-steered") == f"Strength auto (up to {STRENGTH})"
+
+
 def test_api_error_is_shown(page: Any, server: ServerProcess) -> None:
     """A request the server refuses (a layer the model does not have) shows its 400 message."""
     _fill(page, server)

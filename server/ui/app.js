@@ -74,8 +74,10 @@ function messages() {
   return msgs;
 }
 
+// The steered side's strength: the slider, or "auto" bounded by it (the server reports its choice).
 function steering(strength) {
-  const s = { strength: strength };
+  const auto = strength !== 1 && $("strength-auto").checked;
+  const s = auto ? { strength: "auto", max_strength: Math.max(strength, 1) } : { strength: strength };
   const targets = [...document.querySelectorAll('input[name="target"]:checked')].map((c) => c.value);
   s.targets = targets;
   const spans = $("spans").value.split("\n").map((l) => l.trim()).filter(Boolean);
@@ -176,12 +178,19 @@ async function streamOnce(body, textEl, metaEl) {
   }
   const secs = (performance.now() - t0) / 1000;
   const parts = [];
-  if (info && info.strength === 1) parts.push("steering off (strength 1)");
+  if (info && info.auto) {
+    parts.push(`auto: chose strength ${info.strength.toFixed(2)} (context share ${pct(info.auto.unsteered_ratio)} ` +
+      `unsteered, predicted ${pct(info.auto.predicted_ratio)}, target ${pct(info.auto.target_ratio)})`);
+  } else if (info && info.strength === 1) parts.push("steering off (strength 1)");
   else if (info) parts.push(`strength ${info.strength}, ${info.steered_tokens}/${info.prompt_tokens} prompt tokens steered`);
   if (usage) parts.push(`${usage.completion_tokens} tokens in ${secs.toFixed(1)} s`);
   if (finish) parts.push(`finish: ${finish}`);
   metaEl.textContent = parts.join(" · ");
   return { text, info, usage, tokens, context };
+}
+
+function pct(x) {
+  return x === null || x === undefined ? "–" : (100 * x).toFixed(1) + "%";
 }
 
 // Word-level LCS diff: marks the words of each answer that the other does not share.
@@ -219,6 +228,10 @@ function strength() {
   return Number($("strength").value);
 }
 
+function strengthTitle() {
+  return $("strength-auto").checked ? `Strength auto (up to ${strength()})` : `Strength ${strength()}`;
+}
+
 function busy(on) {
   for (const id of ["run", "compare", "show-spans"]) $(id).disabled = on;
   $("stop").disabled = !on;
@@ -228,10 +241,10 @@ async function run() {
   clearError();
   busy(true);
   $("answer-base").hidden = true;
-  $("title-steered").textContent = `Strength ${strength()}`;
+  $("title-steered").textContent = strengthTitle();
   try {
     const res = await stream(request(strength()), $("text-steered"), $("meta-steered"));
-    showLooked([[`Strength ${strength()}`, res]]);
+    showLooked([[strengthTitle(), res]]);
   } catch (e) {
     if (e.name !== "AbortError") showError(e.message);
   } finally {
@@ -243,7 +256,7 @@ async function compare() {
   clearError();
   busy(true);
   $("answer-base").hidden = false;
-  $("title-steered").textContent = `Strength ${strength()} (steered)`;
+  $("title-steered").textContent = strengthTitle() + " (steered)";
   try {
     // Both at once: the server batches them, and one failing must not hide the other's answer.
     const [base, steered] = await Promise.allSettled([
@@ -257,7 +270,7 @@ async function compare() {
     renderDiff($("text-steered"), wb, kb);
     const same = base.value.text === steered.value.text;
     $("meta-steered").textContent += same ? " · identical to strength 1" : " · differences highlighted";
-    showLooked([["Strength 1 (unsteered)", base.value], [`Strength ${strength()} (steered)`, steered.value]]);
+    showLooked([["Strength 1 (unsteered)", base.value], [strengthTitle() + " (steered)", steered.value]]);
     await showSpans();
   } catch (e) {
     if (e.name !== "AbortError") showError(e.message);
@@ -316,7 +329,6 @@ function showLooked(results) {
     if (!r || !r.context) continue;
     const choice = r.context.choices[0];
     const head = document.createElement("h3");
-    const pct = (x) => (x === null || x === undefined ? "–" : (100 * x).toFixed(1) + "%");
     head.textContent = `${title}: ${pct(choice.ratio)} of attention on the context`;
     const steered = r.info && r.info.strength !== 1;
     if (steered) head.textContent += ` (${pct(choice.unsteered_ratio)} without the steering bias)`;
