@@ -155,6 +155,13 @@ def test_ports_and_names_agree(compose: dict[str, Any]) -> None:
     assert container_ports(grafana) == {3000}
 
 
+def test_alert_rules_are_loaded_and_mounted(compose: dict[str, Any]) -> None:
+    prom = load_yaml(DOCKER / "prometheus" / "prometheus.yml")
+    assert prom["rule_files"] == ["alerts.yml"]
+    mounts = bind_mounts(compose["services"]["prometheus"])
+    assert mounts["./prometheus/alerts.yml"] == "/etc/prometheus/alerts.yml"
+
+
 def test_promtool_checks_prometheus_config(tmp_path: Path) -> None:
     _, promtool = ensure_prometheus()
     done = subprocess.run(

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from debian_packages import ensure_binaries
 from server_process import ServerProcess, free_port, serve
 from tiny import save_tiny_model
@@ -283,6 +284,13 @@ def test_prometheus_scrapes_every_family_and_dashboard_query(
         no_data = without_data(no_data)
     health = prometheus.query('{__name__=~"up|scrape_duration_seconds", job="ctxsteer"}')
     assert not no_data, f"dashboard queries without data ({health}):\n" + "\n".join(no_data)
+
+    # the shipped alerting rules evaluate against the live series (a parse error fails the query)
+    rules = yaml.safe_load((REPO / "docker" / "prometheus" / "alerts.yml").read_text())
+    exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    assert exprs and all(prometheus.query(e) is not None for e in exprs)
+    # ...and the context-attention series they read has the measured request of the traffic
+    assert prometheus.scalar("sum(ctxsteer_context_attention_ratio_count)") >= 1
 
     for var in variables:  # Grafana's label_values(metric, label), asked the way Grafana asks it
         metric, label = re.fullmatch(r"label_values\((\w+),\s*(\w+)\)", var).groups()
