@@ -63,6 +63,12 @@ def _score(argv: list[str]) -> int:
     return score_main(argv)
 
 
+def _finetune(argv: list[str]) -> int:
+    from ctxsteer.server.finetune import main as finetune_main
+
+    return finetune_main(argv)
+
+
 def _client_command(name: str) -> Callable[[list[str]], int]:
     def run(argv: list[str]) -> int:
         from ctxsteer.clients.cli import main as client_main  # torch-free: starts fast
@@ -83,6 +89,7 @@ COMMANDS = {
     "health": (_client_command("health"), "check that a server is up and its model loaded"),
     "eval": (_eval, "evaluate context awareness with/without steering: `eval nih|qa|paper`"),
     "score": (_score, "score chat examples by their responses' attention to the user (`score DATA --out F`)"),
+    "finetune": (_finetune, "conditional fine-tuning with the [IND] indicator (`finetune SCORED --out DIR`)"),
 }
 
 
