@@ -43,6 +43,7 @@ PROMETHEUS_IMAGE = "prom/prometheus:v2.53.2"  # compose.yaml's default
 LOCAL_PROMETHEUS = "ctxsteer/prometheus:debian"
 TORCH_VERSION = "2.13.0"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+WHEEL_PORT = 38741
 NETWORK = "ctxsteer-test"
 CONTAINER = "ctxsteer-test-cpu"
 STEERED = {
@@ -217,7 +218,10 @@ def torch_source() -> Iterator[dict[str, str]]:
     if wheel is None:
         raise SystemExit(f"PyTorch's index is unreachable and no local {pattern} is in pip's find-links")
     handler = functools.partial(_QuietHandler, directory=str(wheel.parent))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    try:  # a fixed port keeps the build argument, hence Docker's layer cache, the same from run to run
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", WHEEL_PORT), handler)
+    except OSError:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/"
     log(f"torch: PyTorch's index unreachable; serving {wheel.name} from {url}")
@@ -364,7 +368,8 @@ def main() -> None:
         summary["builder"] = "classic" if env else "buildkit"
         base = None
         if not obtain(PYTHON_IMAGE):
-            log(f"no {PYTHON_IMAGE} (no registry?): making {LOCAL_BASE} with debootstrap")
+            made = "using" if have_image(LOCAL_BASE) else "making"
+            log(f"no {PYTHON_IMAGE} (no registry?): {made} {LOCAL_BASE} (debootstrap)")
             must("bash", str(REPO / "scripts" / "docker_base.sh"), LOCAL_BASE, timeout=1800)
             base = LOCAL_BASE
         summary["base_image"] = base or PYTHON_IMAGE
