@@ -214,4 +214,5 @@ def test_the_openapi_document_states_the_real_contract(keyed) -> None:
         assert code in doc["paths"]["/v1/chat/completions"]["post"]["responses"]
     assert doc["paths"]["/health"]["get"]["security"] == []
     steering = doc["components"]["schemas"]["ChatCompletionRequest"]["properties"]["steering"]
-    assert steering["anyOf"][0]["properties"]["strength"]["anyOf"][0]["maximum"] == 1e300
+    strength = steering["anyOf"][0]["properties"]["strength"]["anyOf"][0]  # [0]: given, [1]: null
+    assert strength["anyOf"] == [{"type": "number", "minimum": 1, "maximum": 1e300}, {"const": "auto"}]
