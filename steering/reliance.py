@@ -13,10 +13,13 @@ mass per query and head next to the real output (the same trick as the bias fold
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from ctxsteer.steering.rows import SteerRow
 
 MEASURE_KWARG = "ctxsteer_measure"  # model(..., ctxsteer_measure=AttentionMass(...)) reaches every layer
 WATCH_KWARG = "ctxsteer_watch"  # model(..., ctxsteer_watch=ContextWatch(...)): live, one query per row
@@ -71,6 +74,15 @@ def attention_ratio(
     model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False,
           **{MEASURE_KWARG: measure}, **forward_kwargs)  # fmt: skip
     return measure.ratio()
+
+
+def context_mask(rows: Sequence[SteerRow], width: int, device: torch.device | str) -> torch.Tensor:
+    """[M, width] 1.0 on each row's context keys: the ranges its steering targets (at any strength)."""
+    mask = torch.zeros(len(rows), width, dtype=torch.float32)
+    for i, row in enumerate(rows):
+        for s, e in row.steered:
+            mask[i, max(s, 0) : min(e, width)] = 1.0
+    return mask.to(device)
 
 
 @dataclass

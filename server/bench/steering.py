@@ -29,7 +29,7 @@ from transformers import DynamicCache
 from ctxsteer.server.engine.loader import load_model
 from ctxsteer.steering.attention import ATTN_NAME, STEER_KWARG, register
 from ctxsteer.steering.bias import build_steer_batch
-from ctxsteer.steering.reliance import MEASURE_KWARG, WATCH_KWARG, AttentionMass, ContextWatch
+from ctxsteer.steering.reliance import MEASURE_KWARG, WATCH_KWARG, AttentionMass, ContextWatch, context_mask
 from ctxsteer.steering.rows import SteerRow
 from ctxsteer.steering.spans import render_chat, steered_ranges
 from ctxsteer.steering.spec import SteeringSpec
@@ -155,9 +155,7 @@ def bench_length(model: Any, tokenizer: Any, length: int, new_tokens: int, reps:
         device=model.device,
     )
     width = len(prompt) + new_tokens + 1
-    context = torch.zeros(1, width, device=model.device)
-    for s, e in row.steered:
-        context[0, s:e] = 1.0
+    context = context_mask([row], width, model.device)
     all_queries = torch.ones(1, len(prompt), device=model.device)
     first_row = torch.zeros(1, dtype=torch.long, device=model.device)
 

@@ -15,7 +15,7 @@ from transformers import DynamicCache
 from ctxsteer.server.engine.kv_cache import SlotKVCache, release_free_heap
 from ctxsteer.steering.attention import STEER_KWARG
 from ctxsteer.steering.bias import SteerBatch, fill_row_bias, make_gates
-from ctxsteer.steering.reliance import WATCH_KWARG, ContextWatch
+from ctxsteer.steering.reliance import WATCH_KWARG, ContextWatch, context_mask
 from ctxsteer.steering.rows import SteerRow
 
 ContextValue = tuple[float, float]  # attention on the context (as served, as if unsteered)
@@ -39,15 +39,6 @@ class PrefillState:
 class DecodeResult:
     logits: torch.Tensor  # fp32 [B, V]
     context: dict[int, ContextValue]  # watched row -> its query's context attention
-
-
-def context_mask(rows: Sequence[SteerRow], width: int, device: torch.device) -> torch.Tensor:
-    """[M, width] 1.0 on each row's context keys: the ranges its steering targets (at any strength)."""
-    mask = torch.zeros(len(rows), width, dtype=torch.float32)
-    for i, row in enumerate(rows):
-        for s, e in row.steered:
-            mask[i, max(s, 0) : min(e, width)] = 1.0
-    return mask.to(device)
 
 
 class ModelRunner:
