@@ -77,11 +77,19 @@ def build_examples(
 def _batches(examples: list[Example], size: int, pad_id: int, rng: random.Random) -> list[dict[str, Any]]:
     import torch
 
+    # Grouped by length (as transformers' group_by_length): within each shuffled window of 50 batches the
+    # examples are sorted by length, so a batch pads to a similar width; the batch order is shuffled again.
     order = list(range(len(examples)))
     rng.shuffle(order)
+    window = size * 50
+    grouped = []
+    for w in range(0, len(order), window):
+        part = sorted(order[w : w + window], key=lambda i: len(examples[i].ids))
+        grouped += [part[b : b + size] for b in range(0, len(part), size)]
+    rng.shuffle(grouped)
     out = []
-    for start in range(0, len(order), size):
-        chunk = [examples[i] for i in order[start : start + size]]
+    for group in grouped:
+        chunk = [examples[i] for i in group]
         width = max(len(e.ids) for e in chunk)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         labels = torch.full((len(chunk), width), -100, dtype=torch.long)

@@ -387,6 +387,8 @@ class SteeringInfo(ResponseModel):
     steered_tokens: int
     prompt_tokens: int
     layers: Literal["all"] | list[int]
+    method: str = "attention"
+    cad_beta: float | None = Field(None, exclude_if=lambda v: v is None)
     auto: AutoStrengthInfo | None = Field(None, exclude_if=lambda v: v is None)
 
 

@@ -188,10 +188,12 @@ def main(argv: list[str] | None = None) -> int:
                                             attn_implementation=ATTN_NAME)  # fmt: skip
         bar = tqdm(total=len(pending), desc="scoring", unit="ex", disable=args.no_progress, file=sys.stderr)
         args.out.parent.mkdir(parents=True, exist_ok=True)
+        prepared = {i: prepare(tokenizer, examples[i], info.max_model_len) for i in pending}
+        # Batches of similar length pad little (rows are put back in file order at the end).
+        pending.sort(key=lambda i: 0 if isinstance(prepared[i], str) else len(prepared[i][0]))
         with args.out.open("a", encoding="utf-8") as out:
             for start in range(0, len(pending), args.batch_size):
                 chunk = pending[start : start + args.batch_size]
-                prepared = {i: prepare(tokenizer, examples[i], info.max_model_len) for i in chunk}
                 ok = [i for i in chunk if not isinstance(prepared[i], str)]
                 ratios = (
                     dict(zip(ok, score_batch(model, [prepared[i] for i in ok]), strict=True)) if ok else {}

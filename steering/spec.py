@@ -35,6 +35,13 @@ class AutoStrength:
     max_strength: float = 4.0
 
 
+METHODS = ("attention", "cad", "attention+cad")
+# Context-aware decoding (Shi et al. 2023, arXiv 2305.14739): its paper's default weight (0.5; it used 1.0
+# on its knowledge-conflict sets). Bounded so that (1 + beta) * logits stays far from overflow.
+DEFAULT_CAD_BETA = 0.5
+MAX_CAD_BETA = 10.0
+
+
 @dataclass(frozen=True, slots=True)
 class SteeringSpec:
     """A validated steering request.
@@ -44,6 +51,8 @@ class SteeringSpec:
     spans:   substrings of messages that are steered as well (PASTA-style emphasis).
     layers:  layer indices to steer, None = all.
     heads:   layer -> query heads to steer, None = all heads (in the selected layers).
+    method:  "attention" (the bias above), "cad" (context-aware decoding: contrast the next-token logits
+             with those of a twin prompt without the steered tokens, weight `cad_beta`) or both.
     """
 
     alpha: float = 1.0
@@ -52,6 +61,12 @@ class SteeringSpec:
     layers: tuple[int, ...] | None = None
     heads: HeadMap | None = None
     auto: AutoStrength | None = None  # strength "auto": alpha stays 1 until the engine picks one
+    method: str = "attention"
+    cad_beta: float | None = None  # set exactly when the method uses CAD
+
+    @property
+    def cad(self) -> bool:
+        return self.cad_beta is not None
 
     @property
     def strength(self) -> float:
@@ -139,7 +154,8 @@ def parse_steering(
         return SteeringSpec(alpha=strength_to_alpha(default_strength, "default_steering_strength"))
     if not isinstance(obj, Mapping):
         raise SteeringError(field, "must be an object")
-    known = {"strength", "alpha", "targets", "spans", "layers", "heads", "head_profile"} | AUTO_FIELDS
+    known = {"strength", "alpha", "targets", "spans", "layers", "heads", "head_profile", "method", "cad_beta"}
+    known |= AUTO_FIELDS
     unknown = sorted(set(obj) - known)
     if unknown:
         raise SteeringError(f"{field}.{unknown[0]}", f"unknown field; expected one of {sorted(known)}")
@@ -160,6 +176,14 @@ def parse_steering(
         alpha = strength_to_alpha(default_strength, "default_steering_strength")
     if auto is None and (extra := sorted(k for k in AUTO_FIELDS if obj.get(k) is not None)):
         raise SteeringError(f"{field}.{extra[0]}", 'only applies with "strength": "auto"')
+    method, cad_beta = _parse_method(obj, field)
+    if method == "cad":
+        if (has_s or has_a) and (auto is not None or alpha != 1.0):
+            raise SteeringError(
+                field,
+                'method "cad" applies no attention bias; "attention+cad" combines CAD with a strength',
+            )
+        alpha = 1.0  # a server default strength does not apply either
 
     spans = obj.get("spans")
     spans = () if spans is None else spans
@@ -200,8 +224,25 @@ def parse_steering(
             )
         heads = dict(head_profiles[name])  # type: ignore[index]
     return SteeringSpec(
-        alpha=alpha, targets=tuple(targets), spans=tuple(spans), layers=layers, heads=heads, auto=auto
-    )
+        alpha=alpha, targets=tuple(targets), spans=tuple(spans), layers=layers, heads=heads, auto=auto,
+        method=method, cad_beta=cad_beta,
+    )  # fmt: skip
+
+
+def _parse_method(obj: Mapping[str, Any], field: str) -> tuple[str, float | None]:
+    method = obj.get("method")
+    method = "attention" if method is None else method
+    if method not in METHODS:
+        raise SteeringError(f"{field}.method", f"unknown method {method!r}; expected one of {list(METHODS)}")
+    beta = obj.get("cad_beta")
+    if "cad" not in method:
+        if beta is not None:
+            raise SteeringError(f"{field}.cad_beta", 'only applies with method "cad" or "attention+cad"')
+        return method, None
+    beta = DEFAULT_CAD_BETA if beta is None else _number(beta, f"{field}.cad_beta")
+    if not 0.0 < beta <= MAX_CAD_BETA:
+        raise SteeringError(f"{field}.cad_beta", f"must be in (0, {MAX_CAD_BETA:g}], got {beta}")
+    return method, beta
 
 
 AUTO_FIELDS = frozenset({"target_ratio", "max_strength"})

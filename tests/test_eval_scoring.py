@@ -7,6 +7,7 @@ import pytest
 from ctxsteer.clients.eval.needle import DEFAULT_NEEDLE, DEFAULT_QUESTION
 from ctxsteer.clients.eval.scoring import (
     answer_in_reply,
+    choice_correct,
     conflict_outcome,
     drop_scores,
     needle_keywords,
@@ -107,3 +108,23 @@ def test_answer_in_reply_is_the_lenient_measure() -> None:
     assert answer_in_reply("In 18890.", ["1889"]) == 0.0  # whole words only
     assert answer_in_reply("Smith scored, then Jones.", [["Smith", "Jones"]]) == 1.0  # all DROP spans
     assert answer_in_reply("Smith scored.", [["Smith", "Jones"], ["Brown"]]) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("reply", "correct"),
+    [
+        ("B", 1.0),
+        ("b.", 1.0),
+        ("(B) hypothesis", 1.0),
+        ("Answer: B", 1.0),
+        ("The answer is B.", 1.0),
+        ("hypothesis.", 1.0),
+        ("A hypothesis", 1.0),  # an article, not option A: the text decides
+        ("C", 0.0),
+        ("A. experiment", 0.0),
+        ("experiment", 0.0),
+        ("", 0.0),
+    ],
+)
+def test_choice_correct(reply: str, correct: float) -> None:
+    assert choice_correct(reply, "B", "hypothesis") == correct

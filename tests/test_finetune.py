@@ -93,3 +93,18 @@ def test_score_finetune_serve(tmp_path: Path) -> None:
         r = greedy_chat(sp, msgs, 4, context_indicator="on")
         assert r.status_code == 200, r.text
         assert r.json()["context_indicator"] == {"mode": "on", "applied": True}
+
+        # `ctxsteer eval --context-indicator`: the harness sends it and records what the server applied
+        import asyncio
+
+        from ctxsteer.clients.eval.qa import QAConfig, run_qa
+
+        for mode, applied in (("on", True), ("off", False)):
+            cfg = QAConfig(
+                url=sp.url, task="conflict", out=tmp_path / f"eval-{mode}", limit=2, strengths=[1],
+                max_tokens=2, progress=False, context_indicator=mode,
+            )  # fmt: skip
+            res = asyncio.run(run_qa(cfg))
+            assert len(res.cells) == 2 and {c["indicator_applied"] for c in res.cells} == {applied}
+            stored = json.loads((tmp_path / f"eval-{mode}" / "results.json").read_text())
+            assert stored["meta"]["context_indicator"] == mode

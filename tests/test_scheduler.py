@@ -80,8 +80,8 @@ def test_aborts_apply_between_steps_and_running_slots_stay_packed() -> None:
     assert plan.releases == [Release(slot=0, moved_from=2)]  # c moved into a's slot
     assert plan.decode == [c, b] and (c.slot, b.slot) == (0, 1)
     check_slots(s)
-    assert s.finish(b, FinishReason.STOP) == Release(slot=1, moved_from=None)  # the last row: no move
-    assert s.finish(b, FinishReason.STOP) is None  # finishing twice is a no-op
+    assert s.finish(b, FinishReason.STOP) == [Release(slot=1, moved_from=None)]  # the last row: no move
+    assert s.finish(b, FinishReason.STOP) == []  # finishing twice is a no-op
     check_slots(s)
     assert s.reserved == c.reserve_tokens
 
@@ -127,3 +127,32 @@ def test_reset_drops_admitted_rows_and_keeps_the_queue() -> None:
     s.prefilled(a)
     assert s.reset() == [a] and a.slot is None
     assert names(s.waiting) == ["w"] and s.reserved == 0 and s.active == 0
+
+
+def cad_seq(name: str, prompt: int = 10, twin_prompt: int = 6, max_tokens: int = 5) -> Sequence:
+    main = seq(name, prompt, max_tokens)
+    main.twin = Sequence(
+        GenerationRequest(f"{name}~cad", list(range(twin_prompt)), SamplingParams(max_tokens=max_tokens)),
+        emit=lambda out: None,
+        is_twin=True,
+    )
+    return main
+
+
+def test_a_cad_request_takes_two_seats_its_twin_the_slot_before_it_and_leaves_with_it() -> None:
+    s = sched(max_num_seqs=3, kv=1000)
+    a, c, b = seq("a"), cad_seq("c", 10, 6, 5), seq("b")
+    for q in (a, c, b):
+        s.add(q)
+    assert names(s.schedule().admitted) == ["a", "c"]  # 1 + 2 seats: b waits
+    assert s.reserved == 15 + (15 + 11) and s.active == 3
+    assert s.prefilled(a) == 0 and s.prefilled(c) == 2 and c.twin is not None and c.twin.slot == 1
+    check_slots(s)
+    assert names(s.schedule().decode) == ["a", "c~cad", "c"]  # the twin decodes beside its request
+    assert names(s.all()) == ["b", "a", "c"]  # twins are part of their request, not listed
+    # a leaves: the last row (c) moves into slot 0, then c leaves with its twin
+    assert s.finish(a, FinishReason.STOP) == [Release(0, 2)]
+    assert [q.request_id for q in s.running] == ["c", "c~cad"]
+    assert s.finish(c, FinishReason.ABORT) == [Release(0, 1), Release(0, None)]
+    assert s.running == [] and s.reserved == 0 and c.twin.finished
+    assert names(s.schedule().admitted) == ["b"]

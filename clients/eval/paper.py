@@ -48,6 +48,7 @@ class PaperConfig:
     api_key: str | None = None
     timeout_s: float = DEFAULT_TIMEOUT_S
     progress: bool = True
+    context_indicator: str | None = None
     plan: Plan | None = None  # overrides QUICK/FULL (tests, custom sizes)
 
 
@@ -116,6 +117,7 @@ async def run_paper(cfg: PaperConfig) -> PaperResult:
     start = time.monotonic()
     common = {"url": cfg.url, "model": cfg.model, "concurrency": cfg.concurrency, "api_key": cfg.api_key}
     common |= {"tokenizer": cfg.tokenizer, "progress": cfg.progress, "timeout_s": cfg.timeout_s}
+    common["context_indicator"] = cfg.context_indicator
     nih = await run_nih(
         NIHConfig(
             out=cfg.out / "nih",

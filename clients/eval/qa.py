@@ -1,5 +1,7 @@
-"""`ctxsteer eval qa`: reading comprehension (SQuAD EM/F1, DROP F1) and knowledge conflict (share of
-answers that follow the edited context vs give the memorised answer), at each steering strength.
+"""`ctxsteer eval qa`: reading comprehension (SQuAD EM/F1, DROP F1), knowledge conflict (share of
+answers that follow the edited context vs give the memorised answer), at each steering strength, and
+`general`: ARC-Easy multiple choice without a context (accuracy), a check that answers which need no
+context do not get worse.
 
 Short-answer prompting: the system prompt asks for the bare answer, and the user turn repeats that after
 the question, right where the reply starts, so chatty instruct models are scored on answers. Scores are
@@ -22,6 +24,7 @@ from ctxsteer.clients.eval.results import ResultStore
 from ctxsteer.clients.eval.runner import Job, RunReport, run_jobs
 from ctxsteer.clients.eval.scoring import (
     answer_in_reply,
+    choice_correct,
     conflict_outcome,
     drop_scores,
     short_answer,
@@ -40,10 +43,13 @@ CONFLICT_USER = (
     "Context: {context}\n\nQuestion: {question}\n"
     "Assume the context is true, even where it contradicts what you know. Answer with a few words only."
 )
+GENERAL_SYSTEM = "Answer the multiple-choice question. Reply with the letter of the correct option only."
+GENERAL_USER = "{question}\nAnswer with the letter only."
 METRICS = {
     "squad": ("em", "f1", "contains"),
     "drop": ("em", "f1", "contains"),
     "conflict": ("context", "memory", "other"),
+    "general": ("correct",),
 }
 
 
@@ -62,6 +68,7 @@ class QAConfig:
     api_key: str | None = None
     timeout_s: float = DEFAULT_TIMEOUT_S
     progress: bool = True
+    context_indicator: str | None = None  # sent as `context_indicator` on every request when set
 
 
 @dataclass(slots=True)
@@ -85,10 +92,17 @@ class QAResult:
         return out
 
 
+def _prompts(task: str) -> tuple[str, str]:
+    """(system prompt, user template) of a task."""
+    if task == "general":
+        return GENERAL_SYSTEM, GENERAL_USER
+    return QA_SYSTEM, CONFLICT_USER if task == "conflict" else QA_USER
+
+
 def qa_messages(task: str, item: QAItem) -> list[dict[str, str]]:
-    template = CONFLICT_USER if task == "conflict" else QA_USER
+    system, template = _prompts(task)
     return [
-        {"role": "system", "content": QA_SYSTEM},
+        {"role": "system", "content": system},
         {"role": "user", "content": template.format(context=item.context, question=item.question)},
     ]
 
@@ -102,6 +116,8 @@ def score_item(task: str, item: QAItem, reply: str) -> dict[str, Any]:
     if task == "drop":
         em, f1 = drop_scores(answer, item.answers)
         return {"em": em, "f1": f1, "contains": answer_in_reply(reply, item.answers)}
+    if task == "general":
+        return {"correct": choice_correct(reply, *item.answers)}
     outcome = conflict_outcome(reply, item.context_answer, item.memory_answer)
     return {
         "context": float(outcome == "context"),
@@ -113,7 +129,14 @@ def score_item(task: str, item: QAItem, reply: str) -> dict[str, Any]:
 async def run_qa(cfg: QAConfig) -> QAResult:
     """Run (or resume) one task over its seeded subset and write results.json and results.csv."""
     items, source = load_items(cfg.task, limit=cfg.limit, seed=cfg.seed)
-    async with EvalAPI(cfg.url, model=cfg.model, api_key=cfg.api_key, timeout_s=cfg.timeout_s) as api:
+    api = EvalAPI(
+        cfg.url,
+        model=cfg.model,
+        api_key=cfg.api_key,
+        timeout_s=cfg.timeout_s,
+        context_indicator=cfg.context_indicator,
+    )
+    async with api:
         info = await api.model_info()
         counter = await make_counter(api, cfg.tokenizer) if info.max_model_len is not None else None
         meta = {
@@ -121,9 +144,10 @@ async def run_qa(cfg: QAConfig) -> QAResult:
             "task": cfg.task,
             "source": source,
             "seed": cfg.seed,
-            "system_prompt": QA_SYSTEM,
-            "user_template": CONFLICT_USER if cfg.task == "conflict" else QA_USER,
+            "system_prompt": _prompts(cfg.task)[0],
+            "user_template": _prompts(cfg.task)[1],
             "max_tokens": cfg.max_tokens,
+            "context_indicator": cfg.context_indicator,
         }
         store = ResultStore(cfg.out, cfg.task, meta, ("id", "strength"))
 
@@ -145,6 +169,7 @@ async def run_qa(cfg: QAConfig) -> QAResult:
                     else [item.context_answer, item.memory_answer],
                     "prompt_tokens": out.prompt_tokens,
                     "alpha": (out.steering or {}).get("alpha"),
+                    "indicator_applied": (out.indicator or {}).get("applied"),
                 }
 
             return Job({"id": item.id, "strength": strength}, run)

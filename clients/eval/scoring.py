@@ -219,3 +219,13 @@ def short_answer(text: str) -> str:
     line = _PREFIX.sub("", line, count=1).strip()
     line = line.strip("*\"'` ")
     return line.removesuffix(".").strip()
+
+
+def choice_correct(reply: str, letter: str, option: str) -> float:
+    """Multiple choice: the reply names the gold option by its letter ("B", "B.", "(B) text", "B: text")
+    or gives its text (normalised exact match). A bare "A cellular telephone" is text, not option A."""
+    answer = short_answer(reply)
+    m = re.match(r"^\(?([A-Za-z])(?:$|[).:])", answer)
+    if m:
+        return float(m.group(1).upper() == letter.upper())
+    return float(normalize_squad(answer) == normalize_squad(option))

@@ -48,6 +48,13 @@ def _prepare(ctx: ServingContext, req: ChatCompletionRequest, response_id: str) 
     """Tokenizer-bound work, run in a worker thread: render with the chat template, then the shared steps."""
     spec = ctx.parse_spec(req.steering_object())
     mode = ctx.indicator_mode(req.context_indicator)
+    if mode == "auto" and spec.cad:
+        raise bad_request(
+            'context_indicator "auto" and a CAD steering.method cannot be combined yet: the indicator would '
+            "change the prompt after its context-free twin was made; fix one of them.",
+            "context_indicator",
+            "unsupported_combination",
+        )
     if mode == "auto" and spec.auto is not None:
         raise bad_request(
             'context_indicator "auto" and steering.strength "auto" cannot be combined yet; fix one of them.',

@@ -30,7 +30,7 @@ from ctxsteer.server.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from ctxsteer.steering.spec import MAX_SPANS, MAX_STRENGTH, MIN_ALPHA
+from ctxsteer.steering.spec import MAX_CAD_BETA, MAX_SPANS, MAX_STRENGTH, METHODS, MIN_ALPHA
 
 ERRORS = {
     400: "Invalid request (the message names the parameter in `param`)",
@@ -189,6 +189,12 @@ def _steering_schema(info: ModelInfo, profiles: list[str]) -> dict[str, Any]:
                 ]
             },
             "head_profile": {"enum": profiles} if profiles else {"type": "null"},
+            "method": {
+                "enum": list(METHODS),
+                "description": '"cad": context-aware decoding (contrast with the prompt without its steered '
+                'tokens, weight cad_beta); "attention+cad": both (local engine, --max-num-seqs >= 2).',
+            },
+            "cad_beta": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_CAD_BETA},
         },
         "additionalProperties": False,
         "allOf": [
@@ -196,6 +202,16 @@ def _steering_schema(info: ModelInfo, profiles: list[str]) -> dict[str, Any]:
             _not_both("heads", "head_profile"),
             _only_with_auto("target_ratio"),
             _only_with_auto("max_strength"),
+            # cad_beta needs a CAD method; "cad" alone applies no bias (strength/alpha 1 or not given)
+            _if_given(
+                "cad_beta",
+                {"required": ["method"], "properties": {"method": {"enum": ["cad", "attention+cad"]}}},
+            ),
+            _if_given(
+                "method",
+                {"properties": {"strength": _nullable({"const": 1}), "alpha": _nullable({"const": 1})}},
+                {"const": "cad"},
+            ),
         ],
     }
     schema["properties"] = {k: _nullable(v) for k, v in schema["properties"].items()}  # null = not given

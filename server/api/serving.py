@@ -45,6 +45,7 @@ from ctxsteer.server.protocol import (
     SteeringInfo,
     UsageInfo,
 )
+from ctxsteer.steering.cad import CadPlan, context_free_ids
 from ctxsteer.steering.indicator import IndicatorPlan, insertion_point, mark_messages
 from ctxsteer.steering.spans import RenderedPrompt, render_chat, steered_ranges
 from ctxsteer.steering.spec import HeadMap, SteeringSpec, parse_steering
@@ -100,6 +101,14 @@ class ServingContext:
         )
         if (spec.active or spec.auto is not None) and info.steering_unsupported:
             raise bad_request(info.steering_unsupported, "steering", "steering_unsupported")
+        if spec.cad and not info.cad:
+            raise bad_request(
+                f"steering.method {spec.method!r} (context-aware decoding) needs the local engine with "
+                "--max-num-seqs of at least 2 (its context-free twin takes a second row); this server "
+                "cannot run it.",
+                "steering.method",
+                "unsupported_method",
+            )
         if spec.auto is not None and not info.context_attention:
             raise bad_request(
                 'steering.strength "auto" measures the prompt\'s attention during prefill, which this engine '
@@ -236,6 +245,17 @@ def prepare_generation(
         threshold = ctx.config.context_indicator_threshold
         plan = IndicatorPlan(marked.insert_at, tuple(marked.rendered.ids), marked_row, threshold)
     watch = ctx.watch_context(req.wants_context_attention())
+    cad = None
+    if spec.cad_beta is not None:
+        free = context_free_ids(rendered.ids, steered)
+        if not free:
+            raise bad_request(
+                "steering.method with CAD contrasts the prompt with the prompt without its steered tokens, "
+                "but every prompt token is steered here; steer only the context (e.g. steering.spans).",
+                "steering.method",
+                "nothing_outside_context",
+            )
+        cad = CadPlan(tuple(free), spec.cad_beta)
     requests = [
         GenerationRequest(
             request_id=f"{response_id}-{i}",
@@ -245,6 +265,7 @@ def prepare_generation(
             watch_context=watch,
             indicator=plan,
             auto_strength=spec.auto,
+            cad=cad,
         )
         for i in range(req.num_choices)
     ]
@@ -300,6 +321,8 @@ def steering_info(spec: SteeringSpec, steered: Sequence[Range], prompt_tokens: i
         steered_tokens=sum(e - s for s, e in steered),
         prompt_tokens=prompt_tokens,
         layers="all" if spec.layers is None else list(spec.layers),
+        method=spec.method,
+        cad_beta=spec.cad_beta,
         auto=None
         if auto is None
         else AutoStrengthInfo(target_ratio=auto.target_ratio, max_strength=auto.max_strength),
@@ -354,7 +377,9 @@ class Generation:
 
     @property
     def prompt_tokens(self) -> int:
-        return len(self.requests[0].prompt_ids)
+        """The prompt's tokens, plus its context-free twin's with CAD (computed as well)."""
+        first = self.requests[0]
+        return len(first.prompt_ids) + (len(first.cad.free_ids) if first.cad is not None else 0)
 
     def usage(self) -> UsageInfo:
         completion = sum(self.completion_tokens)

@@ -6,7 +6,9 @@ row; the runner executes the plan; the engine samples and books the outputs into
 record (`sequence.Sequence`). Newcomers join between steps and finished rows leave at once. A prefill
 chunk is `prefill_chunk` tokens; with `prefill_stall_share` > 0 the chunk beside decoding rows is sized
 to a share of a decode step instead (`scheduler.PrefillBudget`), so newcomers do not stall the running
-streams.
+streams. A CAD request (`request.cad`) brings a hidden twin row with the context-free prompt: it is
+prefilled before its request's prompt, decodes beside it in the same batch, and each step the request
+samples from the contrast of the two rows' logits; the twin is fed the sampled token.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from ctxsteer.server.engine.request import (
     FinishReason,
     GenerationOutput,
     GenerationRequest,
+    SamplingParams,
     TokenLogprob,
 )
 from ctxsteer.server.engine.runner import ModelRunner
@@ -41,6 +44,8 @@ from ctxsteer.server.engine.sampler import RowSampler, Sampled, sample_rows
 from ctxsteer.server.engine.scheduler import PrefillBudget, Scheduler, StepPlan
 from ctxsteer.server.engine.sequence import SeqStatus, Sequence
 from ctxsteer.steering.auto_strength import choose_strength, head_gates
+from ctxsteer.steering.cad import cad_logits
+from ctxsteer.steering.rows import SteerRow
 
 log = logging.getLogger("ctxsteer.engine")
 
@@ -59,7 +64,9 @@ class LocalEngine(AsyncEngine):
         prefill_stall_share: float = 0.0,
         observer: EngineObserver | None = None,
     ) -> None:
-        self.info, self.tokenizer = dataclasses.replace(info, context_attention=True), tokenizer
+        # CAD needs two rows of the batch per request
+        info = dataclasses.replace(info, context_attention=True, cad=max_num_seqs >= 2)
+        self.info, self.tokenizer = info, tokenizer
         self.runner = ModelRunner(model, max_rows=max_num_seqs)
         budget = kv_budget_tokens or max_num_seqs * info.max_model_len
         self.budget = PrefillBudget(prefill_chunk, share=prefill_stall_share)
@@ -89,6 +96,8 @@ class LocalEngine(AsyncEngine):
             sampler=RowSampler.create(request.sampling),
             detok=Detokenizer(self.tokenizer, request.prompt_ids, request.sampling.stop),
         )
+        if request.cad is not None:
+            seq.twin = _twin(request)
         with self._lock:
             # Rows whose abort is pending leave at the next step: their places are already free, so a
             # client that cancels and retries at once is not told to retry later.
@@ -204,8 +213,10 @@ class LocalEngine(AsyncEngine):
             req = seq.request
             watch = req.watch_context or req.indicator is not None or req.auto_strength is not None
             seq.prefill = self.runner.start_prefill(req.prompt_ids, req.steer, watch)
-        prefill_tokens, joined = self._run_prefill(plan) if plan.prefill is not None else (0, None)
-        rows = [*plan.decode, joined] if joined is not None else plan.decode  # slot order
+            if (twin := seq.twin) is not None:
+                twin.prefill = self.runner.start_prefill(twin.request.prompt_ids, twin.request.steer)
+        prefill_tokens, joined = self._run_prefill(plan) if plan.prefill is not None else (0, [])
+        rows = [*plan.decode, *joined]  # slot order
         if rows:
             self._run_decode(rows, prefill_tokens)
         elif plan.prefill is not None:
@@ -214,35 +225,50 @@ class LocalEngine(AsyncEngine):
             raise RuntimeError("the runner's KV slots and the scheduler's running rows disagree")
         return not plan.empty
 
-    def _run_prefill(self, plan: StepPlan) -> tuple[int, Sequence | None]:
-        """One chunk of the oldest admitted prompt; returns the prompt tokens processed and, when the
-        prompt is done and its first token did not finish it, the row that joined the decode batch."""
+    def _run_prefill(self, plan: StepPlan) -> tuple[int, list[Sequence]]:
+        """One chunk of the oldest admitted prompt (a CAD twin's first); returns the prompt tokens
+        processed and, when the prompt is done and its first token did not finish it, the rows that
+        joined the decode batch (in slot order)."""
         seq = plan.prefill
         assert seq is not None and seq.prefill is not None
-        before = seq.prefill.done
+        twin = seq.twin
+        state = twin.prefill if twin is not None and seq.twin_logits is None else seq.prefill
+        before = state.done
         t0 = time.perf_counter()
         try:
-            logits = self.runner.prefill_step(seq.prefill, plan.prefill_tokens)
-            tokens = seq.prefill.done - before
-            if logits is not None and (
+            logits = self.runner.prefill_step(state, plan.prefill_tokens)
+            tokens = state.done - before
+            if state is not seq.prefill:
+                seq.twin_logits = logits
+                logits = None
+            elif logits is not None and (
                 self._auto_strength_restart(seq, seq.prefill) or self._indicator_restart(seq, seq.prefill)
             ):
-                return tokens, None
+                return tokens, []
         except Exception:  # noqa: BLE001 - this request fails alone
             log.exception("prefill failed for %s", seq.request_id)
             self._finish(seq, FinishReason.ERROR, "generation failed")
-            return 0, None
+            return 0, []
         self.budget.observe_prefill(tokens, time.perf_counter() - t0)
-        if logits is not None:  # the prompt is done: the row joins the decode batch
-            state, seq.prefill = seq.prefill, None
-            if state.context is not None and seq.request.watch_context:
-                seq.context.append(state.context)
-            with self._lock:
-                slot = self.sched.prefilled(seq)
-            self.runner.admit(state, slot)
-            self._sample_and_accept([seq], logits.unsqueeze(0), first=True)
-            return tokens, None if seq.finished else seq
-        return tokens, None
+        if logits is None:
+            return tokens, []
+        # the prompt is done: the row (after its twin) joins the decode batch
+        state, seq.prefill = seq.prefill, None
+        if state.context is not None and seq.request.watch_context:
+            seq.context.append(state.context)
+        with self._lock:
+            slot = self.sched.prefilled(seq)
+        joined = [seq]
+        if twin is not None:
+            assert twin.slot is not None and seq.request.cad is not None
+            self.runner.admit(twin.prefill, twin.slot)
+            twin.prefill = None
+            logits = cad_logits(logits, seq.twin_logits, seq.request.cad.beta)
+            seq.twin_logits = None
+            joined = [twin, seq]
+        self.runner.admit(state, slot)
+        self._sample_and_accept([seq], logits.unsqueeze(0), first=True)
+        return tokens, [] if seq.finished else joined
 
     def _auto_strength_restart(self, seq: Sequence, state: Any) -> bool:
         """strength "auto": once the unsteered prompt is prefilled, its last position's attention on the
@@ -295,7 +321,24 @@ class LocalEngine(AsyncEngine):
         self.observer.on_step(len(rows), prefill_tokens)
         for i, value in result.context.items():
             rows[i].context.append(value)
-        self._sample_and_accept(rows, result.logits)
+        if not any(s.twin is not None for s in rows):
+            self._sample_and_accept(rows, result.logits)
+            return
+        index = {id(s): i for i, s in enumerate(rows)}
+        mains = [s for s in rows if not s.is_twin]
+        logits = torch.stack([
+            cad_logits(result.logits[index[id(s)]], result.logits[index[id(s.twin)]], s.request.cad.beta)
+            if s.twin is not None and s.request.cad is not None
+            else result.logits[index[id(s)]]
+            for s in mains
+        ])  # fmt: skip
+        self._sample_and_accept(mains, logits)
+
+    @staticmethod
+    def _feed_twin(seq: Sequence) -> None:
+        """The twin decodes what its request generated."""
+        if seq.twin is not None and not seq.finished:
+            seq.twin.generated.append(seq.last_token)
 
     def _sample_and_accept(self, seqs: list[Sequence], logits: torch.Tensor, first: bool = False) -> None:
         """Sample and book every row; a row whose own sampling or bookkeeping raises fails alone, so one
@@ -307,6 +350,7 @@ class LocalEngine(AsyncEngine):
                 continue
             try:
                 self._accept(seq, s, first=first)
+                self._feed_twin(seq)
             except Exception:  # noqa: BLE001
                 log.exception("output bookkeeping failed for %s", seq.request_id)
                 self._finish(seq, FinishReason.ERROR, "generation failed")
@@ -378,10 +422,12 @@ class LocalEngine(AsyncEngine):
         if seq.finished:
             return
         with self._lock:
-            release = self.sched.finish(seq, reason)
+            releases = self.sched.finish(seq, reason)
         seq.prefill = None
+        if seq.twin is not None:
+            seq.twin.prefill, seq.twin_logits = None, None
         try:
-            if release is not None:
+            for release in releases:
                 self.runner.release(release.slot, release.moved_from)
         finally:
             if reason in (FinishReason.STOP, FinishReason.LENGTH):
@@ -415,6 +461,20 @@ class LocalEngine(AsyncEngine):
             seqs = list(self._live.values())
         for seq in seqs:
             self._emit_final(seq, reason, "", None, message)
+
+
+def _twin(request: GenerationRequest) -> Sequence:
+    """The hidden context-free row of a CAD request: greedy (it never samples: its logits are only read),
+    unsteered, as long as its request may run; it emits nothing."""
+    assert request.cad is not None
+    twin_request = GenerationRequest(
+        request_id=f"{request.request_id}~cad",
+        prompt_ids=list(request.cad.free_ids),
+        sampling=SamplingParams(max_tokens=request.sampling.max_tokens, temperature=0.0),
+        steer=SteerRow(),
+        arrival_time=request.arrival_time,
+    )
+    return Sequence(twin_request, lambda out: None, is_twin=True)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:

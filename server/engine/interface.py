@@ -46,6 +46,7 @@ class ModelInfo:
     num_heads: int  # query heads per layer
     steering_unsupported: str | None = None  # why this engine cannot steer this model (steered -> 400)
     context_attention: bool = False  # the engine measures live context attention (`watch_context`)
+    cad: bool = False  # the engine serves context-aware decoding (`GenerationRequest.cad`)
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from ctxsteer.steering.cad import CadPlan
 from ctxsteer.steering.indicator import IndicatorPlan
 from ctxsteer.steering.rows import SteerRow
 from ctxsteer.steering.spec import AutoStrength
@@ -49,6 +50,7 @@ class GenerationRequest:
     watch_context: bool = False
     indicator: IndicatorPlan | None = None  # context_indicator "auto": decided after the prompt's prefill
     auto_strength: AutoStrength | None = None  # strength "auto": decided after the prompt's prefill
+    cad: CadPlan | None = None  # context-aware decoding: a hidden context-free twin decodes in lockstep
     arrival_time: float = field(default_factory=time.monotonic)
 
 

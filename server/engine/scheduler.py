@@ -6,7 +6,9 @@ back (`prefilled`, `finish`). A bounded waiting queue; at most `max_num_seqs` se
 token budget reserved per sequence as prompt + max_tokens, so an admitted sequence can always finish
 (no preemption). Admission is FIFO (no overtaking) and prompts are prefilled oldest first. The scheduler
 is the one owner of KV slots: running row i lives in slot i, and a row that leaves is replaced by the
-last row (`Release` says which move the runner must make).
+last row (`Release` says which move the runner must make). A CAD request's hidden twin (`Sequence.twin`)
+is never queued on its own: it is admitted with its request (two seats), takes the slot just before it
+when the prompt is done, and leaves with it.
 """
 
 from __future__ import annotations
@@ -118,7 +120,8 @@ class Scheduler:
 
     @property
     def active(self) -> int:
-        return len(self.prefilling) + len(self.running)
+        """Seats taken: admitted sequences, CAD twins included."""
+        return sum(s.seats for s in self.prefilling) + len(self.running)
 
     # ---- one engine step ------------------------------------------------------------------------
     def schedule(self, aborts: Iterable[str] = ()) -> StepPlan:
@@ -126,10 +129,8 @@ class Scheduler:
         plan = StepPlan()
         abort_ids = set(aborts)
         for seq in [s for s in self.all() if s.request_id in abort_ids]:
-            release = self.finish(seq, FinishReason.ABORT)
+            plan.releases += self.finish(seq, FinishReason.ABORT)
             plan.aborted.append(seq)
-            if release is not None:
-                plan.releases.append(release)
         plan.admitted = self._admit()
         if self.prefilling:
             plan.prefill = self.prefilling[0]
@@ -139,7 +140,7 @@ class Scheduler:
 
     def _admit(self) -> list[Sequence]:
         admitted = []
-        while self.waiting and self.active < self.max_num_seqs:
+        while self.waiting and self.active + self.waiting[0].seats <= self.max_num_seqs:
             seq = self.waiting[0]
             if self.reserved + seq.reserve_tokens > self.kv_budget and self.active:
                 break  # wait for room; a lone sequence is always admitted (the HTTP layer bounds its size)
@@ -151,25 +152,40 @@ class Scheduler:
         return admitted
 
     def prefilled(self, seq: Sequence) -> int:
-        """Its prompt is done: it decodes from now on, in the returned slot (the next free one)."""
+        """Its prompt is done: it decodes from now on, in the returned slot (the next free one; a CAD
+        twin takes the one before it)."""
         self.prefilling.remove(seq)
-        seq.status = SeqStatus.RUNNING
-        seq.slot = len(self.running)
-        self.running.append(seq)
+        for row in (seq.twin, seq) if seq.twin is not None else (seq,):
+            row.status = SeqStatus.RUNNING
+            row.slot = len(self.running)
+            self.running.append(row)
+        assert seq.slot is not None
         return seq.slot
 
-    def finish(self, seq: Sequence, reason: FinishReason) -> Release | None:
-        """Forget an admitted or waiting sequence; a running one's slot is refilled by the last row."""
+    def finish(self, seq: Sequence, reason: FinishReason) -> list[Release]:
+        """Forget an admitted or waiting sequence (and its CAD twin); a running row's slot is refilled by
+        the last row. The runner must apply the releases in order."""
         if seq.finished:
-            return None
+            return []
         previous, seq.status, seq.finish_reason = seq.status, SeqStatus.FINISHED, reason
+        releases = []
         if previous is SeqStatus.WAITING:
             self.waiting.remove(seq)
-            return None
-        self.reserved -= seq.reserve_tokens
-        if previous is SeqStatus.PREFILLING:
+        elif previous is SeqStatus.PREFILLING:
+            self.reserved -= seq.reserve_tokens
             self.prefilling.remove(seq)
-            return None
+        else:
+            self.reserved -= seq.reserve_tokens
+            releases.append(self._vacate(seq))
+        twin = seq.twin
+        if twin is not None and not twin.finished:
+            twin_was_running = twin.status is SeqStatus.RUNNING
+            twin.status, twin.finish_reason = SeqStatus.FINISHED, reason
+            if twin_was_running:
+                releases.append(self._vacate(twin))
+        return releases
+
+    def _vacate(self, seq: Sequence) -> Release:
         slot = seq.slot
         assert slot is not None and self.running[slot] is seq
         seq.slot = None
@@ -191,9 +207,10 @@ class Scheduler:
         return dropped
 
     def all(self) -> Iterator[Sequence]:
+        """Every request held (CAD twins are part of theirs, not listed)."""
         yield from self.waiting
         yield from self.prefilling
-        yield from self.running
+        yield from (s for s in self.running if not s.is_twin)
 
     def kv_usage(self) -> float:
         return min(1.0, self.reserved / self.kv_budget) if self.kv_budget else 0.0

@@ -35,6 +35,11 @@ class Sequence:
     context: list[tuple[float, float]] = field(default_factory=list)
     indicator: tuple[bool, float] | None = None  # the "auto" decision: (applied, measured ratio)
     auto_strength: tuple[float, float, float] | None = None  # (strength, unsteered, predicted ratio)
+    # CAD: the hidden context-free row (`request.cad`); it rides with this one: admitted, prefilled (first),
+    # joined, fed the same tokens and finished together, and it never emits anything.
+    twin: Sequence | None = None
+    is_twin: bool = False
+    twin_logits: Any = None  # the twin's last prompt logits, until this row's prompt is done
     admitted_at: float = 0.0
     last_token_at: float = 0.0
 
@@ -45,10 +50,16 @@ class Sequence:
     @property
     def reserve_tokens(self) -> int:
         """KV tokens reserved at admission: enough to finish without preemption (constant: an "auto"
-        context indicator may still lengthen the prompt by its token)."""
+        context indicator may still lengthen the prompt by its token). A CAD row reserves its twin's too."""
         plan = self.request.indicator
         prompt = max(len(self.request.prompt_ids), len(plan.marked_ids) if plan is not None else 0)
-        return prompt + self.request.sampling.max_tokens
+        twin = self.twin.reserve_tokens if self.twin is not None else 0
+        return prompt + self.request.sampling.max_tokens + twin
+
+    @property
+    def seats(self) -> int:
+        """Rows of the decode batch it takes once running (its twin's included)."""
+        return 2 if self.twin is not None else 1
 
     @property
     def last_token(self) -> int:
