@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -150,17 +151,19 @@ def main(argv: list[str] | None = None) -> int:
 
     summary_path = args.out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"seconds": {}, "rows": {}}
-    chat, scored, tuned = args.out / "chat.jsonl", args.out / "scored.jsonl", args.work / "tuned"
+    chat, scored, tuned = args.work / "chat.jsonl", args.work / "scored.jsonl", args.work / "tuned"
     if not chat.exists():
         run([*CTXSTEER, "eval", "chat-set", "--out", str(chat), "--context", str(args.context),
              "--plain", str(args.plain)])  # fmt: skip
-    if not (args.out / "scored.summary.json").exists():
+    if not (args.work / "scored.summary.json").exists():
         cmd = [*CTXSTEER, "score", str(chat), "--out", str(scored), "--percentile", "50", "--no-progress"]
         summary["seconds"]["score"] = round(run(cmd), 1)
     if not (tuned / "finetune.json").exists():
         cmd = [*CTXSTEER, "finetune", str(scored), "--out", str(tuned), "--epochs", str(args.epochs)]
         summary["seconds"]["finetune"] = round(run([*cmd, "--lr", str(args.lr), "--no-progress"]), 1)
-        (args.out / "finetune.json").write_text((tuned / "finetune.json").read_text())
+    for made in (args.work / "scored.summary.json", args.work / "scored.hist.png", tuned / "finetune.json"):
+        shutil.copyfile(made, args.out / made.name)  # the small records go with the results
+    summary["scored_by_source"] = _by_source(scored)
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
 
     for name, use_tuned, indicator in CONFIGS:
@@ -176,6 +179,23 @@ def main(argv: list[str] | None = None) -> int:
     write_table(summary, args.out / "summary.md")
     print((args.out / "summary.md").read_text())
     return 0
+
+
+def _by_source(scored: Path) -> dict[str, dict[str, float]]:
+    """Per source of the chat set: examples, how many were marked, the median ratio."""
+    rows = [json.loads(line) for line in scored.read_text(encoding="utf-8").splitlines() if line.strip()]
+    out: dict[str, dict[str, float]] = {}
+    for source in sorted({r.get("source", "?") for r in rows}):
+        mine = [
+            r for r in rows if r.get("source", "?") == source and r.get("user_attention_ratio") is not None
+        ]
+        ratios = sorted(r["user_attention_ratio"] for r in mine)
+        out[source] = {
+            "examples": len(mine),
+            "context_dependent": sum(bool(r.get("context_dependent")) for r in mine),
+            "median_ratio": round(ratios[len(ratios) // 2], 4) if ratios else float("nan"),
+        }
+    return out
 
 
 def write_table(summary: dict, path: Path) -> None:

@@ -267,3 +267,23 @@ def test_served_cad_errors(server: ServerProcess) -> None:
         r = greedy_chat(server, MESSAGES, 2, steering=steering)
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"] == param
+
+
+def test_eval_harness_sends_cad_with_the_context_as_the_span(server: ServerProcess, tmp_path) -> None:  # noqa: ANN001
+    from ctxsteer.clients.eval.api import steering_payload
+    from ctxsteer.clients.eval.qa import QAConfig, run_qa
+
+    assert steering_payload(1, "cad", 1.0, "the notes") == {
+        "steering": {"strength": 1.0, "method": "cad", "cad_beta": 1.0, "spans": ["the notes"]}
+    }
+    assert steering_payload(2, "attention", None, "the notes") == {"steering": {"strength": 2.0}}
+    cfg = QAConfig(
+        url=server.url, task="conflict", out=tmp_path, limit=3, strengths=[1], max_tokens=3, progress=False,
+        method="cad", cad_beta=1.0,
+    )  # fmt: skip
+    res = asyncio.run(run_qa(cfg))
+    # the tiny model's 512-token context skips long items; nothing else may fail
+    assert res.cells and all(s["reason"].startswith("context too long") for s in res.report.skipped)
+    assert len(res.cells) + len(res.report.skipped) == 3
+    stored = json.loads((tmp_path / "results.json").read_text())
+    assert stored["meta"]["method"] == "cad" and stored["meta"]["cad_beta"] == 1.0

@@ -57,11 +57,20 @@ def root_url(url: str) -> str:
 AUTO_STRENGTH = 0.0
 
 
-def steering_payload(strength: float) -> dict[str, Any]:
-    """Explicit even at strength 1, so a server-side default strength cannot leak into the baseline."""
-    if strength == AUTO_STRENGTH:
-        return {"steering": {"strength": "auto"}}
-    return {"steering": {"strength": float(strength)}}
+def steering_payload(
+    strength: float, method: str | None = None, cad_beta: float | None = None, context: str | None = None
+) -> dict[str, Any]:
+    """Explicit even at strength 1, so a server-side default strength cannot leak into the baseline.
+    With a CAD method the context is sent as the one steered span: the server's context-free twin is the
+    prompt without exactly that text (the question stays), and attention steering targets it too."""
+    steering: dict[str, Any] = {"strength": "auto" if strength == AUTO_STRENGTH else float(strength)}
+    if method is not None and method != "attention":
+        steering["method"] = method
+        if cad_beta is not None:
+            steering["cad_beta"] = cad_beta
+        if context:
+            steering["spans"] = [context]
+    return {"steering": steering}
 
 
 class EvalAPI:
@@ -75,11 +84,14 @@ class EvalAPI:
         api_key: str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         context_indicator: str | None = None,
+        method: str | None = None,
+        cad_beta: float | None = None,
     ) -> None:
         self.url = root_url(url)
         self.model = model
         # sent on every chat request when set: models tuned with `ctxsteer finetune` ("on"/"off"/"auto")
         self.context_indicator = context_indicator
+        self.method, self.cad_beta = method, cad_beta  # ctxsteer's steering.method (CAD), when set
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
         timeout = httpx.Timeout(timeout_s, connect=10.0)
@@ -146,15 +158,17 @@ class EvalAPI:
         max_tokens: int,
         seed: int = 0,
         stop: list[str] | None = None,
+        context: str | None = None,
     ) -> ChatResult:
-        """One greedy chat completion at the given steering strength."""
+        """One greedy chat completion at the given steering strength (`context`: the text a CAD method
+        removes from its twin prompt)."""
         body: dict[str, Any] = {
             "model": self.model,
             "messages": messages,
             "max_tokens": max_tokens,
             "temperature": 0.0,
             "seed": seed,
-            **steering_payload(strength),
+            **steering_payload(strength, self.method, self.cad_beta, context),
         }
         if stop:
             body["stop"] = stop

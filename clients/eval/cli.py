@@ -83,6 +83,13 @@ def _common(ap: argparse.ArgumentParser) -> None:
         help="send context_indicator on every request (models tuned with `ctxsteer finetune`; "
         "default: not sent, the server's default applies)",
     )
+    ap.add_argument(
+        "--method",
+        choices=("attention", "cad", "attention+cad"),
+        help="ctxsteer steering.method; with CAD the context is sent as the steered span, so the "
+        "context-free twin keeps the question (default: not sent = attention)",
+    )
+    ap.add_argument("--cad-beta", type=float, help="steering.cad_beta (default: the server's, 0.5)")
     ap.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -171,7 +178,7 @@ async def _run(ns: argparse.Namespace) -> int:
 
     common = {"url": ns.url, "model": ns.model, "concurrency": ns.concurrency, "api_key": ns.api_key}
     common |= {"tokenizer": ns.tokenizer, "progress": ns.progress, "timeout_s": ns.timeout}
-    common["context_indicator"] = ns.context_indicator
+    common |= {"context_indicator": ns.context_indicator, "method": ns.method, "cad_beta": ns.cad_beta}
     if ns.command == "nih":
         from ctxsteer.clients.eval.nih import NIHConfig, run_nih, summary_table
 

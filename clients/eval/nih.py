@@ -49,6 +49,8 @@ class NIHConfig:
     timeout_s: float = DEFAULT_TIMEOUT_S
     progress: bool = True
     context_indicator: str | None = None  # sent as `context_indicator` on every request when set
+    method: str | None = None  # steering.method ("cad", "attention+cad"); None: not sent (attention)
+    cad_beta: float | None = None
 
 
 @dataclass(slots=True)
@@ -96,6 +98,8 @@ def _meta(cfg: NIHConfig, model: str) -> dict[str, Any]:
         "max_tokens": cfg.max_tokens,
         "keywords": needle_keywords(cfg.needle, cfg.question),
         "context_indicator": cfg.context_indicator,
+        "method": cfg.method or "attention",
+        "cad_beta": cfg.cad_beta,
     }
 
 
@@ -108,6 +112,8 @@ async def run_nih(cfg: NIHConfig) -> NIHResult:
         api_key=cfg.api_key,
         timeout_s=cfg.timeout_s,
         context_indicator=cfg.context_indicator,
+        method=cfg.method,
+        cad_beta=cfg.cad_beta,
     )
     async with api:
         info = await api.model_info()
@@ -126,7 +132,7 @@ async def run_nih(cfg: NIHConfig) -> NIHResult:
                         raise ContextTooLong(
                             f"{n_prompt} prompt + {cfg.max_tokens} answer tokens > {info.max_model_len}"
                         )
-                out = await api.chat(messages, strength=strength, max_tokens=cfg.max_tokens)
+                out = await api.chat(messages, strength=strength, max_tokens=cfg.max_tokens, context=context)
                 return {
                     "score": round(needle_recall(out.text, cfg.needle, cfg.question), 4),
                     "answer": out.text,

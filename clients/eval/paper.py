@@ -49,6 +49,8 @@ class PaperConfig:
     timeout_s: float = DEFAULT_TIMEOUT_S
     progress: bool = True
     context_indicator: str | None = None
+    method: str | None = None
+    cad_beta: float | None = None
     plan: Plan | None = None  # overrides QUICK/FULL (tests, custom sizes)
 
 
@@ -117,7 +119,7 @@ async def run_paper(cfg: PaperConfig) -> PaperResult:
     start = time.monotonic()
     common = {"url": cfg.url, "model": cfg.model, "concurrency": cfg.concurrency, "api_key": cfg.api_key}
     common |= {"tokenizer": cfg.tokenizer, "progress": cfg.progress, "timeout_s": cfg.timeout_s}
-    common["context_indicator"] = cfg.context_indicator
+    common |= {"context_indicator": cfg.context_indicator, "method": cfg.method, "cad_beta": cfg.cad_beta}
     nih = await run_nih(
         NIHConfig(
             out=cfg.out / "nih",

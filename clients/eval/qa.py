@@ -69,6 +69,8 @@ class QAConfig:
     timeout_s: float = DEFAULT_TIMEOUT_S
     progress: bool = True
     context_indicator: str | None = None  # sent as `context_indicator` on every request when set
+    method: str | None = None  # steering.method ("cad", "attention+cad"); None: not sent (attention)
+    cad_beta: float | None = None
 
 
 @dataclass(slots=True)
@@ -135,6 +137,8 @@ async def run_qa(cfg: QAConfig) -> QAResult:
         api_key=cfg.api_key,
         timeout_s=cfg.timeout_s,
         context_indicator=cfg.context_indicator,
+        method=cfg.method,
+        cad_beta=cfg.cad_beta,
     )
     async with api:
         info = await api.model_info()
@@ -148,6 +152,8 @@ async def run_qa(cfg: QAConfig) -> QAResult:
             "user_template": _prompts(cfg.task)[1],
             "max_tokens": cfg.max_tokens,
             "context_indicator": cfg.context_indicator,
+            "method": cfg.method or "attention",
+            "cad_beta": cfg.cad_beta,
         }
         store = ResultStore(cfg.out, cfg.task, meta, ("id", "strength"))
 
@@ -160,7 +166,9 @@ async def run_qa(cfg: QAConfig) -> QAResult:
                         raise ContextTooLong(
                             f"{n_prompt} prompt + {cfg.max_tokens} answer tokens > {info.max_model_len}"
                         )
-                out = await api.chat(messages, strength=strength, max_tokens=cfg.max_tokens)
+                out = await api.chat(
+                    messages, strength=strength, max_tokens=cfg.max_tokens, context=item.context
+                )
                 return {
                     **score_item(cfg.task, item, out.text),
                     "answer": out.text,
