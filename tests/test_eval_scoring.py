@@ -128,3 +128,17 @@ def test_answer_in_reply_is_the_lenient_measure() -> None:
 )
 def test_choice_correct(reply: str, correct: float) -> None:
     assert choice_correct(reply, "B", "hypothesis") == correct
+
+
+def test_bootstrap_interval_brackets_the_mean_and_narrows_with_n() -> None:
+    from ctxsteer.clients.eval.stats import bootstrap_ci
+
+    small = [1.0] * 27 + [0.0] * 73
+    lo, hi = bootstrap_ci(small)
+    assert lo < 0.27 < hi and 0.15 < hi - lo < 0.2  # about +-9 points on 27 % of 100
+    lo5, hi5 = bootstrap_ci(small * 5)
+    assert lo5 < 0.27 < hi5 and hi5 - lo5 < (hi - lo) / 1.8  # 5x the questions: ~1/sqrt(5) the width
+    assert bootstrap_ci([0.5] * 10) == (0.5, 0.5)
+    assert bootstrap_ci(small) == bootstrap_ci(small)  # seeded
+    with pytest.raises(ValueError):
+        bootstrap_ci([])

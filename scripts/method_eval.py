@@ -1,0 +1,78 @@
+"""Steering methods side by side on the embedded SmolLM2 (issue: beyond the paper's rule): the full
+knowledge-conflict set (500) and SQuAD (200) at each method's setting, with 95 % bootstrap intervals.
+
+`OUT/<setting>/<task>/results.json` per cell (resumable: rerun to continue), `OUT/summary.md` the table.
+With a CAD method the harness sends the context as the one steered span (`ctxsteer eval --method`), so
+the context-free twin keeps the question; that also limits the attention bias to the context in
+"attention+cad", while the plain "attention" rows steer the whole user message (the paper's rule).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from eval_common import CTXSTEER, REPO, ensure_data, run, served
+
+from ctxsteer.clients.eval.stats import bootstrap_ci
+
+# (row name, directory, extra `ctxsteer eval qa` arguments)
+SETTINGS = (
+    ("attention, strength 1 (off)", "attention-1", ["--strengths", "1"]),
+    ("attention, strength 2", "attention-2", ["--strengths", "2"]),
+    ("cad, beta 1", "cad-b1", ["--strengths", "1", "--method", "cad", "--cad-beta", "1"]),
+    ("attention+cad, strength 2, beta 1", "attention-cad-2-b1",
+     ["--strengths", "2", "--method", "attention+cad", "--cad-beta", "1"]),
+)  # fmt: skip
+METRICS = (("conflict", "context"), ("conflict", "memory"), ("squad", "f1"), ("squad", "em"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=REPO / "docs" / "eval" / "methods")
+    ap.add_argument("--conflict", type=int, default=500, help="knowledge-conflict questions (all: 500)")
+    ap.add_argument("--squad", type=int, default=200, help="SQuAD questions")
+    ap.add_argument("--only", help="comma-separated setting directories to run (default: all)")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    ensure_data()
+    wanted = None if args.only is None else set(args.only.split(","))
+    with served(None, args.out / "serve.log") as url:
+        for _, slug, extra in SETTINGS:
+            if wanted is not None and slug not in wanted:
+                continue
+            for task, limit in (("conflict", args.conflict), ("squad", args.squad)):
+                out = args.out / slug / task
+                out.mkdir(parents=True, exist_ok=True)
+                cmd = [*CTXSTEER, "eval", "qa", "--url", url, "--task", task, "--limit", str(limit), *extra]
+                run([*cmd, "--no-progress", "--out", str(out)], args.out / "eval.log")
+    write_summary(args.out)
+    print((args.out / "summary.md").read_text())
+    return 0
+
+
+def write_summary(out: Path) -> None:
+    head = " | ".join(f"{task} {metric}" for task, metric in METRICS)
+    lines = [f"| setting | {head} |", "|---" * (len(METRICS) + 1) + "|"]
+    table: dict[str, dict[str, list[float]]] = {}
+    for name, slug, _ in SETTINGS:
+        cells = []
+        for task, metric in METRICS:
+            path = out / slug / task / "results.json"
+            if not path.exists():
+                cells.append("")
+                continue
+            values = [float(c[metric]) for c in json.loads(path.read_text())["cells"]]
+            lo, hi = bootstrap_ci(values)
+            mean = sum(values) / len(values)
+            table.setdefault(name, {})[f"{task} {metric}"] = [100 * mean, 100 * lo, 100 * hi, len(values)]
+            cells.append(f"{100 * mean:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] (n={len(values)})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n\nPercent; [95 % bootstrap interval].\n")
+    (out / "summary.json").write_text(json.dumps(table, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
