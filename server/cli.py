@@ -57,6 +57,12 @@ def _eval(argv: list[str]) -> int:
     return eval_main(argv)
 
 
+def _profile(argv: list[str]) -> int:
+    from ctxsteer.clients.eval.profile import main as profile_main  # torch-free: talks to a server
+
+    return profile_main(argv)
+
+
 def _score(argv: list[str]) -> int:
     from ctxsteer.server.score import main as score_main
 
@@ -88,6 +94,7 @@ COMMANDS = {
     "models": (_client_command("models"), "list the models a server serves"),
     "health": (_client_command("health"), "check that a server is up and its model loaded"),
     "eval": (_eval, "evaluate context awareness with/without steering: `eval nih|qa|paper`"),
+    "profile": (_profile, "find the layers/heads whose steering helps a task; write --head-profiles JSON"),
     "score": (_score, "score chat examples by their responses' attention to the user (`score DATA --out F`)"),
     "finetune": (_finetune, "conditional fine-tuning with the [IND] indicator (`finetune SCORED --out DIR`)"),
 }

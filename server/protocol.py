@@ -522,6 +522,9 @@ class ModelCard(ResponseModel):
     created: int
     owned_by: str = "ctxsteer"
     max_model_len: int
+    # ctxsteer: the ranges `steering.layers` / `steering.heads` index (e.g. for `ctxsteer profile`)
+    num_layers: int | None = Field(None, exclude_if=lambda v: v is None)
+    num_heads: int | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ModelList(ResponseModel):

@@ -36,6 +36,8 @@ class RequestFailed(EvalError):
 class ModelInfo:
     name: str
     max_model_len: int | None  # None: the server does not say (not ctxsteer/vLLM)
+    num_layers: int | None = None  # ctxsteer's model card says: what steering.layers/heads index
+    num_heads: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +137,13 @@ class EvalAPI:
             raise RequestFailed(f"{self.url}/v1/models lists no model; pass --model")
         self.model = str(card["id"])
         mml = card.get("max_model_len") or card.get("context_length")
-        return ModelInfo(self.model, int(mml) if isinstance(mml, int) else None)
+        layers, heads = card.get("num_layers"), card.get("num_heads")
+        return ModelInfo(
+            self.model,
+            int(mml) if isinstance(mml, int) else None,
+            layers if isinstance(layers, int) else None,
+            heads if isinstance(heads, int) else None,
+        )
 
     async def tokenize(self, body: dict[str, Any]) -> int | None:
         """Token count from ctxsteer's `POST /tokenize`; None where the server has no such route."""
@@ -159,16 +167,21 @@ class EvalAPI:
         seed: int = 0,
         stop: list[str] | None = None,
         context: str | None = None,
+        steering: dict[str, Any] | None = None,
     ) -> ChatResult:
         """One greedy chat completion at the given steering strength (`context`: the text a CAD method
-        removes from its twin prompt)."""
+        removes from its twin prompt; `steering`: a whole steering object instead)."""
         body: dict[str, Any] = {
             "model": self.model,
             "messages": messages,
             "max_tokens": max_tokens,
             "temperature": 0.0,
             "seed": seed,
-            **steering_payload(strength, self.method, self.cad_beta, context),
+            **(
+                {"steering": steering}
+                if steering is not None
+                else steering_payload(strength, self.method, self.cad_beta, context)
+            ),
         }
         if stop:
             body["stop"] = stop

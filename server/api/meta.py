@@ -29,7 +29,14 @@ def package_version() -> str:
 
 
 def _card(ctx: ServingContext) -> ModelCard:
-    return ModelCard(id=ctx.model_name, created=ctx.created, max_model_len=ctx.max_model_len)
+    info = ctx.engine.info
+    return ModelCard(
+        id=ctx.model_name,
+        created=ctx.created,
+        max_model_len=ctx.max_model_len,
+        num_layers=info.num_layers,
+        num_heads=info.num_heads,
+    )
 
 
 @router.get("/v1/models")
