@@ -12,7 +12,15 @@ import logging
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from ctxsteer.server.engine.request import SamplingParams
@@ -255,6 +263,8 @@ class _ChatTemplateOptions(OpenAIBaseModel):
 
 
 class ChatCompletionRequest(_ChatTemplateOptions, _GenerationRequest):
+    # steering.spans "auto", once resolved (server/api/auto_spans.py): reported in the response
+    _auto_spans: tuple[list[str], SpansGenerationInfo] | None = PrivateAttr(None)
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     # the [IND] indicator of models tuned with it: append it to the last user turn ("on"), never ("off"),
@@ -379,6 +389,14 @@ class AutoStrengthInfo(ResponseModel):
     predicted_ratio: float | None = None
 
 
+class SpansGenerationInfo(ResponseModel):
+    """steering.spans "auto": what the quoting generation cost and what it said."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    quote: str
+
+
 class SteeringInfo(ResponseModel):
     """What steering was applied: echoed so clients can log and compare runs."""
 
@@ -389,6 +407,8 @@ class SteeringInfo(ResponseModel):
     layers: Literal["all"] | list[int]
     method: str = "attention"
     cad_beta: float | None = Field(None, exclude_if=lambda v: v is None)
+    spans: list[str] | None = Field(None, exclude_if=lambda v: v is None)  # with spans "auto": the choice
+    spans_generation: SpansGenerationInfo | None = Field(None, exclude_if=lambda v: v is None)
     auto: AutoStrengthInfo | None = Field(None, exclude_if=lambda v: v is None)
 
 

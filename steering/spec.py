@@ -187,6 +187,8 @@ def parse_steering(
 
     spans = obj.get("spans")
     spans = () if spans is None else spans
+    if spans == "auto":  # the chat endpoint replaces it with located spans before it gets here
+        raise SteeringError(f"{field}.spans", '"auto" is only available on /v1/chat/completions')
     if not isinstance(spans, Sequence) or isinstance(spans, str):
         raise SteeringError(f"{field}.spans", "must be a list of strings")
     if len(spans) > MAX_SPANS:

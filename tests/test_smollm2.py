@@ -146,3 +146,28 @@ def test_spans_on_the_real_template(smol) -> None:
     for (s, e), m in zip(r.message_spans, msgs, strict=True):
         assert tok.decode(r.ids[s:e]).strip() == m["content"]
     assert r.message_spans[1] != r.message_spans[2]
+
+
+def test_auto_spans_quote_the_notes_on_smollm2(smol_server) -> None:
+    """steering.spans "auto" on the real model: what it quotes is located in the user's notes, reported,
+    and steered (the request equals one that names those spans)."""
+    import httpx
+
+    content = (
+        "Notes: The museum opens at nine. The north gate opens at dawn. Tickets cost five euros.\n\n"
+        "When does the north gate open?"
+    )
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 8, "temperature": 0}
+    auto = httpx.post(
+        f"{smol_server.url}/v1/chat/completions", json={**body, "steering": {"strength": 2, "spans": "auto"}},
+        timeout=120,
+    ).json()  # fmt: skip
+    spans = auto["steering"]["spans"]
+    assert spans and all(s in content for s in spans)
+    assert auto["steering"]["spans_generation"]["completion_tokens"] <= 64
+    named = httpx.post(
+        f"{smol_server.url}/v1/chat/completions", json={**body, "steering": {"strength": 2, "spans": spans}},
+        timeout=120,
+    ).json()  # fmt: skip
+    assert auto["choices"][0]["message"] == named["choices"][0]["message"]
+    assert auto["steering"]["steered_tokens"] == named["steering"]["steered_tokens"] > 0

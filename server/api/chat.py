@@ -7,6 +7,7 @@ stream responses put it on their last chunk.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -14,6 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from ctxsteer.server.api import sse
+from ctxsteer.server.api.auto_spans import resolve_auto_spans
 from ctxsteer.server.api.serving import (
     Generation,
     Prepared,
@@ -64,15 +66,22 @@ def _prepare(ctx: ServingContext, req: ChatCompletionRequest, response_id: str) 
     rendered, messages, marked = render_with_indicator(
         ctx, req.render_messages(), mode, req.template_options()
     )
-    return prepare_generation(
+    prepared = prepare_generation(
         ctx, req, response_id, rendered, messages, spec, default_max_tokens=None, prompt_param="messages",
         indicator_mode=mode if ctx.indicator_id is not None else None, marked=marked,
     )  # fmt: skip
+    if req._auto_spans is not None:  # steering.spans "auto": report what was chosen and its cost
+        spans, cost = req._auto_spans
+        update = {"spans": spans, "spans_generation": cost}
+        prepared = dataclasses.replace(prepared, steering=prepared.steering.model_copy(update=update))
+    return prepared
 
 
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(request: Request) -> Response:
-    return await serve_generation(request, ChatCompletionRequest, "chatcmpl", _prepare, _stream, _collect)
+    return await serve_generation(
+        request, ChatCompletionRequest, "chatcmpl", _prepare, _stream, _collect, resolve_auto_spans
+    )
 
 
 def chat_logprobs(logprobs: Sequence[TokenLogprob], top_n: int) -> list[TokenLogprobInfo]:

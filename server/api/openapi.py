@@ -8,7 +8,6 @@ the server never sends, and lists the errors each route can answer with. Client 
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,7 +152,11 @@ def _add_schema(schemas: dict[str, Any], cls: type[BaseModel], mode: str) -> dic
     return {"$ref": f"#/components/schemas/{cls.__name__}"}
 
 
-def _steering_schema(info: ModelInfo, profiles: list[str]) -> dict[str, Any]:
+AUTO_SPANS_DOC = ' "auto": the model first quotes the sentences that answer the question; those are steered.'
+
+
+def _steering_schema(info: ModelInfo, profiles: list[str], auto_spans: bool = False) -> dict[str, Any]:
+    """The steering object; `auto_spans`: accepts spans "auto" (chat completions only)."""
     layer = {"type": "integer", "minimum": -info.num_layers, "maximum": info.num_layers - 1}
     head = {"type": "integer", "minimum": -info.num_heads, "maximum": info.num_heads - 1}
     heads_list = {"type": "array", "items": head, "minItems": 1}
@@ -171,10 +174,12 @@ def _steering_schema(info: ModelInfo, profiles: list[str]) -> dict[str, Any]:
             "alpha": {"type": "number", "minimum": MIN_ALPHA, "maximum": 1},
             "targets": {"type": "array", "items": {"enum": list(ROLES)}},
             "spans": {
-                "type": "array",
-                "maxItems": MAX_SPANS,
-                "items": {"type": "string", "minLength": 1},
-                "description": "Substrings of the messages to steer; each must occur in one.",
+                "anyOf": [
+                    {"type": "array", "maxItems": MAX_SPANS, "items": {"type": "string", "minLength": 1}},
+                    *([{"const": "auto"}] if auto_spans else []),
+                ],
+                "description": "Substrings of the messages to steer; each must occur in one."
+                + (AUTO_SPANS_DOC if auto_spans else ""),
             },
             "layers": {"anyOf": [{"const": "all"}, {"type": "array", "items": layer, "minItems": 1}]},
             "heads": {
@@ -247,12 +252,13 @@ def _tighten_requests(schemas: dict[str, Any], info: ModelInfo, profiles: list[s
     one another, the steering object, and the only values accepted for OpenAI fields not implemented here.
     What it cannot express (prompt + max_tokens within the context; spans that occur in the prompt) is
     in the descriptions and answered with a 400 naming the parameter."""
-    steering = _steering_schema(info, profiles)
     stop = {"type": "string", "minLength": 1}
     for name in ("ChatCompletionRequest", "CompletionRequest", "TokenizeRequest"):
         model = schemas[name]
         props = model["properties"]
-        props["steering"] = _nullable(copy.deepcopy(steering))
+        props["steering"] = _nullable(
+            _steering_schema(info, profiles, auto_spans=name == "ChatCompletionRequest")
+        )
         for field, (allowed, why) in UNSUPPORTED.items():
             if field in props:
                 props[field] = {"enum": [*allowed, None], "description": f"Not implemented: {why}."}

@@ -279,13 +279,17 @@ async def serve_generation(
     prepare: Callable[[ServingContext, Any, str], Prepared],
     stream: Callable[..., AsyncIterator[bytes]],
     collect: Callable[..., Awaitable[BaseModel]],
+    resolve: Callable[[ServingContext, Any], Awaitable[Any]] | None = None,
 ) -> Response:
-    """The pipeline of both generation endpoints: parse and check the body, `prepare` off the event
-    loop (tokenizer work), then answer with SSE frames (`stream`) or one JSON body (`collect`)."""
+    """The pipeline of both generation endpoints: parse and check the body, `resolve` what needs the
+    engine first (chat: steering.spans "auto"), `prepare` off the event loop (tokenizer work), then answer
+    with SSE frames (`stream`) or one JSON body (`collect`)."""
     ctx = get_context(request)
     req = await read_json(request, model)
     ctx.check_model(req.model)
     ctx.check_choices(req.num_choices)
+    if resolve is not None:
+        req = await resolve(ctx, req)
     response_id = new_id(id_prefix)
     prepared = await ctx.run_sync(prepare, ctx, req, response_id)
     return await respond(request, ctx, req, response_id, prepared, stream, collect)
