@@ -38,7 +38,8 @@ def _free_port() -> int:
 
 
 @contextmanager
-def served(model: Path | None, log: Path) -> Iterator[str]:
+def served(model: Path | None, log: Path, *args: str) -> Iterator[str]:
+    """`ctxsteer serve [model] [args]` until the block ends; yields its URL."""
     port = _free_port()
     cmd = [
         *CTXSTEER,
@@ -48,6 +49,7 @@ def served(model: Path | None, log: Path) -> Iterator[str]:
         str(port),
         "--log-level",
         "warning",
+        *args,
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     with open(log, "ab") as f:

@@ -277,6 +277,16 @@ def test_eval_harness_sends_cad_with_the_context_as_the_span(server: ServerProce
         "steering": {"strength": 1.0, "method": "cad", "cad_beta": 1.0, "spans": ["the notes"]}
     }
     assert steering_payload(2, "attention", None, "the notes") == {"steering": {"strength": 2.0}}
+    extra = {"head_profile": "profiled"}  # `ctxsteer eval --steering JSON`
+    assert steering_payload(2, None, None, "x", extra) == {"steering": {"strength": 2.0, **extra}}
+    import argparse
+
+    from ctxsteer.clients.eval.cli import _json_object
+
+    assert _json_object('{"spans": "auto"}') == {"spans": "auto"}
+    for bad in ("[1]", "{oops"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _json_object(bad)
     cfg = QAConfig(
         url=server.url, task="conflict", out=tmp_path, limit=3, strengths=[1], max_tokens=3, progress=False,
         method="cad", cad_beta=1.0,

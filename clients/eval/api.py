@@ -60,7 +60,11 @@ AUTO_STRENGTH = 0.0
 
 
 def steering_payload(
-    strength: float, method: str | None = None, cad_beta: float | None = None, context: str | None = None
+    strength: float,
+    method: str | None = None,
+    cad_beta: float | None = None,
+    context: str | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Explicit even at strength 1, so a server-side default strength cannot leak into the baseline.
     With a CAD method the context is sent as the one steered span: the server's context-free twin is the
@@ -72,7 +76,7 @@ def steering_payload(
             steering["cad_beta"] = cad_beta
         if context:
             steering["spans"] = [context]
-    return {"steering": steering}
+    return {"steering": {**steering, **(extra or {})}}
 
 
 class EvalAPI:
@@ -88,12 +92,14 @@ class EvalAPI:
         context_indicator: str | None = None,
         method: str | None = None,
         cad_beta: float | None = None,
+        steering_extra: dict[str, Any] | None = None,
     ) -> None:
         self.url = root_url(url)
         self.model = model
         # sent on every chat request when set: models tuned with `ctxsteer finetune` ("on"/"off"/"auto")
         self.context_indicator = context_indicator
         self.method, self.cad_beta = method, cad_beta  # ctxsteer's steering.method (CAD), when set
+        self.steering_extra = steering_extra  # more steering fields on every request (--steering JSON)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
         timeout = httpx.Timeout(timeout_s, connect=10.0)
@@ -180,7 +186,7 @@ class EvalAPI:
             **(
                 {"steering": steering}
                 if steering is not None
-                else steering_payload(strength, self.method, self.cad_beta, context)
+                else steering_payload(strength, self.method, self.cad_beta, context, self.steering_extra)
             ),
         }
         if stop:

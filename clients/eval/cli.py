@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -46,6 +47,16 @@ def _strengths(text: str) -> list[float]:
     if any(v < 1 and v != AUTO_STRENGTH for v in values):
         raise argparse.ArgumentTypeError("strengths must be >= 1 (1 = steering off; alpha = 1/strength)")
     return values
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def _env(*names: str) -> str | None:
@@ -90,6 +101,12 @@ def _common(ap: argparse.ArgumentParser) -> None:
         "context-free twin keeps the question (default: not sent = attention)",
     )
     ap.add_argument("--cad-beta", type=float, help="steering.cad_beta (default: the server's, 0.5)")
+    ap.add_argument(
+        "--steering",
+        type=_json_object,
+        help='more steering fields for every request, as JSON: \'{"head_profile": "profiled"}\', '
+        '\'{"spans": "auto"}\', \'{"layers": [10, 11]}\'',
+    )
     ap.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -179,6 +196,7 @@ async def _run(ns: argparse.Namespace) -> int:
     common = {"url": ns.url, "model": ns.model, "concurrency": ns.concurrency, "api_key": ns.api_key}
     common |= {"tokenizer": ns.tokenizer, "progress": ns.progress, "timeout_s": ns.timeout}
     common |= {"context_indicator": ns.context_indicator, "method": ns.method, "cad_beta": ns.cad_beta}
+    common["steering_extra"] = ns.steering
     if ns.command == "nih":
         from ctxsteer.clients.eval.nih import NIHConfig, run_nih, summary_table
 

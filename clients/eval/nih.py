@@ -51,6 +51,7 @@ class NIHConfig:
     context_indicator: str | None = None  # sent as `context_indicator` on every request when set
     method: str | None = None  # steering.method ("cad", "attention+cad"); None: not sent (attention)
     cad_beta: float | None = None
+    steering_extra: dict[str, Any] | None = None  # merged into every request's steering object
 
 
 @dataclass(slots=True)
@@ -100,6 +101,7 @@ def _meta(cfg: NIHConfig, model: str) -> dict[str, Any]:
         "context_indicator": cfg.context_indicator,
         "method": cfg.method or "attention",
         "cad_beta": cfg.cad_beta,
+        "steering_extra": cfg.steering_extra,
     }
 
 
@@ -114,6 +116,7 @@ async def run_nih(cfg: NIHConfig) -> NIHResult:
         context_indicator=cfg.context_indicator,
         method=cfg.method,
         cad_beta=cfg.cad_beta,
+        steering_extra=cfg.steering_extra,
     )
     async with api:
         info = await api.model_info()

@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ctxsteer.clients.eval.api import DEFAULT_TIMEOUT_S
 from ctxsteer.clients.eval.needle import DEFAULT_NEEDLE, DEFAULT_QUESTION
@@ -51,6 +52,7 @@ class PaperConfig:
     context_indicator: str | None = None
     method: str | None = None
     cad_beta: float | None = None
+    steering_extra: dict[str, Any] | None = None
     plan: Plan | None = None  # overrides QUICK/FULL (tests, custom sizes)
 
 
@@ -120,6 +122,7 @@ async def run_paper(cfg: PaperConfig) -> PaperResult:
     common = {"url": cfg.url, "model": cfg.model, "concurrency": cfg.concurrency, "api_key": cfg.api_key}
     common |= {"tokenizer": cfg.tokenizer, "progress": cfg.progress, "timeout_s": cfg.timeout_s}
     common |= {"context_indicator": cfg.context_indicator, "method": cfg.method, "cad_beta": cfg.cad_beta}
+    common["steering_extra"] = cfg.steering_extra
     nih = await run_nih(
         NIHConfig(
             out=cfg.out / "nih",

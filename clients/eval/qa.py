@@ -71,6 +71,7 @@ class QAConfig:
     context_indicator: str | None = None  # sent as `context_indicator` on every request when set
     method: str | None = None  # steering.method ("cad", "attention+cad"); None: not sent (attention)
     cad_beta: float | None = None
+    steering_extra: dict[str, Any] | None = None  # merged into every request's steering object
 
 
 @dataclass(slots=True)
@@ -139,6 +140,7 @@ async def run_qa(cfg: QAConfig) -> QAResult:
         context_indicator=cfg.context_indicator,
         method=cfg.method,
         cad_beta=cfg.cad_beta,
+        steering_extra=cfg.steering_extra,
     )
     async with api:
         info = await api.model_info()
@@ -154,6 +156,7 @@ async def run_qa(cfg: QAConfig) -> QAResult:
             "context_indicator": cfg.context_indicator,
             "method": cfg.method or "attention",
             "cad_beta": cfg.cad_beta,
+            "steering_extra": cfg.steering_extra,
         }
         store = ResultStore(cfg.out, cfg.task, meta, ("id", "strength"))
 
