@@ -4,15 +4,12 @@ command, serve a model on a free 127.0.0.1 port for the length of a block."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-import httpx
 
 CTXSTEER = [sys.executable, "-m", "ctxsteer.server.cli"]
 REPO = Path(__file__).resolve().parent.parent
@@ -31,16 +28,13 @@ def run(cmd: list[str], log: Path | None = None) -> float:
     return time.monotonic() - start
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def served(model: Path | None, log: Path, *args: str) -> Iterator[str]:
-    """`ctxsteer serve [model] [args]` until the block ends; yields its URL."""
-    port = _free_port()
+    """`ctxsteer serve [model] [args]` on a free 127.0.0.1 port until the block ends; yields its URL.
+    `log` records the command (the server's own output goes where `started` puts it)."""
+    from ctxsteer.server.bench.server import free_port, started
+
+    port = free_port()
     cmd = [
         *CTXSTEER,
         "serve",
@@ -49,29 +43,14 @@ def served(model: Path | None, log: Path, *args: str) -> Iterator[str]:
         str(port),
         "--log-level",
         "warning",
-        *args,
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    with open(log, "ab") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    cmd += args
+    with open(log, "a", encoding="utf-8") as f:
+        f.write(" ".join(cmd) + "\n")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the embedded model and local dirs only
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"the server exited with {proc.returncode}; see {log}")
-            try:
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"the server was not ready in 600 s; see {log}")
-            time.sleep(1)
+    with started(cmd, url, "/ready"):
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
 
 
 def ensure_data() -> None:

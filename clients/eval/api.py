@@ -106,6 +106,20 @@ class EvalAPI:
         self._http = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=timeout, limits=limits)
         self._has_tokenize: bool | None = None
 
+    @classmethod
+    def for_config(cls, cfg: Any) -> EvalAPI:
+        """The client of a run's config (NIHConfig, QAConfig, ...): connection and per-request fields."""
+        return cls(
+            cfg.url,
+            model=cfg.model,
+            api_key=cfg.api_key,
+            timeout_s=cfg.timeout_s,
+            context_indicator=getattr(cfg, "context_indicator", None),
+            method=getattr(cfg, "method", None),
+            cad_beta=getattr(cfg, "cad_beta", None),
+            steering_extra=getattr(cfg, "steering_extra", None),
+        )
+
     async def __aenter__(self) -> EvalAPI:
         return self
 

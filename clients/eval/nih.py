@@ -108,17 +108,7 @@ def _meta(cfg: NIHConfig, model: str) -> dict[str, Any]:
 async def run_nih(cfg: NIHConfig) -> NIHResult:
     """Run (or resume) the grid and write results.json, results.csv and the figures."""
     haystack = load_haystack(cfg.haystack)
-    api = EvalAPI(
-        cfg.url,
-        model=cfg.model,
-        api_key=cfg.api_key,
-        timeout_s=cfg.timeout_s,
-        context_indicator=cfg.context_indicator,
-        method=cfg.method,
-        cad_beta=cfg.cad_beta,
-        steering_extra=cfg.steering_extra,
-    )
-    async with api:
+    async with EvalAPI.for_config(cfg) as api:
         info = await api.model_info()
         counter = await make_counter(api, cfg.tokenizer)
         meta = {**_meta(cfg, info.name), "token_counter": counter.name}

@@ -106,8 +106,7 @@ def choose(
 async def run_profile(cfg: ProfileConfig) -> dict[str, Any]:
     items, task, source = profile_items(cfg.task, cfg.limit)
     metric = METRIC[task]
-    api = EvalAPI(cfg.url, model=cfg.model, api_key=cfg.api_key, timeout_s=cfg.timeout_s)
-    async with api:
+    async with EvalAPI.for_config(cfg) as api:
         info = await api.model_info()
         if info.num_layers is None or info.num_heads is None:
             raise EvalError(f"{cfg.url} does not say its model's layers and heads (not a ctxsteer server?)")

@@ -132,17 +132,7 @@ def score_item(task: str, item: QAItem, reply: str) -> dict[str, Any]:
 async def run_qa(cfg: QAConfig) -> QAResult:
     """Run (or resume) one task over its seeded subset and write results.json and results.csv."""
     items, source = load_items(cfg.task, limit=cfg.limit, seed=cfg.seed)
-    api = EvalAPI(
-        cfg.url,
-        model=cfg.model,
-        api_key=cfg.api_key,
-        timeout_s=cfg.timeout_s,
-        context_indicator=cfg.context_indicator,
-        method=cfg.method,
-        cad_beta=cfg.cad_beta,
-        steering_extra=cfg.steering_extra,
-    )
-    async with api:
+    async with EvalAPI.for_config(cfg) as api:
         info = await api.model_info()
         counter = await make_counter(api, cfg.tokenizer) if info.max_model_len is not None else None
         meta = {

@@ -136,7 +136,7 @@ async def load(url: str, model: str, concurrency: int, rounds: int, prompt_token
     }
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -279,7 +279,7 @@ def run_ctxsteer(
 ) -> dict:
     """Start `ctxsteer serve` (with `extra` flags) on the default model and run the suite against it;
     `extended` (the local engine's own benchmark): also memory and ITL-under-arrivals."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "ctxsteer.server.cli", "serve", "--port", str(port),
            "--max-num-seqs", str(top), "--log-level", "warning", *extra]  # fmt: skip
@@ -301,7 +301,7 @@ def run_ctxsteer(
     doc["rss_mb_after_warmup"] = rss_warm
     # the same arrivals on a server that sizes prefill chunks to a share of a decode step
     share = "0.75"
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd[cmd.index("--port") + 1] = str(port)
     print(f"starting {label} --prefill-stall-share {share} on {url}", flush=True)
@@ -393,7 +393,7 @@ def run_plain_vllm(args: argparse.Namespace, top: int) -> dict:
         .stdout.strip()
         .splitlines()[-1]
     )
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [os.path.join(os.path.dirname(python), "vllm"), "serve", model_dir, "--port", str(port),
            "--host", "127.0.0.1", "--dtype", args.dtype, "--max-num-seqs", str(top),
@@ -409,7 +409,7 @@ def run_peer(args: argparse.Namespace, top: int) -> dict | None:
     from ctxsteer.server.engine.loader import load_model
 
     _, _, info = load_model(None, device="cpu")  # ensures the converted directory exists; cheap when cached
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     exe = os.path.join(os.path.dirname(sys.executable), "transformers")
     cmd = [exe, "serve", info.path, "--port", str(port), "--host", "127.0.0.1", "--continuous-batching"]
