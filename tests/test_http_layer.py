@@ -316,6 +316,15 @@ def test_auto_strength_refused_where_the_engine_cannot_measure(srv: Live) -> Non
     assert assert_error(r, 400, "steering.strength")["code"] == "unsupported_auto_strength"
 
 
+@pytest.mark.parametrize("method", ["cad", "attention+cad"])
+def test_cad_refused_where_the_engine_cannot_run_it(srv: Live, method: str) -> None:
+    """The fake engine, like --engine vllm (or --max-num-seqs 1), has no CAD twin rows: a clear 400."""
+    r = srv.chat(steering={"method": method})
+    assert assert_error(r, 400, "steering.method")["code"] == "unsupported_method"
+    ok = srv.chat(steering={"method": "attention", "strength": 2})
+    assert ok.status_code == 200 and ok.json()["steering"]["method"] == "attention"
+
+
 @pytest.mark.parametrize("mode", ["on", "auto"])
 def test_context_indicator_needs_a_tuned_model(srv: Live, mode: str) -> None:
     """A model whose tokenizer has no [IND]: asking for the indicator is a 400; "off" is fine and reports
