@@ -192,3 +192,20 @@ def test_paper_table_from_a_tiny_plan(
         assert (tmp_path / "paper" / task / "results.json").exists()
     report = (tmp_path / "paper" / "paper.md").read_text()
     assert result.table() in report and "](nih/heatmap_strength_1_11.png)" in report
+
+    # `--methods cad,auto-spans --intervals`: the base rows resume, each method adds a row of its own run
+    import dataclasses
+
+    more = asyncio.run(run_paper(dataclasses.replace(cfg, methods=("cad", "auto-spans"), intervals=True)))
+    rows = more.table().splitlines()
+    assert len(rows) == 7 and rows[2].startswith("| tiny-eval | 1 (off) |")
+    assert rows[5].startswith("| + CAD (β=1) | 1 (off) |") and rows[6].startswith(
+        "| + auto spans | 2 (α=0.5) |"
+    )
+    assert all(cell.strip().count("[") == 1 for cell in rows[5].split("|")[3:-1])  # mean [lo, hi]
+    for method in ("cad", "auto-spans"):
+        for task in ("nih", "squad", "drop", "conflict"):
+            stored = json.loads((tmp_path / "paper" / method / task / "results.json").read_text())
+            assert stored["cells"] and len({c["strength"] for c in stored["cells"]}) == 1  # its one setting
+    cad_meta = json.loads((tmp_path / "paper" / "cad" / "conflict" / "results.json").read_text())["meta"]
+    assert cad_meta["method"] == "cad" and cad_meta["cad_beta"] == 1.0

@@ -49,6 +49,18 @@ def _strengths(text: str) -> list[float]:
     return values
 
 
+def _method_rows(text: str) -> list[str]:
+    from ctxsteer.clients.eval.paper import METHOD_ROWS
+
+    rows = [t.strip() for t in text.split(",") if t.strip()]
+    for r in rows:
+        if r not in METHOD_ROWS:
+            raise argparse.ArgumentTypeError(
+                f"unknown method {r!r}; expected some of {', '.join(METHOD_ROWS)}"
+            )
+    return rows
+
+
 def _json_object(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
@@ -162,6 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="small sizes: < 15 min for SmolLM2 on 2 CPU cores"
     )
     paper.add_argument("--haystack", default="pg")
+    paper.add_argument(
+        "--methods",
+        type=_method_rows,
+        default=[],
+        help="comma-separated rows beyond the paper's rule: cad, attention+cad, profiled (the server needs "
+        "--head-profiles with a 'profiled' profile), auto-spans",
+    )
+    paper.add_argument(
+        "--intervals", action="store_true", help="each cell with its 95%% bootstrap interval over questions"
+    )
     paper.add_argument("--out", type=Path, default=Path("eval-paper"), help=OUT_HELP.replace("nih", "paper"))
 
     chat = sub.add_parser(
@@ -240,12 +262,21 @@ async def _run(ns: argparse.Namespace) -> int:
     else:
         from ctxsteer.clients.eval.paper import PaperConfig, run_paper
 
-        result = await run_paper(PaperConfig(out=ns.out, quick=ns.quick, haystack=ns.haystack, **common))
+        cfg = PaperConfig(
+            out=ns.out,
+            quick=ns.quick,
+            haystack=ns.haystack,
+            methods=ns.methods,
+            intervals=ns.intervals,
+            **common,
+        )
+        result = await run_paper(cfg)
         print(result.table())
         print(f"wall time {result.seconds / 60:.1f} min")
-        print_skipped(result.nih.report, ("length", "depth", "strength"))
-        for res in result.qa.values():
-            print_skipped(res.report, ("id", "strength"))
+        for rows in (result, *result.methods.values()):
+            print_skipped(rows.nih.report, ("length", "depth", "strength"))
+            for res in rows.qa.values():
+                print_skipped(res.report, ("id", "strength"))
         print(f"wrote {ns.out / 'paper.md'}")
     return 0
 

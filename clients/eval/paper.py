@@ -3,14 +3,17 @@
 per steering setting, one column per task.
 
 `--quick` is sized to finish in under 15 minutes with SmolLM2-135M on a 2-core CPU (see docs/evaluate.md
-for the measured run); the full plan is what a GPU server should run.
+for the measured run); the full plan is what a GPU server should run. `--methods` adds one row per method
+beyond the paper's rule (METHOD_ROWS: CAD, attention + CAD, profiled heads, auto spans), each run on the
+same plan in its own subdirectory. `--intervals` writes each cell with its 95 % bootstrap interval over
+questions (NIH: over cells).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ from ctxsteer.clients.eval.needle import DEFAULT_NEEDLE, DEFAULT_QUESTION
 from ctxsteer.clients.eval.nih import NIHConfig, NIHResult, run_nih
 from ctxsteer.clients.eval.plots import strength_label
 from ctxsteer.clients.eval.qa import QAConfig, QAResult, run_qa
+from ctxsteer.clients.eval.stats import bootstrap_ci
 
 PAPER_ALPHA = 0.9
 PAPER_STRENGTHS = (1.0, 1 / PAPER_ALPHA, 2.0)
@@ -32,6 +36,22 @@ class Plan:
     conflict_limit: int
     strengths: Sequence[float] = PAPER_STRENGTHS
 
+
+@dataclass(frozen=True, slots=True)
+class MethodRow:
+    label: str
+    strength: float
+    options: dict[str, Any]  # NIHConfig/QAConfig fields: method, cad_beta, steering_extra
+
+
+# Each method at the setting this project chose for it (docs/cad.md): CAD with the CAD paper's
+# knowledge-conflict weight; the profile named "profiled" must be loaded by the server (--head-profiles).
+METHOD_ROWS = {
+    "cad": MethodRow("+ CAD (β=1)", 1.0, {"method": "cad", "cad_beta": 1.0}),
+    "attention+cad": MethodRow("+ attention + CAD (β=1)", 2.0, {"method": "attention+cad", "cad_beta": 1.0}),
+    "profiled": MethodRow("+ profiled heads", 4.0, {"steering_extra": {"head_profile": "profiled"}}),
+    "auto-spans": MethodRow("+ auto spans", 2.0, {"steering_extra": {"spans": "auto"}}),
+}
 
 QUICK = Plan(lengths=(500, 1000, 2000), depths=(0, 50, 100), qa_limit=30, conflict_limit=50)
 FULL = Plan(lengths=(1000, 2000, 4000, 8000), depths=(0, 25, 50, 75, 100), qa_limit=500, conflict_limit=500)
@@ -54,6 +74,16 @@ class PaperConfig:
     cad_beta: float | None = None
     steering_extra: dict[str, Any] | None = None
     plan: Plan | None = None  # overrides QUICK/FULL (tests, custom sizes)
+    methods: Sequence[str] = ()  # keys of METHOD_ROWS: one more row each
+    intervals: bool = False
+
+
+@dataclass(slots=True)
+class RowSet:
+    """The results behind one or more table rows: NIH and the QA tasks, run on the same settings."""
+
+    nih: NIHResult
+    qa: dict[str, QAResult]
 
 
 @dataclass(slots=True)
@@ -62,6 +92,8 @@ class PaperResult:
     nih: NIHResult
     qa: dict[str, QAResult]
     seconds: float
+    methods: dict[str, RowSet] = field(default_factory=dict)
+    intervals: bool = False
 
     def table(self) -> str:
         return paper_table(self)
@@ -71,36 +103,53 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{x:.1f}"
 
 
+def _cell(values: list[float] | None, intervals: bool) -> str:
+    """A mean in percent, with its 95 % bootstrap interval when asked."""
+    if not values:
+        return "–"
+    mean = 100 * sum(values) / len(values)
+    if not intervals:
+        return f"{mean:.1f}"
+    lo, hi = bootstrap_ci(values)
+    return f"{mean:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+
+def _values(cells: Sequence[dict[str, Any]], metric: str, strength: float) -> list[float]:
+    return [float(c[metric]) for c in cells if round(float(c["strength"]), 6) == round(strength, 6)]
+
+
+def _row(name: str, strength: float, rows: RowSet, intervals: bool) -> str:
+    def qa(task: str, metric: str) -> str:
+        res = rows.qa.get(task)
+        return _cell(_values(res.cells, metric, strength) if res else None, intervals)
+
+    cells = [
+        _cell(_values(rows.nih.cells, "score", strength), intervals),
+        qa("squad", "em"),
+        qa("squad", "f1"),
+        qa("squad", "contains"),
+        qa("drop", "f1"),
+        qa("conflict", "context"),
+        qa("conflict", "memory"),
+    ]
+    return f"| {name} | {strength_label(strength)} | " + " | ".join(cells) + " |"
+
+
 def paper_table(r: PaperResult) -> str:
-    """The paper's layout: rows = steering settings, columns = NIH / SQuAD / DROP / conflict (percent)."""
-    nih = r.nih.mean_by_strength()
-    sums = {task: res.summary() for task, res in r.qa.items()}
+    """The paper's layout: rows = steering settings (then methods), columns = NIH / SQuAD / DROP / conflict
+    (percent)."""
     head = (
         "| Model | Steering strength | NIH recall | SQuAD EM | SQuAD F1 | SQuAD contains | DROP F1 "
         "| Conflict: context ↑ | Conflict: memorised ↓ |"
     )
     lines = [head, "|---" * 9 + "|"]
+    base = RowSet(r.nih, r.qa)
     for i, s in enumerate(r.plan.strengths):
-        key = round(s, 6)
-
-        def get(task: str, metric: str, key: float = key) -> float | None:
-            row = next((v for k, v in sums.get(task, {}).items() if round(k, 6) == key), None)
-            return None if row is None else row[metric]
-
-        n = next((v for k, v in nih.items() if round(k, 6) == key), None)
-        name = (
-            r.nih.model if i == 0 else "+ steering" + (" (paper)" if abs(s - 1 / PAPER_ALPHA) < 1e-6 else "")
-        )
-        cells = [
-            _pct(None if n is None else 100 * n),
-            _pct(get("squad", "em")),
-            _pct(get("squad", "f1")),
-            _pct(get("squad", "contains")),
-            _pct(get("drop", "f1")),
-            _pct(get("conflict", "context")),
-            _pct(get("conflict", "memory")),
-        ]
-        lines.append(f"| {name} | {strength_label(s)} | " + " | ".join(cells) + " |")
+        paper = " (paper)" if abs(s - 1 / PAPER_ALPHA) < 1e-6 else ""
+        lines.append(_row(r.nih.model if i == 0 else "+ steering" + paper, s, base, r.intervals))
+    for key, rows in r.methods.items():
+        method = METHOD_ROWS[key]
+        lines.append(_row(method.label, method.strength, rows, r.intervals))
     return "\n".join(lines)
 
 
@@ -123,39 +172,49 @@ async def run_paper(cfg: PaperConfig) -> PaperResult:
     common |= {"tokenizer": cfg.tokenizer, "progress": cfg.progress, "timeout_s": cfg.timeout_s}
     common |= {"context_indicator": cfg.context_indicator, "method": cfg.method, "cad_beta": cfg.cad_beta}
     common["steering_extra"] = cfg.steering_extra
-    nih = await run_nih(
-        NIHConfig(
-            out=cfg.out / "nih",
-            lengths=plan.lengths,
-            depths=plan.depths,
-            strengths=plan.strengths,
-            haystack=cfg.haystack,
-            needle=DEFAULT_NEEDLE,
-            question=DEFAULT_QUESTION,
-            **common,
-        )
-    )
-    qa: dict[str, QAResult] = {}
-    for task in ("squad", "drop", "conflict"):
-        limit = plan.conflict_limit if task == "conflict" else plan.qa_limit
-        qa[task] = await run_qa(
-            QAConfig(task=task, out=cfg.out / task, limit=limit, strengths=plan.strengths, **common)
-        )
-    result = PaperResult(plan, nih, qa, time.monotonic() - start)
+    unknown = sorted(set(cfg.methods) - set(METHOD_ROWS))
+    if unknown:
+        raise ValueError(f"unknown method row {unknown[0]!r}; expected some of {sorted(METHOD_ROWS)}")
+
+    async def run_set(out: Path, strengths: Sequence[float], options: dict[str, Any]) -> RowSet:
+        opts = {**common, **options}
+        nih = await run_nih(
+            NIHConfig(
+                out=out / "nih", lengths=plan.lengths, depths=plan.depths, strengths=strengths,
+                haystack=cfg.haystack, needle=DEFAULT_NEEDLE, question=DEFAULT_QUESTION, **opts,
+            )
+        )  # fmt: skip
+        qa: dict[str, QAResult] = {}
+        for task in ("squad", "drop", "conflict"):
+            limit = plan.conflict_limit if task == "conflict" else plan.qa_limit
+            qa[task] = await run_qa(
+                QAConfig(task=task, out=out / task, limit=limit, strengths=strengths, **opts)
+            )
+        return RowSet(nih, qa)
+
+    base = await run_set(cfg.out, plan.strengths, {})
+    methods = {}
+    for key in cfg.methods:
+        row = METHOD_ROWS[key]
+        methods[key] = await run_set(cfg.out / key, [row.strength], row.options)
+    result = PaperResult(plan, base.nih, base.qa, time.monotonic() - start, methods, cfg.intervals)
     write_report(result, cfg)
     return result
 
 
 def write_report(r: PaperResult, cfg: PaperConfig) -> Path:
     """paper.md: the table, what was run, and the figures."""
-    skipped = r.nih.report.skipped + [s for res in r.qa.values() for s in res.report.skipped]
+    sets = [RowSet(r.nih, r.qa), *r.methods.values()]
+    skipped = [s for rs in sets for s in rs.nih.report.skipped]
+    skipped += [s for rs in sets for res in rs.qa.values() for s in res.report.skipped]
     lines = [
         f"# Context awareness with and without attention steering: {r.nih.model}",
         "",
         r.table(),
         "",
         f"{'Quick' if cfg.quick else 'Full'} plan. {_sizes(r, cfg.haystack)}",
-        f"Percent; NIH = mean needle-word recall. Wall time {r.seconds / 60:.1f} min; "
+        f"Percent; NIH = mean needle-word recall"
+        f"{'; [95 % bootstrap interval]' if r.intervals else ''}. Wall time {r.seconds / 60:.1f} min; "
         f"{len(skipped)} cells skipped (context too long or refused).",
         "",
         *[f"![needle recall, strength {strength_label(s)}](nih/{p.name})" for s, p in _heatmaps(r)],
