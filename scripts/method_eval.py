@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--conflict", type=int, default=500, help="knowledge-conflict questions (all: 500)")
     ap.add_argument("--squad", type=int, default=200, help="SQuAD questions")
     ap.add_argument("--only", help="comma-separated setting directories to run (default: all)")
+    ap.add_argument(
+        "--profile", type=Path, default=PROFILE, help="head-profile file with a 'profiled' profile"
+    )
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     ensure_data()
