@@ -49,7 +49,7 @@ class MethodRow:
 METHOD_ROWS = {
     "cad": MethodRow("+ CAD (β=1)", 1.0, {"method": "cad", "cad_beta": 1.0}),
     "attention+cad": MethodRow("+ attention + CAD (β=1)", 2.0, {"method": "attention+cad", "cad_beta": 1.0}),
-    "profiled": MethodRow("+ profiled heads", 4.0, {"steering_extra": {"head_profile": "profiled"}}),
+    "profiled": MethodRow("+ profiled heads", 2.0, {"steering_extra": {"head_profile": "profiled"}}),
     "auto-spans": MethodRow("+ auto spans", 2.0, {"steering_extra": {"spans": "auto"}}),
 }
 
