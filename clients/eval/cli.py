@@ -50,15 +50,12 @@ def _strengths(text: str) -> list[float]:
 
 
 def _method_rows(text: str) -> list[str]:
-    from ctxsteer.clients.eval.paper import METHOD_ROWS
+    from ctxsteer.clients.eval.paper import check_methods
 
-    rows = [t.strip() for t in text.split(",") if t.strip()]
-    for r in rows:
-        if r not in METHOD_ROWS:
-            raise argparse.ArgumentTypeError(
-                f"unknown method {r!r}; expected some of {', '.join(METHOD_ROWS)}"
-            )
-    return rows
+    try:
+        return check_methods([t.strip() for t in text.split(",") if t.strip()])
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _json_object(text: str) -> dict[str, Any]:

@@ -53,6 +53,15 @@ METHOD_ROWS = {
     "auto-spans": MethodRow("+ auto spans", 2.0, {"steering_extra": {"spans": "auto"}}),
 }
 
+
+def check_methods(keys: Sequence[str]) -> list[str]:
+    """`keys` as a list, once each is a known METHOD_ROWS key (ValueError naming the first that is not)."""
+    for key in keys:
+        if key not in METHOD_ROWS:
+            raise ValueError(f"unknown method {key!r}; expected some of {', '.join(METHOD_ROWS)}")
+    return list(keys)
+
+
 QUICK = Plan(lengths=(500, 1000, 2000), depths=(0, 50, 100), qa_limit=30, conflict_limit=50)
 FULL = Plan(lengths=(1000, 2000, 4000, 8000), depths=(0, 25, 50, 75, 100), qa_limit=500, conflict_limit=500)
 
@@ -97,10 +106,6 @@ class PaperResult:
 
     def table(self) -> str:
         return paper_table(self)
-
-
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{x:.1f}"
 
 
 def _cell(values: list[float] | None, intervals: bool) -> str:
@@ -172,9 +177,7 @@ async def run_paper(cfg: PaperConfig) -> PaperResult:
     common |= {"tokenizer": cfg.tokenizer, "progress": cfg.progress, "timeout_s": cfg.timeout_s}
     common |= {"context_indicator": cfg.context_indicator, "method": cfg.method, "cad_beta": cfg.cad_beta}
     common["steering_extra"] = cfg.steering_extra
-    unknown = sorted(set(cfg.methods) - set(METHOD_ROWS))
-    if unknown:
-        raise ValueError(f"unknown method row {unknown[0]!r}; expected some of {sorted(METHOD_ROWS)}")
+    check_methods(cfg.methods)  # before hours of base rows, not after
 
     async def run_set(out: Path, strengths: Sequence[float], options: dict[str, Any]) -> RowSet:
         opts = {**common, **options}

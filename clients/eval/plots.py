@@ -34,7 +34,8 @@ def _grid(cells: Iterable[dict[str, Any]]) -> tuple[list[int], list[float], dict
     return lengths, depths, values
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (files only, no display); ImportError without matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,7 +46,7 @@ def _pyplot() -> Any:
 
 def heatmap(cells: Sequence[dict[str, Any]], path: Path, *, title: str) -> Path:
     """Rows = needle depth (0% at the top), columns = context length; each cell's recall, annotated."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.colors import LinearSegmentedColormap
 
     lengths, depths, values = _grid(cells)
@@ -71,7 +72,7 @@ def heatmap(cells: Sequence[dict[str, Any]], path: Path, *, title: str) -> Path:
 
 def compare(cells: Sequence[dict[str, Any]], path: Path, *, title: str) -> Path:
     """Mean recall by context length and by depth, one line per strength."""
-    plt = _pyplot()
+    plt = pyplot()
     strengths = sorted({float(c["strength"]) for c in cells})
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
     for axis, field, label in (
@@ -107,7 +108,7 @@ def compare(cells: Sequence[dict[str, Any]], path: Path, *, title: str) -> Path:
 def nih_figures(cells: Sequence[dict[str, Any]], out_dir: Path, model: str) -> list[Path]:
     """heatmap_strength_<s>.png per strength and strengths.png; [] (with no error) without matplotlib."""
     try:
-        _pyplot()
+        pyplot()
     except ImportError:
         return []
     paths = []

@@ -28,6 +28,7 @@ from typing import Any
 from ctxsteer.clients.eval.api import DEFAULT_TIMEOUT_S, EvalAPI, EvalError
 from ctxsteer.clients.eval.datasets import QAItem, load_items
 from ctxsteer.clients.eval.haystack import DataMissing
+from ctxsteer.clients.eval.plots import pyplot
 from ctxsteer.clients.eval.qa import qa_messages, score_item
 from ctxsteer.clients.eval.results import ResultStore
 from ctxsteer.clients.eval.runner import Job, run_jobs
@@ -186,10 +187,7 @@ def _figure(
 ) -> None:
     """Column 0: the whole layer steered; columns 1..H: one head. Blank: not run."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         return
     import math

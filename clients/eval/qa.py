@@ -132,6 +132,7 @@ def score_item(task: str, item: QAItem, reply: str) -> dict[str, Any]:
 async def run_qa(cfg: QAConfig) -> QAResult:
     """Run (or resume) one task over its seeded subset and write results.json and results.csv."""
     items, source = load_items(cfg.task, limit=cfg.limit, seed=cfg.seed)
+    system, template = _prompts(cfg.task)
     async with EvalAPI.for_config(cfg) as api:
         info = await api.model_info()
         counter = await make_counter(api, cfg.tokenizer) if info.max_model_len is not None else None
@@ -140,8 +141,8 @@ async def run_qa(cfg: QAConfig) -> QAResult:
             "task": cfg.task,
             "source": source,
             "seed": cfg.seed,
-            "system_prompt": _prompts(cfg.task)[0],
-            "user_template": _prompts(cfg.task)[1],
+            "system_prompt": system,
+            "user_template": template,
             "max_tokens": cfg.max_tokens,
             "context_indicator": cfg.context_indicator,
             "method": cfg.method or "attention",

@@ -171,12 +171,12 @@ class Scheduler:
         releases = []
         if previous is SeqStatus.WAITING:
             self.waiting.remove(seq)
-        elif previous is SeqStatus.PREFILLING:
-            self.reserved -= seq.reserve_tokens
-            self.prefilling.remove(seq)
         else:
-            self.reserved -= seq.reserve_tokens
-            releases.append(self._vacate(seq))
+            self.reserved -= seq.reserve_tokens  # its twin's included
+            if previous is SeqStatus.PREFILLING:
+                self.prefilling.remove(seq)
+            else:
+                releases.append(self._vacate(seq))
         twin = seq.twin
         if twin is not None and not twin.finished:
             twin_was_running = twin.status is SeqStatus.RUNNING
