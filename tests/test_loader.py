@@ -207,7 +207,7 @@ def fake_gguf(tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -
     def model_from(ref: str, *args: Any, **kw: Any) -> Any:
         if "gguf_file" not in kw:
             return real_model(ref, *args, **kw)
-        assert Path(ref, kw["gguf_file"]) == gguf
+        assert Path(ref, kw["gguf_file"]) == state["gguf"]
         state["conversions"] += 1
         if state["on_convert"]:
             state["on_convert"]()
@@ -258,6 +258,15 @@ def test_gguf_cache_build_reuse_and_repair(
     (built / MANIFEST).unlink()
     _, _, info = load_model(str(gguf), device="cpu", cache_dir=cache)
     assert not info.from_cache and fake_gguf["conversions"] == 4 and (built / MANIFEST).is_file()
+
+    # a copy of the same file elsewhere (another venv's embedded GGUF) is the same cache entry
+    copy = gguf.parent / "elsewhere" / gguf.name
+    copy.parent.mkdir()
+    copy.write_bytes(gguf.read_bytes())
+    fake_gguf["gguf"] = copy
+    _, _, info = load_model(str(copy), device="cpu", cache_dir=cache)
+    assert info.from_cache and info.path == str(built) and fake_gguf["conversions"] == 4
+    fake_gguf["gguf"] = gguf
 
     # a bad argument is not a broken cache: clear error, no rebuild
     with pytest.raises(LoadError, match="attn_implementation"):

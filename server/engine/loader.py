@@ -228,11 +228,24 @@ def _convert_gguf(gguf_file: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@functools.lru_cache(maxsize=16)
+def _content_digest(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of the file (~0.5 s per 100 MB, once per process and file version)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _gguf_checkpoint(gguf_file: Path, root: Path) -> tuple[Path, bool]:
-    """(directory of the converted checkpoint, whether it was already cached)."""
+    """(directory of the converted checkpoint, whether it was already cached).
+
+    Keyed by the file's content, not its path: every fresh venv (each CI clone) holds its own copy of the
+    embedded GGUF, and a path key left one 0.5 GB conversion per copy in the cache."""
     st = gguf_file.stat()
-    key = f"{gguf_file.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    target = root / "models" / f"{gguf_file.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    key = _content_digest(str(gguf_file.resolve()), st.st_size, st.st_mtime_ns)
+    target = root / "models" / f"{gguf_file.stem}-{key[:12]}"
     if _cache_ok(target):
         return target, True
     if target.exists():
