@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ctxsteer.server.engine.ngram import NgramConfig
+
 MiB = 1024 * 1024
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -53,6 +55,9 @@ class ServerConfig:
     # chunks, best throughput; e.g. 0.75 bounds running streams' inter-token latency while newcomers arrive)
     prefill_stall_share: float = 0.0
     cpu_prepack: str = "auto"  # auto = oneDNN-prepacked Linear weights on CPU fp32; off = stock torch
+    # n-gram speculation of the local engine: "ngram" (its defaults), vLLM's JSON form
+    # ('{"method": "ngram", ...}') or "off"; output unchanged either way, only speed differs
+    speculative_config: str = "ngram"
     timeout_keep_alive_s: float = 5.0  # idle time before a keep-alive connection is closed
     timeout_header_read_s: float = 10.0  # connection open / request start -> headers complete, else 408
     timeout_body_read_s: float = 30.0  # longest body stall while the app waits for it, else 408
@@ -135,6 +140,10 @@ class ServerConfig:
             f"must be in [0, 1], got {rate}",
         )
         _check(self.cpu_prepack in PREPACK, "--cpu-prepack", f"must be one of {PREPACK}")
+        try:
+            NgramConfig.parse(self.speculative_config)
+        except ValueError as e:
+            raise ValueError(f"--speculative-config: {e}") from None
         d = self.drain_timeout_s
         _check(math.isfinite(d) and d >= 0, "--drain-timeout", f"must be >= 0, got {d}")
         for flag, t in (
@@ -162,7 +171,7 @@ class ServerConfig:
             if f.vllm_only and self.engine != "vllm":
                 raise ValueError(f"{f.flag}: is a vLLM engine setting; add --engine vllm")
             if f.local_only and self.engine == "vllm":
-                raise ValueError(f"{f.flag}: is a local engine setting (vLLM chunks prefills itself)")
+                raise ValueError(f"{f.flag}: is a local engine setting ({f.local_only})")
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -208,7 +217,7 @@ class _Flag:
     help: str
     choices: tuple[str, ...] | None = None
     vllm_only: bool = False  # a vLLM engine setting: refused with the local engine
-    local_only: bool = False  # a local engine setting: refused with --engine vllm
+    local_only: str = ""  # a local engine setting, refused with --engine vllm: why it does not apply
     negatable: bool = False  # bool flag with a --no- form
 
     @property
@@ -264,7 +273,16 @@ _FLAGS: tuple[_Flag, ...] = (
         float,
         "while rows decode, size prefill chunks to this share of a decode step per waiting prompt "
         "(default 0: whole chunks, best throughput; 0.75 keeps streams smooth while newcomers arrive)",
-        local_only=True,
+        local_only="vLLM chunks prefills itself",
+    ),
+    _Flag(
+        "--speculative-config",
+        "speculative_config",
+        str,
+        "n-gram speculation (prompt lookup) of the local engine: ngram (default: on, its defaults), off, or "
+        'vLLM\'s JSON form, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, '
+        '"prompt_lookup_min": 2}\'; greedy output unchanged, sampled output the same distribution',
+        local_only="not wired to vLLM's speculative decoding yet",
     ),
     _Flag(
         "--cpu-prepack",

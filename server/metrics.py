@@ -140,6 +140,13 @@ class Metrics:
             "measured requests: those asking for report.context_attention and a sample of the rest.",
             FRACTION_BUCKETS,
         ).labels(m)
+        # vLLM's spec-decode counters under our prefix (n-gram speculation, `--speculative-config`)
+        self.draft_tokens = counter(
+            "spec_decode_num_draft_tokens", "Guessed tokens verified (n-gram speculation)."
+        ).labels(m)
+        self.accepted_tokens = counter(
+            "spec_decode_num_accepted_tokens", "Guessed tokens that the model's own sampling kept."
+        ).labels(m)
         self.http_requests = counter(
             "http_requests", "HTTP responses by method, route and status.", "method", "route", "status"
         )
@@ -162,6 +169,10 @@ class Metrics:
         # 0 = a prefill-only step (no decode forward).
         if batch_size > 0:
             self.batch_size.observe(batch_size)
+
+    def record_draft(self, drafted: int, accepted: int) -> None:
+        self.draft_tokens.inc(drafted)
+        self.accepted_tokens.inc(accepted)
 
     def record_first_token(self, request: GenerationRequest, ttft_s: float, queue_s: float) -> None:
         self.prompt_tokens.inc(len(request.prompt_ids))
@@ -223,6 +234,11 @@ class MetricsObserver(EngineObserver):
         m = self.metrics
         if m is not None and m.engine.ready:  # before ready, the only step is the warm-up's
             _guarded(m.record_step, batch_size)
+
+    def on_draft(self, drafted: int, accepted: int) -> None:
+        m = self.metrics
+        if m is not None and m.engine.ready:
+            _guarded(m.record_draft, drafted, accepted)
 
     def on_first_token(self, request: GenerationRequest, ttft_s: float, queue_s: float) -> None:
         if self.metrics is not None and request.request_id != WARMUP_REQUEST_ID:

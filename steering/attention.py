@@ -5,7 +5,9 @@ It keeps SDPA's fast kernels:
   q' = [q, g_h, g_h, 0..], k' = [k, hi, lo, 0..] (hi + lo = bias/scale, `fold.bias_columns`),
   v' = [v, 0..], so q'.k' * scale = q.k * scale + g_h * bias and SDPA keeps `is_causal` / the model's own
   mask (padding, sliding window) and GQA. g_h selects heads. 8 extra dims keep head sizes a multiple of 8.
-- decode (q_len == 1): the bias is added to a [B, 1|H, 1, K] float mask, which HF's SDPA path packs for GQA.
+- decode (q_len == 1) and the engine's steps over its own row-aligned KV cache (`SteerBatch.key_lengths`,
+  one query per row or a few when drafted tokens are verified): the bias is added to a [B, 1|H, Q, K]
+  float mask, which HF's SDPA path packs for GQA.
 Layers where no row is steered, and forwards without a SteerBatch, take the stock SDPA path unchanged.
 """
 
@@ -108,7 +110,7 @@ def steered_attention(
     prefill = query.shape[2] > 1
     if watch is not None:
         _watch(watch, module, layer, query, key, steer, scaling, kwargs)
-    if steer is not None and steer.key_lengths is not None and not prefill:
+    if steer is not None and steer.key_lengths is not None:
         window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
         mask = steer.decode_mask(layer, key.shape[2], window, query.dtype)
         return sdpa_attention_forward(

@@ -24,9 +24,11 @@ class SteerBatch:
     layer_gate:    [L, B] fp32 0/1, or None when every row is steered in every layer.
     head_gate:     [L, B, H] fp32 0/1 over query heads, or None when all heads are steered.
     active_layers: layers where some row is steered (the others take the stock SDPA path).
-    key_lengths:   [B] int64, for callers with their own row-aligned KV cache (the server's engine): at
-                   decode, row b sees keys [0, key_lengths[b]) and the attention function builds the
-                   padding / sliding-window mask itself; None = use the model's mask.
+    key_lengths:   [B] int64, for callers with their own row-aligned KV cache (the server's engine): in
+                   a decode step the last query of row b sees keys [0, key_lengths[b]) and the attention
+                   function builds the padding / sliding-window mask itself; None = use the model's mask.
+    queries:       new tokens per row in such a step (more than 1 when drafted tokens are verified):
+                   query j of Q sees keys [0, key_lengths[b] - (Q - 1 - j)).
     """
 
     key_bias: torch.Tensor
@@ -34,35 +36,43 @@ class SteerBatch:
     head_gate: torch.Tensor | None
     active_layers: frozenset[int]
     key_lengths: torch.Tensor | None = None
+    queries: int = 1
     _base_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
     _step_masks: dict[tuple[int | None, torch.dtype], torch.Tensor] = field(default_factory=dict)
 
     def decode_mask(
         self, layer: int, num_keys: int, sliding_window: int | None, dtype: torch.dtype
     ) -> torch.Tensor:
-        """[B, 1|H, 1, K] additive mask of one decode step from `key_lengths` (+ bias on steered layers)."""
-        base = self.decode_base(num_keys, sliding_window)
+        """[B, 1|H, Q, K] additive mask of one decode step from `key_lengths` (+ bias on steered layers)."""
+        base = self.step_base(num_keys, sliding_window)  # [B, Q, K]
         if layer not in self.active_layers:
-            return base[:, None, None, :].to(dtype)
+            return base[:, None].to(dtype)
         uniform = self.layer_gate is None and self.head_gate is None  # same mask in every steered layer
         key = (sliding_window, dtype)  # steered decode mask, shared by all steered layers
         if uniform and (hit := self._step_masks.get(key)) is not None and hit.shape[-1] == num_keys:
             return hit
         add = self.added_bias(layer, num_keys)
         assert add is not None
-        mask = (base[:, None, :] + add)[:, :, None, :].to(dtype)
+        mask = (base[:, None] + add[:, :, None, :]).to(dtype)
         if uniform:
             self._step_masks[key] = mask
         return mask
 
-    def decode_base(self, num_keys: int, sliding_window: int | None) -> torch.Tensor:
-        """[B, K] fp32 0 / -inf: the keys each row's one decode query sees (from `key_lengths`)."""
+    def step_base(self, num_keys: int, sliding_window: int | None) -> torch.Tensor:
+        """[B, Q, K] fp32 0 / -inf: the keys each query of the step sees (from `key_lengths`)."""
         base = self._base_masks.get(sliding_window)
-        if base is None or base.shape[1] != num_keys:
+        if base is None or base.shape[-1] != num_keys:
             assert self.key_lengths is not None
-            base = visible_keys(self.key_lengths, num_keys, sliding_window)
+            back = torch.arange(self.queries - 1, -1, -1, device=self.key_lengths.device)
+            lengths = self.key_lengths[:, None] - back[None, :]  # [B, Q]: keys seen by each query
+            base = visible_keys(lengths.reshape(-1), num_keys, sliding_window)
+            base = base.view(len(self.key_lengths), self.queries, num_keys)
             self._base_masks[sliding_window] = base
         return base
+
+    def decode_base(self, num_keys: int, sliding_window: int | None) -> torch.Tensor:
+        """[B, K] fp32 0 / -inf: the keys each row's last query of the step sees."""
+        return self.step_base(num_keys, sliding_window)[:, -1]
 
     def added_bias(self, layer: int, num_keys: int) -> torch.Tensor | None:
         """[B, 1|H, K] fp32: what steering adds to this layer's scores; None where no row is steered."""

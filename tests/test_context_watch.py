@@ -53,11 +53,11 @@ def _run(model, prompts: list[list[int]], rows: list[SteerRow], watch: bool, dec
         values.append([st.context] if watch else [])
         logits_seen.append(logits)
     for _ in range(STEPS):
-        result = runner.decode([t[-1] for t in tokens], rows, decode_rows if watch else ())
+        result = runner.decode([[t[-1]] for t in tokens], rows, decode_rows if watch else ())
         logits_seen.append(result.logits)
         assert sorted(result.context) == (sorted(decode_rows) if watch else [])
         for b in range(len(rows)):
-            tokens[b].append(int(result.logits[b].argmax()))
+            tokens[b].append(int(result.logits[b, -1].argmax()))
             if b in result.context:
                 values[b].append(result.context[b])
     return tokens, values, logits_seen

@@ -9,6 +9,13 @@ to a share of a decode step instead (`scheduler.PrefillBudget`), so newcomers do
 streams. A CAD request (`request.cad`) brings a hidden twin row with the context-free prompt: it is
 prefilled before its request's prompt, decodes beside it in the same batch, and each step the request
 samples from the contrast of the two rows' logits; the twin is fed the sampled token.
+
+With n-gram speculation (`speculative`, vLLM's "ngram" method) a decode step may feed each row its last
+token plus a few guessed ones (`ngram.propose`) and read the row's logits after each. The row samples
+position by position exactly as plain decoding would (same sampler, generator and penalties) and keeps
+going only while its sample equals the next guess, because only then were the following logits computed
+on the row's real text; the refused guesses' keys are dropped. The output is therefore the same
+distribution (greedy: the same tokens, up to float summation order), only sooner.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from ctxsteer.server.engine.interface import (
     ModelInfo,
     warm_up,
 )
+from ctxsteer.server.engine.ngram import NgramConfig, propose
 from ctxsteer.server.engine.request import (
     FinishReason,
     GenerationOutput,
@@ -49,6 +57,11 @@ from ctxsteer.steering.rows import SteerRow
 
 log = logging.getLogger("ctxsteer.engine")
 
+# A row whose guesses are mostly refused stops drafting (a refused guess costs a step part of a token's
+# time, see NgramConfig.max_step_tokens) and tries again some steps later.
+_DRAFT_MIN_SCORE = 0.3
+_DRAFT_RECOVERY = 0.02
+
 
 class LocalEngine(AsyncEngine):
     def __init__(
@@ -62,6 +75,7 @@ class LocalEngine(AsyncEngine):
         kv_budget_tokens: int | None = None,
         prefill_chunk: int = 512,
         prefill_stall_share: float = 0.0,
+        speculative: NgramConfig | None = None,
         observer: EngineObserver | None = None,
     ) -> None:
         # CAD needs two rows of the batch per request
@@ -75,6 +89,7 @@ class LocalEngine(AsyncEngine):
         )
         self.observer = observer or EngineObserver()
         self.eos_ids = _eos_ids(model, tokenizer)
+        self.speculative = speculative
         self._lock = threading.RLock()  # _emit_final may run while the step holds it
         self._wake = threading.Event()
         self._aborts: set[str] = set()
@@ -305,11 +320,42 @@ class LocalEngine(AsyncEngine):
         state.watch = req.watch_context
         return True
 
+    def _drafts(self, rows: list[Sequence]) -> list[list[int]] | None:
+        """Guessed next tokens per row for this step, or None for a plain step: without speculation,
+        with CAD rows or watched rows (one query per row there), or when the batch is too large."""
+        spec = self.speculative
+        if spec is None:
+            return None
+        per_row = min(spec.num_speculative_tokens, spec.max_step_tokens // len(rows) - 1)
+        if per_row < 1 or any(s.twin is not None or s.is_twin or s.request.watch_context for s in rows):
+            return None
+        drafts = []
+        for seq in rows:
+            req = seq.request
+            if seq.draft_score < _DRAFT_MIN_SCORE:  # its guesses keep failing: rest, then try again
+                seq.draft_score += _DRAFT_RECOVERY
+                drafts.append([])
+                continue
+            room = min(
+                req.sampling.max_tokens - len(seq.generated),
+                self.info.max_model_len - len(req.prompt_ids) - len(seq.generated),
+            )
+            drafts.append(propose([*req.prompt_ids, *seq.generated], spec, min(per_row, room - 1)))
+        return drafts if any(drafts) else None
+
     def _run_decode(self, rows: list[Sequence], prefill_tokens: int) -> None:
         t0 = time.perf_counter()
+        drafts = None
         try:
+            drafts = self._drafts(rows)
+            width = 1 + max(map(len, drafts)) if drafts else 1
+            # rows with fewer guesses are padded with their last token; those positions are never read
+            tokens = [
+                [s.last_token, *d, *[s.last_token] * (width - 1 - len(d))]
+                for s, d in zip(rows, drafts or [[]] * len(rows), strict=True)
+            ]
             watch = [i for i, s in enumerate(rows) if s.request.watch_context]
-            result = self.runner.decode([s.last_token for s in rows], [s.request.steer for s in rows], watch)
+            result = self.runner.decode(tokens, [s.request.steer for s in rows], watch)
             self.budget.observe_decode(time.perf_counter() - t0)
         except Exception:  # noqa: BLE001
             log.exception("decode step failed; failing %d rows", len(rows))
@@ -321,18 +367,42 @@ class LocalEngine(AsyncEngine):
         self.observer.on_step(len(rows), prefill_tokens)
         for i, value in result.context.items():
             rows[i].context.append(value)
+        if drafts is not None:
+            for seq, draft, logits in zip(rows, drafts, result.logits, strict=True):
+                self._verify(seq, draft, logits)
+            return
         if not any(s.twin is not None for s in rows):
-            self._sample_and_accept(rows, result.logits)
+            self._sample_and_accept(rows, result.logits[:, 0])
             return
         index = {id(s): i for i, s in enumerate(rows)}
         mains = [s for s in rows if not s.is_twin]
+        last = result.logits[:, 0]
         logits = torch.stack([
-            cad_logits(result.logits[index[id(s)]], result.logits[index[id(s.twin)]], s.request.cad.beta)
+            cad_logits(last[index[id(s)]], last[index[id(s.twin)]], s.request.cad.beta)
             if s.twin is not None and s.request.cad is not None
-            else result.logits[index[id(s)]]
+            else last[index[id(s)]]
             for s in mains
         ])  # fmt: skip
         self._sample_and_accept(mains, logits)
+
+    def _verify(self, seq: Sequence, draft: list[int], logits: torch.Tensor) -> None:
+        """Sample the row position by position from its logits after each fed token ([Q, V]); continue
+        while the sample is the next guess. Keys of fed tokens past the last kept one are dropped."""
+        fed = logits.shape[0]
+        kept = 0  # fed tokens whose keys stay: the row's real text
+        for j in range(len(draft) + 1):
+            before = len(seq.generated)
+            self._sample_and_accept([seq], logits[j : j + 1])
+            kept = j + 1
+            if seq.finished or len(seq.generated) == before:
+                break
+            if j == len(draft) or seq.last_token != draft[j]:
+                break
+        if draft:
+            seq.draft_score = 0.6 * seq.draft_score + 0.4 * (kept - 1) / len(draft)
+            self.observer.on_draft(len(draft), kept - 1)
+        if not seq.finished and seq.slot is not None:
+            self.runner.reject(seq.slot, fed - kept)
 
     @staticmethod
     def _feed_twin(seq: Sequence) -> None:

@@ -37,7 +37,7 @@ class _StepLayer(DynamicLayer):
         return self.owner.write(self.layer, key_states, value_states)
 
     def get_seq_length(self) -> int:
-        return self.owner.step_width - 1
+        return self.owner.step_width - self.owner.step_queries
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.owner.step_width, 0
@@ -61,6 +61,7 @@ class SlotKVCache:
         self.lengths: list[int] = [0] * max_rows  # tokens stored per slot
         self.step_rows = 0
         self.step_width = 0
+        self.step_queries = 1  # new tokens per row in this step (> 1: drafted tokens being verified)
         self._write_pos: torch.Tensor | None = None
         self._rows_idx = torch.arange(max_rows, device=device)
         self.cache = Cache(layers=[_StepLayer(self, i) for i in range(num_layers)])
@@ -124,25 +125,34 @@ class SlotKVCache:
                 buf[dst, :, :n] = buf[src, :, :n]
         self.lengths[dst], self.lengths[src] = n, 0
 
-    def begin_step(self, rows: int) -> torch.Tensor:
-        """Prepare a decode step over slots [0, rows); returns key_lengths [rows] after the write."""
-        width = max(self.lengths[:rows]) + 1
+    def begin_step(self, rows: int, queries: int = 1) -> torch.Tensor:
+        """Prepare a decode step of `queries` new tokens for each of slots [0, rows); returns key_lengths
+        [rows] after the write."""
+        width = max(self.lengths[:rows]) + queries
         self.ensure_capacity(width)
-        self.step_rows, self.step_width = rows, width
+        self.step_rows, self.step_width, self.step_queries = rows, width, queries
         pos = torch.tensor(self.lengths[:rows], dtype=torch.long)
-        self._write_pos = pos.to(self.device)
-        return (pos + 1).to(self.device)
+        self._write_pos = (pos[:, None] + torch.arange(queries)[None, :]).to(self.device)  # [rows, Q]
+        return (pos + queries).to(self.device)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, w = self.step_rows, self.step_width
-        rows = self._rows_idx[:b]
-        self.keys[layer][rows, :, self._write_pos] = k[:, :, 0]
-        self.values[layer][rows, :, self._write_pos] = v[:, :, 0]
+        rows = self._rows_idx[:b, None]
+        # advanced indices around a slice: the indexed view is [B, Q, Hkv, D]
+        self.keys[layer][rows, :, self._write_pos] = k.transpose(1, 2)
+        self.values[layer][rows, :, self._write_pos] = v.transpose(1, 2)
         return self.keys[layer][:b, :, :w], self.values[layer][:b, :, :w]
 
     def end_step(self) -> None:
         for b in range(self.step_rows):
-            self.lengths[b] += 1
+            self.lengths[b] += self.step_queries
+
+    def drop_last(self, slot: int, count: int) -> None:
+        """Forget the last `count` keys of `slot` (drafted tokens that were not accepted); their stale
+        entries stay in the buffer, masked by the row's length, and are overwritten by the next step."""
+        if not 0 <= count <= self.lengths[slot]:
+            raise ValueError(f"cannot drop {count} of the {self.lengths[slot]} keys of slot {slot}")
+        self.lengths[slot] -= count
 
 
 def _pow2(n: int, cap: int) -> int:

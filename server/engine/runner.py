@@ -37,8 +37,8 @@ class PrefillState:
 
 @dataclass
 class DecodeResult:
-    logits: torch.Tensor  # fp32 [B, V]
-    context: dict[int, ContextValue]  # watched row -> its query's context attention
+    logits: torch.Tensor  # fp32 [B, Q, V]: each row's next-token logits after each of its Q input tokens
+    context: dict[int, ContextValue]  # watched row -> its (last) query's context attention
 
 
 class ModelRunner:
@@ -146,14 +146,19 @@ class ModelRunner:
 
     @torch.inference_mode()
     def decode(
-        self, last_tokens: Sequence[int], rows: list[SteerRow], watch: Sequence[int] = ()
+        self, tokens: Sequence[Sequence[int]], rows: list[SteerRow], watch: Sequence[int] = ()
     ) -> DecodeResult:
-        """One decode step for slots [0, B) (`rows`: their steering, in slot order); `watch`: the slots
-        whose query's context attention is measured (an eager softmax of one query per watched row)."""
+        """One decode step for slots [0, B): each row's input tokens (its last generated token, then any
+        drafted tokens to verify; the same count Q for every row), `rows` their steering, in slot order;
+        `watch`: the slots whose query's context attention is measured (an eager softmax of one query per
+        watched row; only with Q == 1). All Q keys are kept: `reject` drops the refused drafts' keys."""
         b = len(rows)
         if b != self.live_rows:
             raise RuntimeError(f"decode of {b} rows, but {self.live_rows} slots are live")
-        key_lengths = self.kv.begin_step(b)
+        q = len(tokens[0])
+        if q < 1 or any(len(t) != q for t in tokens) or (watch and q != 1):
+            raise ValueError("decode: every row needs the same number (>= 1) of input tokens")
+        key_lengths = self.kv.begin_step(b, q)
         self._ensure_bias_capacity()
         width = self.kv.step_width
         if rows != self._gate_rows:  # the batch changed (joins, leaves, moves)
@@ -163,9 +168,11 @@ class ModelRunner:
             self._gate_rows = list(rows)
         g = self._gates
         assert g is not None
-        steer = SteerBatch(self.bias[:b, :width], g.layer_gate, g.head_gate, g.active_layers, key_lengths)
-        ids = torch.tensor(list(last_tokens), dtype=torch.long, device=self.device)[:, None]
-        pos = (key_lengths - 1)[:, None]
+        steer = SteerBatch(
+            self.bias[:b, :width], g.layer_gate, g.head_gate, g.active_layers, key_lengths, queries=q
+        )
+        ids = torch.tensor([list(t) for t in tokens], dtype=torch.long, device=self.device)
+        pos = key_lengths[:, None] - torch.arange(q, 0, -1, device=self.device)[None, :]
         kwargs: dict[str, Any] = {STEER_KWARG: steer}
         watcher = None
         if watch:
@@ -178,4 +185,9 @@ class ModelRunner:
         if watcher is not None:
             served, plain = watcher.result()
             context = {slot: (s, p) for slot, s, p in zip(watch, served, plain, strict=True)}
-        return DecodeResult(out.logits[:, -1].float(), context)
+        return DecodeResult(out.logits.float(), context)
+
+    def reject(self, slot: int, count: int) -> None:
+        """The last `count` tokens fed to `slot` were drafts the row did not generate: drop their keys."""
+        if count:
+            self.kv.drop_last(slot, count)

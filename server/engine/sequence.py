@@ -40,6 +40,8 @@ class Sequence:
     twin: Sequence | None = None
     is_twin: bool = False
     twin_logits: Any = None  # the twin's last prompt logits, until this row's prompt is done
+    # n-gram speculation: running share of this row's guesses that were kept (`LocalEngine._drafts`)
+    draft_score: float = 1.0
     admitted_at: float = 0.0
     last_token_at: float = 0.0
 

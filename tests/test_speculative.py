@@ -1,0 +1,239 @@
+"""N-gram speculation in the local engine: drafts are found as documented, and verifying them changes
+nothing but speed (greedy tokens, seeded samples, penalties, logprobs, stops, limits, batching)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from tiny import make_model, make_tokenizer
+
+from ctxsteer.server.config import ServerConfig
+from ctxsteer.server.engine.engine import LocalEngine
+from ctxsteer.server.engine.interface import EngineObserver, ModelInfo
+from ctxsteer.server.engine.ngram import NgramConfig, propose
+from ctxsteer.server.engine.request import FinishReason, GenerationRequest, SamplingParams
+from ctxsteer.steering.attention import ATTN_NAME, register
+from ctxsteer.steering.generate import greedy_generate, left_pad, steer_kwargs
+from ctxsteer.steering.rows import SteerRow
+
+CFG = NgramConfig(num_speculative_tokens=4, prompt_lookup_max=3, prompt_lookup_min=1, max_step_tokens=16)
+
+
+# ---- drafts ------------------------------------------------------------------------------------
+
+
+def test_propose_takes_the_latest_longest_match() -> None:
+    cfg = NgramConfig(num_speculative_tokens=3, prompt_lookup_max=3, prompt_lookup_min=1)
+    #            0  1  2  3  4  5  6  7  8  9 10
+    tokens = [5, 6, 7, 1, 2, 5, 6, 7, 3, 4, 6, 7]
+    # suffix [6, 7] (3-gram [4, 6, 7] never occurred): latest earlier [6, 7] is at 6..7, then 3, 4, 6
+    assert propose(tokens, cfg, limit=8) == [3, 4, 6]
+    assert propose(tokens, cfg, limit=1) == [3]
+    assert propose(tokens, cfg, limit=0) == []
+    assert propose([1, 2, 3, 4], cfg, limit=3) == []  # the suffix occurs nowhere else
+    assert propose([9, 9], cfg, limit=3) == [9]  # a match is followed by at least one token
+    # a longer match wins over a later shorter one
+    longer = [1, 2, 3, 8, 0, 3, 9, 1, 2, 3]
+    assert propose(longer, cfg, limit=2) == [8, 0]
+    two = NgramConfig(num_speculative_tokens=3, prompt_lookup_max=3, prompt_lookup_min=2)
+    assert propose([4, 1, 7, 2, 1], two, limit=3) == []  # 1-grams are below prompt_lookup_min
+
+
+def test_config_parsing_and_flag() -> None:
+    cfg = NgramConfig.parse('{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 5}')
+    assert cfg is not None
+    assert (cfg.num_speculative_tokens, cfg.prompt_lookup_max, cfg.prompt_lookup_min) == (3, 5, 2)
+    for bad, msg in [
+        ('{"method": "eagle"}', "not supported"),
+        ('{"num_speculative_tokens": 0}', r"\[1, 16\]"),
+        ('{"prompt_lookup_min": 4, "prompt_lookup_max": 2}', "prompt_lookup_min"),
+        ('{"draft_model": 1}', "unknown keys"),
+        ('{"num_speculative_tokens": "4"}', "integer"),
+        ("[4]", "JSON object"),
+        ("{", "not JSON"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            NgramConfig.parse(bad)
+    assert NgramConfig.parse("off") is None and NgramConfig.parse("ngram") == NgramConfig()
+    assert ServerConfig().speculative_config == "ngram"  # on by default: output is unchanged
+    with pytest.raises(ValueError, match="--speculative-config: method 'eagle'"):
+        ServerConfig(speculative_config='{"method": "eagle"}')
+    with pytest.raises(ValueError, match="--speculative-config: is a local engine setting"):
+        ServerConfig(speculative_config="{}", engine="vllm")
+
+
+# ---- the engine ----------------------------------------------------------------------------------
+
+
+class Drafts(EngineObserver):
+    def __init__(self) -> None:
+        self.drafted = self.accepted = 0
+
+    def on_draft(self, drafted: int, accepted: int) -> None:
+        self.drafted += drafted
+        self.accepted += accepted
+
+
+def _engine(arch: str, spec: NgramConfig | None, observer: EngineObserver | None = None, **kw) -> LocalEngine:
+    register()
+    model = make_model(arch, attn_implementation=ATTN_NAME)
+    cfg = model.config
+    info = ModelInfo(arch, arch, "cpu", "float32", 512, cfg.num_hidden_layers, cfg.num_attention_heads)
+    return LocalEngine(model, make_tokenizer(), info, speculative=spec, observer=observer, **kw)
+
+
+def _requests(n: int, params: SamplingParams, seed: int = 5) -> list[GenerationRequest]:
+    """Prompts that repeat themselves (a random phrase, three times, then its start): drafts exist."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        phrase = torch.randint(10, 500, (int(torch.randint(8, 20, (1,), generator=g)),), generator=g).tolist()
+        ids = phrase * 3 + phrase[:3]
+        steer = SteerRow(alpha=1 / (1.0, 2.0, 4.0)[i % 3], steered=((2, len(phrase)),))
+        out.append(GenerationRequest(f"r{i}", ids, params, steer))
+    return out
+
+
+async def _collect(engine: LocalEngine, req: GenerationRequest) -> list:
+    return [o async for o in engine.generate(req)]
+
+
+def _run_all(engine: LocalEngine, reqs: list[GenerationRequest], together: bool) -> list[list]:
+    async def main() -> list[list]:
+        await engine.start()
+        if together:
+            res = list(await asyncio.gather(*(_collect(engine, r) for r in reqs)))
+        else:
+            res = [await _collect(engine, r) for r in reqs]
+        await engine.shutdown()
+        return res
+
+    return asyncio.run(main())
+
+
+def _ids(outs: list) -> list[int]:
+    return [t for o in outs for t in o.token_ids]
+
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma3"])
+def test_greedy_output_is_unchanged_and_drafts_are_kept(arch: str) -> None:
+    reqs = _requests(4, GREEDY)
+    seen = Drafts()
+    plain = [_ids(o) for o in _run_all(_engine(arch, None), reqs, together=False)]
+    solo = [_ids(o) for o in _run_all(_engine(arch, CFG, seen), reqs, together=False)]
+    busy = [_ids(o) for o in _run_all(_engine(arch, CFG), reqs, together=True)]
+    assert solo == plain and busy == plain
+    assert all(len(ids) == 24 for ids in solo)
+    assert seen.accepted > 0  # guesses were kept
+    # ... and equal to the plain steered core loop (per row, its own strength)
+    model = make_model(arch, attn_implementation=ATTN_NAME)
+    for req, got in zip(reqs, solo, strict=True):
+        ids, mask = left_pad([req.prompt_ids], pad_id=0)
+        ref = greedy_generate(model, ids, mask, 24, **steer_kwargs(model, [req.steer], mask))
+        assert ref.tokens[0].tolist() == got
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_wrong_guesses_are_dropped(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drafts that are mostly wrong (random tokens, sometimes the right one first): the refused keys are
+    dropped from the KV cache, so the text stays exactly the plain one."""
+    import ctxsteer.server.engine.engine as engine_module
+
+    reqs = _requests(3, GREEDY, seed=6)
+    plain = [_ids(o) for o in _run_all(_engine(arch, None), reqs, together=False)]
+    truth = {tuple(r.prompt_ids): p for r, p in zip(reqs, plain, strict=True)}
+    g = torch.Generator().manual_seed(0)
+
+    def guess(tokens, config, limit):
+        if limit <= 0:
+            return []
+        wrong = torch.randint(10, 500, (limit,), generator=g).tolist()
+        for prompt, text in truth.items():  # half the time the first guess is right
+            n = len(tokens) - len(prompt)
+            if tuple(tokens[: len(prompt)]) == prompt and n < len(text) and torch.rand(1, generator=g) < 0.5:
+                wrong[0] = text[n]
+        return wrong
+
+    monkeypatch.setattr(engine_module, "propose", guess)
+    seen = Drafts()
+    solo = [_ids(o) for o in _run_all(_engine(arch, CFG, seen), reqs, together=False)]
+    busy = [_ids(o) for o in _run_all(_engine(arch, CFG), reqs, together=True)]
+    assert solo == plain and busy == plain
+    assert seen.drafted > seen.accepted > 0
+
+
+def test_seeded_sampling_penalties_and_logprobs_are_unchanged() -> None:
+    params = SamplingParams(
+        max_tokens=20,
+        temperature=0.7,
+        top_p=0.95,
+        seed=11,
+        frequency_penalty=0.3,
+        presence_penalty=0.2,
+        ignore_eos=True,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    reqs = _requests(3, params, seed=8)
+    seen = Drafts()
+    plain = _run_all(_engine("llama", None), reqs, together=False)
+    spec = _run_all(_engine("llama", CFG, seen), reqs, together=False)
+    for a, b in zip(plain, spec, strict=True):
+        assert _ids(a) == _ids(b)
+        lp_a = [lp for o in a for lp in o.logprobs]
+        lp_b = [lp for o in b for lp in o.logprobs]
+        assert len(lp_a) == len(lp_b) == 20
+        assert max(abs(x.logprob - y.logprob) for x, y in zip(lp_a, lp_b, strict=True)) < 1e-4
+    assert seen.drafted > 0
+
+
+def test_limits_and_stops_inside_a_draft() -> None:
+    tok = make_tokenizer()
+    reqs = _requests(2, GREEDY, seed=3)
+    free = [_ids(o) for o in _run_all(_engine("llama", None), reqs, together=False)]
+    short = [
+        GenerationRequest(
+            r.request_id, r.prompt_ids, SamplingParams(max_tokens=7, temperature=0, ignore_eos=True), r.steer
+        )
+        for r in reqs
+    ]
+    got = _run_all(_engine("llama", CFG), short, together=True)
+    for outs, want in zip(got, free, strict=True):
+        assert _ids(outs) == want[:7] and outs[-1].finish_reason == FinishReason.LENGTH
+    # a stop string in the middle of the text ends it there, as without drafts
+    text = tok.decode(free[0], skip_special_tokens=True)
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    p = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=(stop,))
+    req = GenerationRequest("s", reqs[0].prompt_ids, p, reqs[0].steer)
+    plain_out = _run_all(_engine("llama", None), [req], together=False)[0]
+    spec_out = _run_all(_engine("llama", CFG), [req], together=False)[0]
+    assert "".join(o.text for o in spec_out) == "".join(o.text for o in plain_out) == text[: text.index(stop)]
+    assert spec_out[-1].finish_reason == FinishReason.STOP
+
+
+def test_steps_stay_within_the_token_budget() -> None:
+    """max_step_tokens bounds rows x (1 + drafts): with 8 rows and a budget of 8, full steps are plain;
+    with a budget of 16 they verify one draft per row."""
+    reqs = _requests(8, GREEDY, seed=4)
+    plain = [_ids(o) for o in _run_all(_engine("qwen2", None, max_num_seqs=8), reqs, together=True)]
+    for budget in (8, 16):
+        cfg = NgramConfig(num_speculative_tokens=4, prompt_lookup_min=1, max_step_tokens=budget)
+        engine = _engine("qwen2", cfg, max_num_seqs=8)
+        shapes: list[tuple[int, int]] = []
+        real = engine.runner.decode
+
+        def recording(tokens, rows, watch=(), real=real, shapes=shapes):
+            shapes.append((len(tokens), len(tokens[0])))
+            return real(tokens, rows, watch)
+
+        engine.runner.decode = recording  # type: ignore[method-assign]
+        got = [_ids(o) for o in _run_all(engine, reqs, together=True)]
+        assert got == plain
+        assert all(b * q <= budget for b, q in shapes if q > 1)
+        full = {q for b, q in shapes if b == 8}
+        assert full and max(full) == budget // 8
