@@ -49,6 +49,33 @@ def _decode_mask(
     return add + attention_mask.to(dtype)
 
 
+def _grouped_sdpa(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float | None,
+    kwargs: dict[str, Any],
+) -> torch.Tensor:
+    """SDPA of a few queries per row with a float mask [B, 1|H, Q, K]; returns [B, Q, H, D].
+
+    With grouped KV heads, the query heads sharing a KV head are stacked along the query axis instead of
+    repeating K and V per query head (HF's path for Q > 1 with a mask copies the whole cache every layer)."""
+    if kwargs.get("softcap") is not None:
+        raise ValueError("ctxsteer attention (SDPA-based) does not support attention logit softcapping")
+    b, hq, q, d = query.shape
+    hkv, k = key.shape[1], key.shape[2]
+    rep = hq // hkv
+    if rep > 1:
+        query = query.reshape(b, hkv, rep * q, d)
+        if mask.shape[1] == 1:
+            mask = mask[:, :, None].expand(b, 1, rep, q, k).reshape(b, 1, rep * q, k)
+        else:
+            mask = mask.reshape(b, hkv, rep * q, k)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(b, hq, q, d).transpose(1, 2).contiguous()
+
+
 def _folded_sdpa(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -113,6 +140,8 @@ def steered_attention(
     if steer is not None and steer.key_lengths is not None:
         window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
         mask = steer.decode_mask(layer, key.shape[2], window, query.dtype)
+        if query.shape[2] > 1:  # drafted tokens being verified
+            return _grouped_sdpa(query, key, value, mask, scaling, kwargs), None
         return sdpa_attention_forward(
             module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs
         )
