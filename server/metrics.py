@@ -180,9 +180,10 @@ class Metrics:
         self.ttft.observe(ttft_s)
         self.queue.observe(queue_s)
 
-    def record_token(self, itl_s: float) -> None:
+    def record_token(self, itl_s: float | None) -> None:
         self.generation_tokens.inc()
-        self.itl.observe(itl_s)
+        if itl_s is not None:
+            self.itl.observe(itl_s)
 
     def record_finish(self, request: GenerationRequest, out: GenerationOutput, e2e_s: float) -> None:
         self.finished[str(out.finish_reason)].inc()
@@ -244,7 +245,7 @@ class MetricsObserver(EngineObserver):
         if self.metrics is not None and request.request_id != WARMUP_REQUEST_ID:
             _guarded(self.metrics.record_first_token, request, ttft_s, queue_s)
 
-    def on_token(self, request: GenerationRequest, itl_s: float) -> None:
+    def on_token(self, request: GenerationRequest, itl_s: float | None) -> None:
         if self.metrics is not None and request.request_id != WARMUP_REQUEST_ID:
             _guarded(self.metrics.record_token, itl_s)
 

@@ -3,6 +3,7 @@ rows kept keep their keys and values), and is empty once no row is left."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ctxsteer.server.engine.kv_cache import SlotKVCache
@@ -43,3 +44,28 @@ def test_small_changes_do_not_reallocate() -> None:
     before = kv.keys[0]
     kv.fit(3)  # 4 rows still allocated for 3 live ones: within the factor of two
     assert kv.keys[0] is before
+
+
+def test_multi_token_step_writes_each_row_at_its_length_and_drops_refused_keys() -> None:
+    """A verify step writes Q keys per row at the row's own positions; `drop_last` forgets refused ones,
+    and the next step overwrites them."""
+    kv = SlotKVCache(3, 4, 2, 4, torch.float32, torch.device("cpu"))
+    kv.insert(0, _row(5, 1))
+    kv.insert(1, _row(9, 2))
+    lengths = kv.begin_step(2, queries=3)
+    assert lengths.tolist() == [8, 12] and kv.step_width == 12
+    new_k, new_v = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)
+    keys, values = kv.write(0, new_k, new_v)
+    kv.end_step()
+    assert keys.shape == (2, 2, 12, 4)
+    assert torch.equal(kv.keys[0][0, :, 5:8], new_k[0]) and torch.equal(kv.values[0][1, :, 9:12], new_v[1])
+    assert kv.lengths[:2] == [8, 12]
+    kv.drop_last(0, 2)  # row 0 kept one of its three tokens
+    assert kv.lengths[:2] == [6, 12]
+    kv.begin_step(2, queries=1)
+    again = torch.randn(2, 2, 1, 4)
+    kv.write(0, again, again)
+    kv.end_step()
+    assert torch.equal(kv.keys[0][0, :, 6], again[0, :, 0]) and kv.lengths[:2] == [7, 13]
+    with pytest.raises(ValueError, match="cannot drop"):
+        kv.drop_last(1, 14)

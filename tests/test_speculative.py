@@ -70,10 +70,15 @@ def test_config_parsing_and_flag() -> None:
 class Drafts(EngineObserver):
     def __init__(self) -> None:
         self.drafted = self.accepted = 0
+        self.itls: list[float | None] = []
 
     def on_draft(self, drafted: int, accepted: int) -> None:
         self.drafted += drafted
         self.accepted += accepted
+
+    def on_token(self, request, itl_s: float | None) -> None:
+        if request.request_id != "warmup":
+            self.itls.append(itl_s)
 
 
 def _engine(arch: str, spec: NgramConfig | None, observer: EngineObserver | None = None, **kw) -> LocalEngine:
@@ -130,6 +135,9 @@ def test_greedy_output_is_unchanged_and_drafts_are_kept(arch: str) -> None:
     assert solo == plain and busy == plain
     assert all(len(ids) == 24 for ids in solo)
     assert seen.accepted > 0  # guesses were kept
+    # every token after the first is reported; those kept from guesses carry no inter-token interval
+    assert len(seen.itls) == 4 * 23
+    assert sum(i is None for i in seen.itls) == seen.accepted
     # ... and equal to the plain steered core loop (per row, its own strength)
     model = make_model(arch, attn_implementation=ATTN_NAME)
     for req, got in zip(reqs, solo, strict=True):

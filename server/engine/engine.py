@@ -392,7 +392,7 @@ class LocalEngine(AsyncEngine):
         kept = 0  # fed tokens whose keys stay: the row's real text
         for j in range(len(draft) + 1):
             before = len(seq.generated)
-            self._sample_and_accept([seq], logits[j : j + 1])
+            self._sample_and_accept([seq], logits[j : j + 1], same_step=j > 0)
             kept = j + 1
             if seq.finished or len(seq.generated) == before:
                 break
@@ -410,7 +410,9 @@ class LocalEngine(AsyncEngine):
         if seq.twin is not None and not seq.finished:
             seq.twin.generated.append(seq.last_token)
 
-    def _sample_and_accept(self, seqs: list[Sequence], logits: torch.Tensor, first: bool = False) -> None:
+    def _sample_and_accept(
+        self, seqs: list[Sequence], logits: torch.Tensor, first: bool = False, same_step: bool = False
+    ) -> None:
         """Sample and book every row; a row whose own sampling or bookkeeping raises fails alone, so one
         request's parameters can never fail its batch neighbours."""
         sampled = sample_rows(logits, [q.sampler for q in seqs])
@@ -419,19 +421,19 @@ class LocalEngine(AsyncEngine):
                 self._finish(seq, FinishReason.ERROR, "sampling failed for this request")
                 continue
             try:
-                self._accept(seq, s, first=first)
+                self._accept(seq, s, first=first, same_step=same_step)
                 self._feed_twin(seq)
             except Exception:  # noqa: BLE001
                 log.exception("output bookkeeping failed for %s", seq.request_id)
                 self._finish(seq, FinishReason.ERROR, "generation failed")
 
-    def _accept(self, seq: Sequence, s: Sampled, first: bool = False) -> None:
+    def _accept(self, seq: Sequence, s: Sampled, first: bool = False, same_step: bool = False) -> None:
         now = time.monotonic()
         req = seq.request
         if first:
             self.observer.on_first_token(req, now - req.arrival_time, seq.admitted_at - req.arrival_time)
         else:
-            self.observer.on_token(req, now - seq.last_token_at)
+            self.observer.on_token(req, None if same_step else now - seq.last_token_at)
         seq.last_token_at = now
         seq.generated.append(s.token_id)
         p = req.sampling
