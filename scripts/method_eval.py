@@ -1,5 +1,6 @@
 """Steering methods side by side on the embedded SmolLM2 (issue: beyond the paper's rule): the full
-knowledge-conflict set (500) and SQuAD (200) at each method's setting, with 95 % bootstrap intervals.
+knowledge-conflict set (500), SQuAD (200) and DROP (200) at each method's setting, with 95 % bootstrap
+intervals.
 
 `OUT/<setting>/<task>/results.json` per cell (resumable: rerun to continue), `OUT/summary.md` the table.
 With a CAD method the harness sends the context as the one steered span (`ctxsteer eval --method`), so
@@ -32,7 +33,9 @@ SETTINGS = (
 # `ctxsteer profile --task squad --limit 30 --strength 2 --top-layers 3` on this model: SQuAD's last 30
 # questions, disjoint from the 200 here (the conflict profile found no layer that helps: docs/cad.md)
 PROFILE = REPO / "docs" / "eval" / "profile-smollm2-squad" / "profile.json"
-METRICS = (("conflict", "context"), ("conflict", "memory"), ("squad", "f1"), ("squad", "em"))
+METRICS = (
+    ("conflict", "context"), ("conflict", "memory"), ("squad", "f1"), ("squad", "em"), ("drop", "f1"),
+)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "eval" / "methods")
     ap.add_argument("--conflict", type=int, default=500, help="knowledge-conflict questions (all: 500)")
     ap.add_argument("--squad", type=int, default=200, help="SQuAD questions")
+    ap.add_argument("--drop", type=int, default=200, help="DROP questions")
     ap.add_argument("--only", help="comma-separated setting directories to run (default: all)")
     ap.add_argument(
         "--profile", type=Path, default=PROFILE, help="head-profile file with a 'profiled' profile"
@@ -55,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         for _, slug, extra in SETTINGS:
             if (wanted is not None and slug not in wanted) or ("head_profile" in str(extra) and not profiles):
                 continue
-            for task, limit in (("conflict", args.conflict), ("squad", args.squad)):
+            for task, limit in (("conflict", args.conflict), ("squad", args.squad), ("drop", args.drop)):
                 out = args.out / slug / task
                 out.mkdir(parents=True, exist_ok=True)
                 cmd = [*CTXSTEER, "eval", "qa", "--url", url, "--task", task, "--limit", str(limit), *extra]
