@@ -177,13 +177,14 @@ def _watch(
     scaling: float | None,
     kwargs: dict[str, Any],
 ) -> None:
-    """Record the last query's context attention. The engine's decode rows see keys [0, key_lengths); any
-    other forward here is one unpadded prompt (chunk) per row, whose last query sees every key."""
+    """Record the watched query's context attention. The engine's decode rows see keys [0, key_lengths)
+    (its verify steps: fewer for earlier queries); any other forward here is one unpadded prompt (chunk) per
+    row, whose last query sees every key."""
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
     n = key.shape[2]
     base: torch.Tensor | None = None  # None: the query sees every key
     if steer is not None and steer.key_lengths is not None:
-        base = steer.decode_base(n, window)
+        base = steer.step_base(n, window)[:, watch.query]
     elif window is not None and window < n:
         lengths = torch.full((key.shape[0],), n, dtype=torch.long, device=key.device)
         base = visible_keys(lengths, n, window)

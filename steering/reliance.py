@@ -87,7 +87,7 @@ def context_mask(rows: Sequence[SteerRow], width: int, device: torch.device | st
 
 @dataclass
 class ContextWatch:
-    """Live context reliance of the *last* query of some rows (the one predicting their next token).
+    """Live context reliance of one query of some rows (the one predicting their next token).
 
     Per layer, each watched row's attention mass on its context keys, averaged over query heads: as served
     (with the steering bias) and as if unsteered (the same scores without the bias, i.e. the same hidden
@@ -100,6 +100,9 @@ class ContextWatch:
 
     rows: torch.Tensor
     context: torch.Tensor
+    # which query of each row is measured: the last (a prompt's, or a decode step's one), or in a step that
+    # verifies other rows' guessed tokens the first, the watched row's real token (it guesses nothing)
+    query: int = -1
     served: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [M, Hq, 1]
     unsteered: dict[int, torch.Tensor] = field(default_factory=dict)
     _all: bool | None = None
@@ -108,15 +111,15 @@ class ContextWatch:
     def record(
         self,
         layer: int,
-        query: torch.Tensor,  # [B, Hq, Q, D]: the last position is measured
+        query: torch.Tensor,  # [B, Hq, Q, D]: position `self.query` is measured
         key: torch.Tensor,  # [B, Hkv, K, D]
-        base_mask: torch.Tensor | None,  # [B, K] additive (0 / -inf): padding, window; None = all visible
+        base_mask: torch.Tensor | None,  # [B, K] 0 / -inf of that query (padding, window); None = all
         bias: torch.Tensor | None,  # [B, 1|Hq, K] steering added in this layer, None = none
         scale: float,
         softcap: float | None = None,
     ) -> None:
         rows = None if self._all_rows(query.shape[0]) else self.rows
-        q = query[:, :, -1] if rows is None else query[rows, :, -1]  # [M, Hq, D]
+        q = query[:, :, self.query] if rows is None else query[rows, :, self.query]  # [M, Hq, D]
         k = key if rows is None else key[rows]  # [M, Hkv, K, D]
         m, hq, d = q.shape
         hkv, n = k.shape[1], k.shape[2]

@@ -245,3 +245,21 @@ def test_steps_stay_within_the_token_budget() -> None:
         assert all(b * q <= budget for b, q in shapes if q > 1)
         full = {q for b, q in shapes if b == 8}
         assert full and max(full) == budget // 8
+
+
+def test_watched_rows_guess_nothing_and_measure_their_own_token() -> None:
+    """A row whose context attention is measured rides in verify steps without guesses: its per-token
+    values equal those of plain decoding, while the rows beside it keep guessing."""
+    import dataclasses
+
+    reqs = _requests(4, GREEDY, seed=12)
+    reqs[1] = dataclasses.replace(reqs[1], watch_context=True)
+    plain = _run_all(_engine("qwen2", None), reqs, together=True)
+    seen = Drafts()
+    spec = _run_all(_engine("qwen2", CFG, seen), reqs, together=True)
+    assert [_ids(o) for o in spec] == [_ids(o) for o in plain]
+    assert seen.accepted > 0
+    values = [[v for o in outs for v in o.context_attention] for outs in (plain[1], spec[1])]
+    assert len(values[0]) == len(values[1]) == 24
+    for (served_a, plain_a), (served_b, plain_b) in zip(*values, strict=True):
+        assert abs(served_a - served_b) < 1e-4 and abs(plain_a - plain_b) < 1e-4

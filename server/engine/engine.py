@@ -322,16 +322,20 @@ class LocalEngine(AsyncEngine):
 
     def _drafts(self, rows: list[Sequence]) -> list[list[int]] | None:
         """Guessed next tokens per row for this step, or None for a plain step: without speculation,
-        with CAD rows or watched rows (one query per row there), or when the batch is too large."""
+        with CAD rows (their twins decode in lockstep), or when the batch is too large. Rows whose context
+        attention is measured guess nothing (one value per generated token)."""
         spec = self.speculative
         if spec is None:
             return None
         per_row = min(spec.num_speculative_tokens, spec.max_step_tokens // len(rows) - 1)
-        if per_row < 1 or any(s.twin is not None or s.is_twin or s.request.watch_context for s in rows):
+        if per_row < 1 or any(s.twin is not None or s.is_twin for s in rows):
             return None
-        drafts = []
+        drafts: list[list[int]] = []
         for seq in rows:
             req = seq.request
+            if req.watch_context:
+                drafts.append([])
+                continue
             if seq.draft_score < _DRAFT_MIN_SCORE:  # its guesses keep failing: rest, then try again
                 seq.draft_score += _DRAFT_RECOVERY
                 drafts.append([])

@@ -150,13 +150,14 @@ class ModelRunner:
     ) -> DecodeResult:
         """One decode step for slots [0, B): each row's input tokens (its last generated token, then any
         drafted tokens to verify; the same count Q for every row), `rows` their steering, in slot order;
-        `watch`: the slots whose query's context attention is measured (an eager softmax of one query per
-        watched row; only with Q == 1). All Q keys are kept: `reject` drops the refused drafts' keys."""
+        `watch`: the slots whose context attention is measured (an eager softmax of one query per watched
+        row: its first, so a watched row must not be fed guesses). All Q keys are kept: `reject` drops the
+        refused guesses' keys."""
         b = len(rows)
         if b != self.live_rows:
             raise RuntimeError(f"decode of {b} rows, but {self.live_rows} slots are live")
         q = len(tokens[0])
-        if q < 1 or any(len(t) != q for t in tokens) or (watch and q != 1):
+        if q < 1 or any(len(t) != q for t in tokens):
             raise ValueError("decode: every row needs the same number (>= 1) of input tokens")
         key_lengths = self.kv.begin_step(b, q)
         self._ensure_bias_capacity()
@@ -177,7 +178,7 @@ class ModelRunner:
         watcher = None
         if watch:
             slots = torch.tensor(list(watch), dtype=torch.long, device=self.device)
-            watcher = ContextWatch(slots, context_mask([rows[i] for i in watch], width, self.device))
+            watcher = ContextWatch(slots, context_mask([rows[i] for i in watch], width, self.device), query=0)
             kwargs[WATCH_KWARG] = watcher
         out = self.model(input_ids=ids, position_ids=pos, cache=self.kv.cache, use_cache=True, **kwargs)
         self.kv.end_step()
