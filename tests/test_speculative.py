@@ -33,7 +33,8 @@ def test_propose_takes_the_latest_longest_match() -> None:
     assert propose(tokens, cfg, limit=1) == [3]
     assert propose(tokens, cfg, limit=0) == []
     assert propose([1, 2, 3, 4], cfg, limit=3) == []  # the suffix occurs nowhere else
-    assert propose([9, 9], cfg, limit=3) == [9]  # a match is followed by at least one token
+    assert propose([9, 9], cfg, limit=3) == [9, 9, 9]  # a repeat goes on with its period
+    assert propose([1, 2, 3, 1, 2, 3, 1, 2], cfg, limit=3) == [3, 1, 2]
     # a longer match wins over a later shorter one
     longer = [1, 2, 3, 8, 0, 3, 9, 1, 2, 3]
     assert propose(longer, cfg, limit=2) == [8, 0]
@@ -227,7 +228,8 @@ def test_limits_and_stops_inside_a_draft() -> None:
 def test_steps_stay_within_the_token_budget() -> None:
     """max_step_tokens bounds rows x (1 + drafts): with 8 rows and a budget of 8, full steps are plain;
     with a budget of 16 they verify one draft per row."""
-    reqs = _requests(8, GREEDY, seed=4)
+    long = SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True)  # all 8 end up running together
+    reqs = _requests(8, long, seed=4)
     plain = [_ids(o) for o in _run_all(_engine("qwen2", None, max_num_seqs=8), reqs, together=True)]
     for budget in (8, 16):
         cfg = NgramConfig(num_speculative_tokens=4, prompt_lookup_min=1, max_step_tokens=budget)
@@ -263,3 +265,27 @@ def test_watched_rows_guess_nothing_and_measure_their_own_token() -> None:
     assert len(values[0]) == len(values[1]) == 24
     for (served_a, plain_a), (served_b, plain_b) in zip(*values, strict=True):
         assert abs(served_a - served_b) < 1e-4 and abs(plain_a - plain_b) < 1e-4
+
+
+def test_no_position_past_the_served_length() -> None:
+    """Rows near max_model_len (512 here) beside rows far from it: the step's padded width never feeds a
+    position past the limit (a learned position table has none there), and every row ends as without
+    speculation."""
+    long_params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    reqs = _requests(3, long_params, seed=2)
+    near = (reqs[0].prompt_ids * 50)[:490]
+    reqs.append(GenerationRequest("near", near, long_params, reqs[0].steer))  # admitted last
+    plain = _run_all(_engine("llama", None), reqs, together=True)
+    engine = _engine("llama", CFG)
+    highest: list[int] = []
+    real = engine.runner.decode
+
+    def recording(tokens, rows, watch=()):
+        highest.append(max(engine.runner.kv.lengths[: len(tokens)]) + len(tokens[0]) - 1)
+        return real(tokens, rows, watch)
+
+    engine.runner.decode = recording  # type: ignore[method-assign]
+    spec = _run_all(engine, reqs, together=True)
+    assert [_ids(o) for o in spec] == [_ids(o) for o in plain]
+    assert spec[-1][-1].finish_reason == FinishReason.LENGTH and len(_ids(spec[-1])) == 512 - 490
+    assert max(highest) <= 511

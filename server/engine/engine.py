@@ -327,7 +327,10 @@ class LocalEngine(AsyncEngine):
         spec = self.speculative
         if spec is None:
             return None
-        per_row = min(spec.num_speculative_tokens, spec.max_step_tokens // len(rows) - 1)
+        # Every row is fed as many tokens as the longest draft (padding), so no row's positions may pass the
+        # served length: a model with learned position embeddings has none there.
+        headroom = min(self.info.max_model_len - len(s.request.prompt_ids) - len(s.generated) for s in rows)
+        per_row = min(spec.num_speculative_tokens, spec.max_step_tokens // len(rows) - 1, headroom)
         if per_row < 1 or any(s.twin is not None or s.is_twin for s in rows):
             return None
         drafts: list[list[int]] = []
@@ -340,11 +343,8 @@ class LocalEngine(AsyncEngine):
                 seq.draft_score += _DRAFT_RECOVERY
                 drafts.append([])
                 continue
-            room = min(
-                req.sampling.max_tokens - len(seq.generated),
-                self.info.max_model_len - len(req.prompt_ids) - len(seq.generated),
-            )
-            drafts.append(propose([*req.prompt_ids, *seq.generated], spec, min(per_row, room - 1)))
+            room = req.sampling.max_tokens - len(seq.generated) - 1  # tokens it may still emit after one
+            drafts.append(propose([*req.prompt_ids, *seq.generated], spec, min(per_row, room)))
         return drafts if any(drafts) else None
 
     def _run_decode(self, rows: list[Sequence], prefill_tokens: int) -> None:

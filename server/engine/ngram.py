@@ -69,8 +69,9 @@ class NgramConfig:
 
 
 def propose(tokens: Sequence[int], config: NgramConfig, limit: int) -> list[int]:
-    """At most `limit` tokens that followed the latest earlier occurrence of the longest matching suffix
-    of `tokens` (lengths prompt_lookup_max..prompt_lookup_min); [] when none occurs."""
+    """`limit` tokens (at most num_speculative_tokens) that followed the latest earlier occurrence of the
+    longest matching suffix of `tokens` (lengths prompt_lookup_max..prompt_lookup_min), continued with
+    the repeat's period where the text ends first; [] when no suffix occurs earlier."""
     limit = min(limit, config.num_speculative_tokens)
     if limit <= 0 or len(tokens) < config.prompt_lookup_min + 1:
         return []
@@ -82,5 +83,11 @@ def propose(tokens: Sequence[int], config: NgramConfig, limit: int) -> list[int]
         hits = np.flatnonzero((windows == arr[-n:]).all(axis=1))
         if hits.size:
             start = int(hits[-1]) + n
-            return arr[start : start + limit].tolist()
+            draft = arr[start : start + limit].tolist()
+            # A match close to the end means the text repeats with period len - start (a loop, a list):
+            # the guess goes on with that period instead of stopping where the text does.
+            period = len(arr) - start
+            while len(draft) < limit:
+                draft.append(draft[len(draft) - period])
+            return draft
     return []
