@@ -212,12 +212,16 @@ def test_token_counts_and_latencies(served: tuple[Live, dict[str, Any]]) -> None
     for name in ("time_to_first_token_seconds", "request_queue_time_seconds", "e2e_request_latency_seconds"):
         assert m.value(f"ctxsteer_{name}_count") == 3, name
         assert m.value(f"ctxsteer_{name}_sum") > 0 or name == "request_queue_time_seconds", name
-    assert m.value("ctxsteer_inter_token_latency_seconds_count") == generated - 3  # first tokens are TTFT
+    # First tokens are TTFT; tokens kept from n-gram guesses (on by default) arrive with their step's first
+    # token and are no inter-token interval.
+    accepted = m.value("ctxsteer_spec_decode_num_accepted_tokens_total")
+    assert 0 <= accepted <= m.value("ctxsteer_spec_decode_num_draft_tokens_total")
+    assert m.value("ctxsteer_inter_token_latency_seconds_count") == generated - 3 - accepted
     # One running slot: every decode step ran exactly one row. A decode step makes one token of each row
-    # but the first; the engine reports the rows left after the step, so a request's last step may be
-    # missing (it reports 0 rows, which is not recorded).
+    # but the first, plus the guesses it kept; the engine reports the rows left after the step, so a
+    # request's last step may be missing (it reports 0 rows, which is not recorded).
     steps = m.value("ctxsteer_batch_size_count")
-    assert generated - 2 * 3 <= steps <= generated - 3
+    assert generated - accepted - 2 * 3 <= steps <= generated - accepted - 3
     assert m.value("ctxsteer_batch_size_sum") == steps
     assert m.value("ctxsteer_num_requests_running") == 0 and m.value("ctxsteer_num_requests_waiting") == 0
     assert m.value("ctxsteer_kv_cache_usage_perc") == 0
