@@ -141,7 +141,7 @@ class ServerConfig:
         )
         _check(self.cpu_prepack in PREPACK, "--cpu-prepack", f"must be one of {PREPACK}")
         try:
-            NgramConfig.parse(self.speculative_config)
+            self.speculative  # noqa: B018 - parsed once here so a bad value fails at start-up
         except ValueError as e:
             raise ValueError(f"--speculative-config: {e}") from None
         d = self.drain_timeout_s
@@ -172,6 +172,11 @@ class ServerConfig:
                 raise ValueError(f"{f.flag}: is a vLLM engine setting; add --engine vllm")
             if f.local_only and self.engine == "vllm":
                 raise ValueError(f"{f.flag}: is a local engine setting ({f.local_only})")
+
+    @property
+    def speculative(self) -> NgramConfig | None:
+        """`--speculative-config` as the local engine's setting (None = off)."""
+        return NgramConfig.parse(self.speculative_config)
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:

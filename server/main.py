@@ -21,7 +21,6 @@ from ctxsteer.server.engine.cpu_prepack import prepack_linears
 from ctxsteer.server.engine.engine import LocalEngine
 from ctxsteer.server.engine.interface import AsyncEngine, EngineObserver, ModelInfo
 from ctxsteer.server.engine.loader import LoadedInfo, LoadError, load_model, served_max_len
-from ctxsteer.server.engine.ngram import NgramConfig
 from ctxsteer.server.metrics import MetricsObserver, install_metrics
 from ctxsteer.server.transport import GracefulServer, uvicorn_config
 from ctxsteer.steering.attention import ATTN_NAME, register
@@ -71,7 +70,7 @@ def build_engine(config: ServerConfig, observer: EngineObserver | None = None) -
         kv_budget_tokens=config.kv_budget_tokens,
         prefill_chunk=config.prefill_chunk,
         prefill_stall_share=config.prefill_stall_share,
-        speculative=NgramConfig.parse(config.speculative_config),
+        speculative=config.speculative,
         observer=observer,
     )
 

@@ -57,10 +57,12 @@ def _grouped_sdpa(
     scaling: float | None,
     kwargs: dict[str, Any],
 ) -> torch.Tensor:
-    """SDPA of a few queries per row with a float mask [B, 1|H, Q, K]; returns [B, Q, H, D].
+    """SDPA of the engine's decode step (one query per row, or a few when guessed tokens are verified) with
+    a float mask [B, 1|H, Q, K]; returns [B, Q, H, D].
 
     With grouped KV heads, the query heads sharing a KV head are stacked along the query axis instead of
-    repeating K and V per query head (HF's path for Q > 1 with a mask copies the whole cache every layer)."""
+    repeating K and V per query head (HF's SDPA path does that stacking for one query only, and for more
+    with a mask copies the whole cache every layer)."""
     if kwargs.get("softcap") is not None:
         raise ValueError("ctxsteer attention (SDPA-based) does not support attention logit softcapping")
     b, hq, q, d = query.shape
@@ -68,10 +70,10 @@ def _grouped_sdpa(
     rep = hq // hkv
     if rep > 1:
         query = query.reshape(b, hkv, rep * q, d)
-        if mask.shape[1] == 1:
-            mask = mask[:, :, None].expand(b, 1, rep, q, k).reshape(b, 1, rep * q, k)
-        else:
+        if mask.shape[1] > 1:  # per-head mask: the heads sharing a KV head become its queries
             mask = mask.reshape(b, hkv, rep * q, k)
+        elif q > 1:  # a shared mask repeats per stacked head (with one query it broadcasts as it is)
+            mask = mask[:, :, None].expand(b, 1, rep, q, k).reshape(b, 1, rep * q, k)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
     return out.reshape(b, hq, q, d).transpose(1, 2).contiguous()
 
@@ -140,11 +142,7 @@ def steered_attention(
     if steer is not None and steer.key_lengths is not None:
         window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
         mask = steer.decode_mask(layer, key.shape[2], window, query.dtype)
-        if query.shape[2] > 1:  # drafted tokens being verified
-            return _grouped_sdpa(query, key, value, mask, scaling, kwargs), None
-        return sdpa_attention_forward(
-            module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs
-        )
+        return _grouped_sdpa(query, key, value, mask, scaling, kwargs), None
     active = steer is not None and layer in steer.active_layers
     measuring = measure is not None and prefill  # reliance is measured over a full forward (prefill)
     if not active and not measuring:

@@ -70,10 +70,6 @@ class SteerBatch:
             self._base_masks[sliding_window] = base
         return base
 
-    def decode_base(self, num_keys: int, sliding_window: int | None) -> torch.Tensor:
-        """[B, K] fp32 0 / -inf: the keys each row's last query of the step sees."""
-        return self.step_base(num_keys, sliding_window)[:, -1]
-
     def added_bias(self, layer: int, num_keys: int) -> torch.Tensor | None:
         """[B, 1|H, K] fp32: what steering adds to this layer's scores; None where no row is steered."""
         if layer not in self.active_layers:

@@ -180,12 +180,17 @@ def warmup(url: str, model: str) -> None:
     asyncio.run(load(url, model, 1, 1, 32, 4, steered=False))
 
 
+def _rounds(concurrency: int, args: argparse.Namespace) -> int:
+    """Waves of requests per case: a single stream gets at least 2 (one request is too few to time)."""
+    return args.rounds if concurrency > 1 else max(args.rounds, 2)
+
+
 def run_suite(url: str, model: str, args: argparse.Namespace, peer: bool = False) -> dict:
     warmup(url, model)
     top = max(args.concurrency)
     out: dict = {"concurrent": []}
     for c in args.concurrency:
-        rounds = args.rounds if c > 1 else max(args.rounds, 2)
+        rounds = _rounds(c, args)
         steered = not peer and c == top  # the headline number: every request steered
         res = asyncio.run(load(url, model, c, rounds, args.prompt_tokens, args.max_tokens, steered))
         out["concurrent"].append(res)
@@ -307,24 +312,27 @@ def run_ctxsteer(
         doc |= {f"{k}_whole_chunks": v for k, v in whole.items()}
         doc |= run_memory_load(url, args.model, proc.pid)
     doc["rss_mb_after_warmup"] = rss_warm
+
+    @contextmanager
+    def variant(*flags: str) -> Iterator[str]:
+        """The same server again with `flags` added, on a fresh port; yields its URL once warm."""
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        cmd[cmd.index("--port") + 1] = str(port)
+        print(f"starting {label} {' '.join(flags)} on {url}", flush=True)
+        with started([*cmd, *flags], url, "/ready", timeout_s=1200):
+            warmup(url, args.model)
+            yield url
+
     # the same arrivals on a server that sizes prefill chunks to a share of a decode step
     share = "0.75"
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd[cmd.index("--port") + 1] = str(port)
-    print(f"starting {label} --prefill-stall-share {share} on {url}", flush=True)
-    with started([*cmd, "--prefill-stall-share", share], url, "/ready", timeout_s=1200):
-        warmup(url, args.model)
+    with variant("--prefill-stall-share", share) as url:
         doc |= run_arrivals(url, args.model) | {"prefill_stall_share_with_arrivals": float(share)}
     # one stream without n-gram speculation (on by default), so its share of the single-stream speed shows
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd[cmd.index("--port") + 1] = str(port)
-    print(f"starting {label} --speculative-config off on {url}", flush=True)
-    with started([*cmd, "--speculative-config", "off"], url, "/ready", timeout_s=1200):
-        warmup(url, args.model)
-        rounds = max(args.rounds, 2)
-        res = asyncio.run(load(url, args.model, 1, rounds, args.prompt_tokens, args.max_tokens, False))
+    with variant("--speculative-config", "off") as url:
+        res = asyncio.run(
+            load(url, args.model, 1, _rounds(1, args), args.prompt_tokens, args.max_tokens, False)
+        )
         print(f"  c=1   no speculation {res['aggregate_tok_s']:7.1f} tok/s", flush=True)
         doc["single_no_speculation"] = res
     return doc

@@ -395,10 +395,9 @@ class LocalEngine(AsyncEngine):
         fed = logits.shape[0]
         kept = 0  # fed tokens whose keys stay: the row's real text
         for j in range(len(draft) + 1):
-            before = len(seq.generated)
             self._sample_and_accept([seq], logits[j : j + 1], same_step=j > 0)
             kept = j + 1
-            if seq.finished or len(seq.generated) == before:
+            if seq.finished:  # stopped, or failed alone (nothing booked then)
                 break
             if j == len(draft) or seq.last_token != draft[j]:
                 break
