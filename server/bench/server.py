@@ -4,11 +4,12 @@ Measures (streaming chat completions, same prompts for every case):
 - one stream: tok/s (completion tokens / wall, prefill included) and TTFT;
 - N concurrent streams: aggregate tok/s, TTFT p50, inter-token latency p50;
 - at the largest concurrency, all requests steered with mixed strengths vs none steered;
-- the local engine's own run: RSS after warm-up and, with nothing running, after 4 concurrent ~5,000-token
-  prompts; ITL p50/p99 of 4 running streams while new 512-token requests keep arriving, with whole
-  prefill chunks (the default) and on a second server with `--prefill-stall-share 0.75`;
-- optionally the same load against `transformers serve --continuous-batching` on the same model
-  (the converted HF directory of the default model), started after ours is stopped.
+- the local engine's own run: the same load against `transformers serve --continuous-batching` on the same
+  model (the converted HF directory of the default model) and, on one stream, against ctxsteer without
+  n-gram speculation, all up at once and measured wave by wave in rotating order (ratios with their
+  per-round range); then, alone: RSS after warm-up and, with nothing running, after 4 concurrent
+  ~5,000-token prompts; ITL p50/p99 of 4 running streams while new 512-token requests keep arriving, with
+  whole prefill chunks (the default) and on a second server with `--prefill-stall-share 0.75`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import httpx
@@ -103,28 +104,35 @@ async def one_stream(
     return res
 
 
-async def load(url: str, model: str, concurrency: int, rounds: int, prompt_tokens: int, max_tokens: int,
-               steered: bool) -> dict:  # fmt: skip
-    """`rounds` waves of `concurrency` simultaneous streams; aggregate = all tokens / all wall time."""
-    results: list[StreamResult] = []
-    wall = 0.0
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        for rnd in range(rounds):
-            t0 = time.perf_counter()
-            batch = await asyncio.gather(
-                *(
-                    one_stream(
-                        client,
-                        model,
-                        build_messages(prompt_tokens, rnd * concurrency + i),
-                        max_tokens,
-                        {"strength": MIXED_STRENGTHS[i % len(MIXED_STRENGTHS)]} if steered else None,
-                    )
-                    for i in range(concurrency)
-                )
-            )
-            wall += time.perf_counter() - t0
-            results.extend(batch)
+def _steering(i: int, steered: bool) -> dict | None:
+    return {"strength": MIXED_STRENGTHS[i % len(MIXED_STRENGTHS)]} if steered else None
+
+
+Wave = tuple[list[StreamResult], float]  # the streams of one wave, its wall time
+
+
+async def _wave(client: httpx.AsyncClient, model: str, concurrency: int, index: int, prompt_tokens: int,
+                max_tokens: int, steered: bool) -> Wave:  # fmt: skip
+    """`concurrency` simultaneous streams; wave `index` always sends the same prompts."""
+    t0 = time.perf_counter()
+    batch = await asyncio.gather(
+        *(
+            one_stream(
+                client,
+                model,
+                build_messages(prompt_tokens, index * concurrency + i),
+                max_tokens,
+                _steering(i, steered),
+            )  # fmt: skip
+            for i in range(concurrency)
+        )
+    )
+    return list(batch), time.perf_counter() - t0
+
+
+def summarize(concurrency: int, steered: bool, waves: list[Wave]) -> dict:
+    """Aggregate = all tokens / all wall time; `round_tok_s` per wave, for ranges."""
+    results = [r for batch, _ in waves for r in batch]
     errors = [r.error for r in results if r.error]
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed, first: {errors[0]}")
@@ -133,11 +141,74 @@ async def load(url: str, model: str, concurrency: int, rounds: int, prompt_token
     return {
         "concurrency": concurrency,
         "steered": steered,
-        "aggregate_tok_s": tokens / wall,
+        "aggregate_tok_s": tokens / sum(wall for _, wall in waves),
+        "round_tok_s": [sum(r.tokens for r in batch) / wall for batch, wall in waves],
         "ttft_p50_s": statistics.median(r.ttft_s for r in results),
         "itl_p50_s": statistics.median(itls) if itls else None,
         "completion_tokens": tokens,
         "requests": len(results),
+    }
+
+
+async def load(url: str, model: str, concurrency: int, rounds: int, prompt_tokens: int, max_tokens: int,
+               steered: bool) -> dict:  # fmt: skip
+    """`rounds` waves of `concurrency` simultaneous streams."""
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        waves = [
+            await _wave(client, model, concurrency, rnd, prompt_tokens, max_tokens, steered)
+            for rnd in range(rounds)
+        ]
+    return summarize(concurrency, steered, waves)
+
+
+@dataclass(frozen=True, slots=True)
+class Contender:
+    name: str
+    url: str
+    model: str
+    steered: bool
+
+
+def side_by_side(
+    contenders: list[Contender], concurrency: int, rounds: int, args: argparse.Namespace
+) -> dict:
+    """Every contender runs the same waves, one wave at a time, in an order that rotates each round: a
+    machine that speeds up or slows down during the run weighs on all of them alike (this shared CPU
+    drifts by 10-30 % within minutes), and round r of each is a pair for the ratio's range."""
+
+    async def main() -> dict[str, list[Wave]]:
+        waves: dict[str, list[Wave]] = {c.name: [] for c in contenders}
+        for rnd in range(rounds):
+            k = rnd % len(contenders)
+            for c in contenders[k:] + contenders[:k]:
+                async with httpx.AsyncClient(base_url=c.url, timeout=600) as client:
+                    wave = await _wave(
+                        client, c.model, concurrency, rnd, args.prompt_tokens, args.max_tokens, c.steered
+                    )
+                waves[c.name].append(wave)
+        return waves
+
+    waves = asyncio.run(main())
+    out = {c.name: summarize(concurrency, c.steered, waves[c.name]) for c in contenders}
+    for c in contenders:
+        res = out[c.name]
+        print(
+            f"  {c.name:<15} c={concurrency:<3} steered={c.steered!s:<5} "
+            f"{res['aggregate_tok_s']:7.1f} tok/s  ttft_p50 {res['ttft_p50_s']:.2f}s  "
+            f"itl_p50 {res['itl_p50_s'] or 0:.3f}s",
+            flush=True,
+        )
+    return out
+
+
+def ratio_range(a: dict, b: dict) -> dict:
+    """Median and range of the per-round ratios a/b (rounds run side by side)."""
+    ratios = [x / y for x, y in zip(a["round_tok_s"], b["round_tok_s"], strict=True)]
+    return {
+        "median": statistics.median(ratios),
+        "min": min(ratios),
+        "max": max(ratios),
+        "rounds": len(ratios),
     }
 
 
@@ -181,8 +252,9 @@ def warmup(url: str, model: str) -> None:
 
 
 def _rounds(concurrency: int, args: argparse.Namespace) -> int:
-    """Waves of requests per case: a single stream gets at least 2 (one request is too few to time)."""
-    return args.rounds if concurrency > 1 else max(args.rounds, 2)
+    """Waves of requests per case: a single stream gets at least 4 (its waves are short; one request is
+    too few to time)."""
+    return args.rounds if concurrency > 1 else max(args.rounds, 4)
 
 
 def run_suite(url: str, model: str, args: argparse.Namespace, peer: bool = False) -> dict:
@@ -220,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", default="1,8", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=2, help="waves of concurrent requests per case")
+    ap.add_argument("--rounds", type=int, default=3, help="waves of concurrent requests per case")
     ap.add_argument(
         "--peer",
         choices=("transformers", "none"),
@@ -246,9 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.engine == "vllm":
         doc |= run_vllm_comparison(args, top)
     else:
-        doc |= run_ctxsteer(args, top, extended=True)
-        if args.peer == "transformers":
-            doc["peer"] = run_peer(args, top)
+        doc |= run_local(args, top)
     by_c = {r["concurrency"]: r for r in doc["concurrent"]}
     single = by_c.get(1, {}).get("aggregate_tok_s")
     doc["single_tok_s"] = single
@@ -269,13 +339,15 @@ def main(argv: list[str] | None = None) -> int:
             if "single_no_speculation" in doc:
                 plain = doc["single_no_speculation"]["aggregate_tok_s"]
                 doc["vs_transformers_serve_1_no_speculation"] = plain / peer_1["aggregate_tok_s"]
+    for key, (a, b) in doc.pop("_pairs", {}).items():  # per-round ratios of the side-by-side runs
+        doc[f"{key}_range"] = ratio_range(a, b)
 
     if args.engine == "vllm" and not args.url:
         steered = by_c[top]["aggregate_tok_s"]
         doc["vllm_steered_throughput_ratio"] = doc.pop("steered_throughput_ratio", None)
         doc[f"vllm_vs_local_{top}"] = steered / _top_tok_s(doc["local"], top)
         doc[f"vllm_vs_plain_vllm_{top}"] = steered / _top_tok_s(doc["plain_vllm"], top)
-    summary = {k: v for k, v in doc.items() if not isinstance(v, dict | list)}
+    summary = {k: v for k, v in doc.items() if not isinstance(v, dict | list) or k.endswith("_range")}
     print(json.dumps(summary, indent=2))
     if args.json:
         with open(args.json, "w") as f:
@@ -287,54 +359,85 @@ def _top_tok_s(suite: dict, top: int) -> float:
     return {r["concurrency"]: r for r in suite["concurrent"]}[top]["aggregate_tok_s"]
 
 
-def run_ctxsteer(
-    args: argparse.Namespace, top: int, *extra: str, label: str = "ctxsteer", extended: bool = False
-) -> dict:
-    """Start `ctxsteer serve` (with `extra` flags) on the default model and run the suite against it;
-    `extended` (the local engine's own benchmark): also memory and ITL-under-arrivals."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+def _serve_cmd(args: argparse.Namespace, top: int, port: int, *extra: str) -> list[str]:
     cmd = [sys.executable, "-m", "ctxsteer.server.cli", "serve", "--port", str(port),
            "--max-num-seqs", str(top), "--log-level", "warning", *extra]  # fmt: skip
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if args.dtype:
         cmd += ["--dtype", args.dtype]
-    print(f"starting {label} on {url}", flush=True)
-    with started(cmd, url, "/ready", timeout_s=1200) as proc:
-        device = httpx.get(url + "/version").json().get("device", "unknown")
-        if not extended:
-            return {"device": device} | run_suite(url, args.model, args)
+    return cmd
+
+
+@contextmanager
+def serving(
+    args: argparse.Namespace, top: int, *extra: str, label: str = "ctxsteer"
+) -> Iterator[tuple[str, int]]:
+    """`ctxsteer serve` (with `extra` flags) on the default model, warm; yields its URL and pid."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    print(f"starting {label} {' '.join(extra)} on {url}", flush=True)
+    with started(_serve_cmd(args, top, port, *extra), url, "/ready", timeout_s=1200) as proc:
         warmup(url, args.model)
-        rss_warm = rss_mb(proc.pid)
-        doc = {"device": device} | run_suite(url, args.model, args)
+        yield url, proc.pid
+
+
+def run_ctxsteer(args: argparse.Namespace, top: int, *extra: str, label: str = "ctxsteer") -> dict:
+    """Start `ctxsteer serve` (with `extra` flags) and run the suite against it (the vLLM comparison)."""
+    with serving(args, top, *extra, label=label) as (url, _):
+        device = httpx.get(url + "/version").json().get("device", "unknown")
+        return {"device": device} | run_suite(url, args.model, args)
+
+
+def run_local(args: argparse.Namespace, top: int) -> dict:
+    """The local engine's own benchmark. Throughput side by side in rotating rounds: at the top
+    concurrency steered vs unsteered vs the peer, on one stream with vs without n-gram speculation vs the
+    peer (all servers up at once, one serving at a time). Then, alone: RSS after warm-up and after a
+    long-prompt load, ITL of running streams while newcomers arrive (whole prefill chunks, then on a
+    server with `--prefill-stall-share`)."""
+    doc: dict = {"concurrent": []}
+    with ExitStack() as stack:
+        url, _ = stack.enter_context(serving(args, top))
+        doc["device"] = httpx.get(url + "/version").json().get("device", "unknown")
+        peer = stack.enter_context(peer_server(args)) if args.peer == "transformers" else None
+        if isinstance(peer, dict):  # it did not start
+            doc["peer"], peer = peer, None
+        plain = None
+        if 1 in args.concurrency:  # one stream without n-gram speculation (on by default)
+            plain, _ = stack.enter_context(serving(args, top, "--speculative-config", "off"))
+        peer_runs, pairs = [], {}
+        for c in args.concurrency:
+            contenders = [Contender("ctxsteer", url, args.model, steered=c == top)]
+            if c == top and top > 1:
+                contenders.append(Contender("unsteered", url, args.model, steered=False))
+            if c == 1 and plain:
+                contenders.append(Contender("no_speculation", plain, args.model, steered=False))
+            if peer is not None:
+                contenders.append(Contender("peer", peer[0], peer[1], steered=False))
+            res = side_by_side(contenders, c, _rounds(c, args), args)
+            doc["concurrent"].append(res["ctxsteer"])
+            if "unsteered" in res:
+                doc["unsteered_at_top"] = res["unsteered"]
+                pairs["steered_throughput_ratio"] = (res["ctxsteer"], res["unsteered"])
+            if "no_speculation" in res:
+                doc["single_no_speculation"] = res["no_speculation"]
+            if "peer" in res:
+                peer_runs.append(res["peer"])
+                pairs[f"vs_transformers_serve_{c}"] = (res["ctxsteer"], res["peer"])
+                if "no_speculation" in res:
+                    pairs["vs_transformers_serve_1_no_speculation"] = (res["no_speculation"], res["peer"])
+        if peer is not None:
+            doc["peer"] = {"server": "transformers serve --continuous-batching", "concurrent": peer_runs}
+        doc["_pairs"] = pairs
+    with serving(args, top) as (url, pid):  # alone from here: memory and latency figures
+        doc["rss_mb_after_warmup"] = rss_mb(pid)
         whole = run_arrivals(url, args.model)  # the default: whole prefill chunks beside decoding rows
         doc |= {f"{k}_whole_chunks": v for k, v in whole.items()}
-        doc |= run_memory_load(url, args.model, proc.pid)
-    doc["rss_mb_after_warmup"] = rss_warm
-
-    @contextmanager
-    def variant(*flags: str) -> Iterator[str]:
-        """The same server again with `flags` added, on a fresh port; yields its URL once warm."""
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        cmd[cmd.index("--port") + 1] = str(port)
-        print(f"starting {label} {' '.join(flags)} on {url}", flush=True)
-        with started([*cmd, *flags], url, "/ready", timeout_s=1200):
-            warmup(url, args.model)
-            yield url
-
+        doc |= run_memory_load(url, args.model, pid)
     # the same arrivals on a server that sizes prefill chunks to a share of a decode step
     share = "0.75"
-    with variant("--prefill-stall-share", share) as url:
+    with serving(args, top, "--prefill-stall-share", share) as (url, _):
         doc |= run_arrivals(url, args.model) | {"prefill_stall_share_with_arrivals": float(share)}
-    # one stream without n-gram speculation (on by default), so its share of the single-stream speed shows
-    with variant("--speculative-config", "off") as url:
-        res = asyncio.run(
-            load(url, args.model, 1, _rounds(1, args), args.prompt_tokens, args.max_tokens, False)
-        )
-        print(f"  c=1   no speculation {res['aggregate_tok_s']:7.1f} tok/s", flush=True)
-        doc["single_no_speculation"] = res
     return doc
 
 
@@ -431,8 +534,10 @@ def run_plain_vllm(args: argparse.Namespace, top: int) -> dict:
     return out | {"server": "vllm serve (unsteered)"}
 
 
-def run_peer(args: argparse.Namespace, top: int) -> dict | None:
-    """transformers serve --continuous-batching on the converted HF directory of the default model."""
+@contextmanager
+def peer_server(args: argparse.Namespace) -> Iterator[tuple[str, str] | dict]:
+    """transformers serve --continuous-batching on the converted HF directory of the default model; yields
+    its URL and model name, or {"error": ...} when it does not start."""
     from ctxsteer.server.engine.loader import load_model
 
     _, _, info = load_model(None, device="cpu")  # ensures the converted directory exists; cheap when cached
@@ -444,11 +549,12 @@ def run_peer(args: argparse.Namespace, top: int) -> dict | None:
     cmd += ["--device", "cpu", "--attn-implementation", "sdpa", "--cb-max-batch-tokens", "256"]
     cmd += ["--cb-block-size", "32", "--cb-num-blocks", "128"]
     print(f"starting transformers serve (peer) on {url}", flush=True)
-    try:
-        with started(cmd, url, "/health"):
-            return run_suite(url, info.path, args, peer=True) | {
-                "server": "transformers serve --continuous-batching"
-            }
-    except RuntimeError as e:
-        print(f"peer failed: {e}", file=sys.stderr)
-        return {"error": str(e)[:500]}
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(started(cmd, url, "/health"))
+            warmup(url, info.path)
+        except (RuntimeError, httpx.HTTPError) as e:
+            print(f"peer failed: {e}", file=sys.stderr)
+            yield {"error": str(e)[:500]}
+            return
+        yield url, info.path
