@@ -169,6 +169,12 @@ class Contender:
     steered: bool
 
 
+def rotation(items: list, rnd: int) -> list:
+    """The order of round `rnd`: each item starts one round in turn, so no one always goes first."""
+    k = rnd % len(items) if items else 0
+    return items[k:] + items[:k]
+
+
 def side_by_side(
     contenders: list[Contender], concurrency: int, rounds: int, args: argparse.Namespace
 ) -> dict:
@@ -179,8 +185,7 @@ def side_by_side(
     async def main() -> dict[str, list[Wave]]:
         waves: dict[str, list[Wave]] = {c.name: [] for c in contenders}
         for rnd in range(rounds):
-            k = rnd % len(contenders)
-            for c in contenders[k:] + contenders[:k]:
+            for c in rotation(contenders, rnd):
                 async with httpx.AsyncClient(base_url=c.url, timeout=600) as client:
                     wave = await _wave(
                         client, c.model, concurrency, rnd, args.prompt_tokens, args.max_tokens, c.steered
