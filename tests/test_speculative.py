@@ -4,6 +4,7 @@ nothing but speed (greedy tokens, seeded samples, penalties, logprobs, stops, li
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 import torch
@@ -176,6 +177,33 @@ def test_wrong_guesses_are_dropped(arch: str, monkeypatch: pytest.MonkeyPatch) -
     assert seen.drafted > seen.accepted > 0
 
 
+def test_a_row_that_ends_on_a_right_guess_counts_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One right guess per step (an oracle) and a stop token that is one of the guesses: every drafted
+    token was verified and right, the last one included, so accepted == drafted (vLLM's meaning)."""
+    import ctxsteer.server.engine.engine as engine_module
+
+    sampled = SamplingParams(max_tokens=24, temperature=1.0, seed=3, ignore_eos=True)  # varied text
+    req = _requests(1, sampled, seed=1)[0]
+    truth = _ids(_run_all(_engine("llama", None), [req], together=False)[0])
+    # with one guess per step the guesses are the generated tokens at odd indices (the even ones are the
+    # steps' own samples): stop on an odd-index token not seen earlier, a few steps in
+    k = [i for i in range(3, len(truth), 2) if truth[i] not in truth[:i]][-1]
+    prompt = len(req.prompt_ids)
+
+    def oracle(tokens, config, limit):  # the warm-up request guesses nothing
+        n = len(tokens) - prompt
+        return [truth[n]] if tokens[:prompt] == req.prompt_ids and n < len(truth) else []
+
+    monkeypatch.setattr(engine_module, "propose", oracle)
+    params = dataclasses.replace(sampled, stop_token_ids=(truth[k],))
+    seen = Drafts()
+    outs = _run_all(
+        _engine("llama", CFG, seen), [GenerationRequest("o", req.prompt_ids, params, req.steer)], False
+    )
+    assert _ids(outs[0]) == truth[: k + 1] and outs[0][-1].finish_reason == FinishReason.STOP
+    assert seen.drafted == seen.accepted == (k + 1) // 2
+
+
 def test_seeded_sampling_penalties_and_logprobs_are_unchanged() -> None:
     params = SamplingParams(
         max_tokens=20,
@@ -252,7 +280,6 @@ def test_steps_stay_within_the_token_budget() -> None:
 def test_watched_rows_guess_nothing_and_measure_their_own_token() -> None:
     """A row whose context attention is measured rides in verify steps without guesses: its per-token
     values equal those of plain decoding, while the rows beside it keep guessing."""
-    import dataclasses
 
     reqs = _requests(4, GREEDY, seed=12)
     reqs[1] = dataclasses.replace(reqs[1], watch_context=True)

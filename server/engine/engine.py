@@ -394,16 +394,18 @@ class LocalEngine(AsyncEngine):
         while the sample is the next guess. Keys of fed tokens past the last kept one are dropped."""
         fed = logits.shape[0]
         kept = 0  # fed tokens whose keys stay: the row's real text
+        accepted = 0  # guesses equal to the row's own sample (the last one too, when it ends the row)
         for j in range(len(draft) + 1):
+            booked = len(seq.generated)
             self._sample_and_accept([seq], logits[j : j + 1], same_step=j > 0)
             kept = j + 1
-            if seq.finished:  # stopped, or failed alone (nothing booked then)
-                break
-            if j == len(draft) or seq.last_token != draft[j]:
+            hit = j < len(draft) and len(seq.generated) > booked and seq.last_token == draft[j]
+            accepted += hit
+            if seq.finished or not hit:  # stopped, failed alone (nothing booked then), or a wrong guess
                 break
         if draft:
-            seq.draft_score = 0.6 * seq.draft_score + 0.4 * (kept - 1) / len(draft)
-            self.observer.on_draft(len(draft), kept - 1)
+            seq.draft_score = 0.6 * seq.draft_score + 0.4 * accepted / len(draft)
+            self.observer.on_draft(len(draft), accepted)
         if not seq.finished and seq.slot is not None:
             self.runner.reject(seq.slot, fed - kept)
 
