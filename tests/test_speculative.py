@@ -294,6 +294,40 @@ def test_watched_rows_guess_nothing_and_measure_their_own_token() -> None:
         assert abs(served_a - served_b) < 1e-4 and abs(plain_a - plain_b) < 1e-4
 
 
+def test_cad_rows_ride_beside_guessing_rows() -> None:
+    """CAD requests (each a row and its context-free twin) in a batch of guessing rows: the CAD rows guess
+    nothing, the twin's padding keys are dropped, the other rows keep guessing in the same steps, and every
+    output (tokens, CAD logprobs) equals decoding without speculation."""
+    from ctxsteer.steering.cad import CadPlan, context_free_ids
+
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=3)
+    reqs = _requests(4, params, seed=13)
+    for i in (1, 3):
+        free = tuple(context_free_ids(reqs[i].prompt_ids, reqs[i].steer.steered))
+        reqs[i] = dataclasses.replace(reqs[i], cad=CadPlan(free, 0.7))
+    plain = _run_all(_engine("qwen2", None, max_num_seqs=8), reqs, together=True)
+    seen = Drafts()
+    engine = _engine("qwen2", CFG, seen, max_num_seqs=8)
+    guessing_with_twins: list[int] = []  # widths of steps that had a CAD twin in the batch
+    real = engine.runner.decode
+
+    def recording(tokens, rows, watch=()):
+        if any(s.is_twin for s in engine.sched.running):
+            guessing_with_twins.append(len(tokens[0]))
+        return real(tokens, rows, watch)
+
+    engine.runner.decode = recording  # type: ignore[method-assign]
+    spec = _run_all(engine, reqs, together=True)
+    for a, b in zip(plain, spec, strict=True):
+        assert _ids(a) == _ids(b)
+        lp_a = [lp.logprob for o in a for lp in o.logprobs]
+        lp_b = [lp.logprob for o in b for lp in o.logprobs]
+        assert len(lp_a) == len(lp_b) == 24
+        assert max(abs(x - y) for x, y in zip(lp_a, lp_b, strict=True)) < 1e-4
+    assert seen.accepted > 0
+    assert max(guessing_with_twins) > 1  # guesses were verified in steps that carried CAD rows
+
+
 def test_no_position_past_the_served_length() -> None:
     """Rows near max_model_len (512 here) beside rows far from it: the step's padded width never feeds a
     position past the limit (a learned position table has none there), and every row ends as without

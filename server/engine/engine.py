@@ -321,9 +321,10 @@ class LocalEngine(AsyncEngine):
         return True
 
     def _drafts(self, rows: list[Sequence]) -> list[list[int]] | None:
-        """Guessed next tokens per row for this step, or None for a plain step: without speculation,
-        with CAD rows (their twins decode in lockstep), or when the batch is too large. Rows whose context
-        attention is measured guess nothing (one value per generated token)."""
+        """Guessed next tokens per row for this step, or None for a plain step: without speculation, when
+        the batch is too large, or when no row has a guess. Rows whose context attention is measured guess
+        nothing (one value per generated token), nor do CAD rows and their twins (a token's logits need
+        both rows' at the same position, and the twin is fed what its request kept)."""
         spec = self.speculative
         if spec is None:
             return None
@@ -331,12 +332,12 @@ class LocalEngine(AsyncEngine):
         # served length: a model with learned position embeddings has none there.
         headroom = min(self.info.max_model_len - len(s.request.prompt_ids) - len(s.generated) for s in rows)
         per_row = min(spec.num_speculative_tokens, spec.max_step_tokens // len(rows) - 1, headroom)
-        if per_row < 1 or any(s.twin is not None or s.is_twin for s in rows):
+        if per_row < 1:
             return None
         drafts: list[list[int]] = []
         for seq in rows:
             req = seq.request
-            if req.watch_context:
+            if req.watch_context or seq.twin is not None or seq.is_twin:
                 drafts.append([])
                 continue
             if seq.draft_score < _DRAFT_MIN_SCORE:  # its guesses keep failing: rest, then try again
@@ -371,23 +372,25 @@ class LocalEngine(AsyncEngine):
         self.observer.on_step(len(rows), prefill_tokens)
         for i, value in result.context.items():
             rows[i].context.append(value)
-        if drafts is not None:
-            for seq, draft, logits in zip(rows, drafts, result.logits, strict=True):
-                self._verify(seq, draft, logits)
+        logits = result.logits
+        twins = [s for s in rows if s.is_twin]
+        if twins:  # a CAD row's first position: contrasted with its twin's, which is not sampled
+            index = {id(s): i for i, s in enumerate(rows)}
+            logits = logits.clone()
+            for s in rows:
+                if s.twin is not None and s.request.cad is not None:
+                    i = index[id(s)]
+                    logits[i, 0] = cad_logits(logits[i, 0], logits[index[id(s.twin)], 0], s.request.cad.beta)
+        if drafts is None:
+            mains = [i for i, s in enumerate(rows) if not s.is_twin]
+            self._sample_and_accept([rows[i] for i in mains], logits[mains, 0])
             return
-        if not any(s.twin is not None for s in rows):
-            self._sample_and_accept(rows, result.logits[:, 0])
-            return
-        index = {id(s): i for i, s in enumerate(rows)}
-        mains = [s for s in rows if not s.is_twin]
-        last = result.logits[:, 0]
-        logits = torch.stack([
-            cad_logits(last[index[id(s)]], last[index[id(s.twin)]], s.request.cad.beta)
-            if s.twin is not None and s.request.cad is not None
-            else last[index[id(s)]]
-            for s in mains
-        ])  # fmt: skip
-        self._sample_and_accept(mains, logits)
+        for seq, draft, row_logits in zip(rows, drafts, logits, strict=True):
+            if not seq.is_twin:
+                self._verify(seq, draft, row_logits)
+        for twin in twins:  # fed [token, padding...]: only the token's key stays
+            if not twin.finished and twin.slot is not None:
+                self.runner.reject(twin.slot, logits.shape[1] - 1)
 
     def _verify(self, seq: Sequence, draft: list[int], logits: torch.Tensor) -> None:
         """Sample the row position by position from its logits after each fed token ([Q, V]); continue
