@@ -265,9 +265,9 @@ def test_steps_stay_within_the_token_budget() -> None:
         shapes: list[tuple[int, int]] = []
         real = engine.runner.decode
 
-        def recording(tokens, rows, watch=(), real=real, shapes=shapes):
+        def recording(tokens, rows, watch=(), real=real, shapes=shapes, **kw):
             shapes.append((len(tokens), len(tokens[0])))
-            return real(tokens, rows, watch)
+            return real(tokens, rows, watch, **kw)
 
         engine.runner.decode = recording  # type: ignore[method-assign]
         got = [_ids(o) for o in _run_all(engine, reqs, together=True)]
@@ -311,10 +311,10 @@ def test_cad_rows_ride_beside_guessing_rows() -> None:
     guessing_with_twins: list[int] = []  # widths of steps that had a CAD twin in the batch
     real = engine.runner.decode
 
-    def recording(tokens, rows, watch=()):
+    def recording(tokens, rows, watch=(), **kw):
         if any(s.is_twin for s in engine.sched.running):
             guessing_with_twins.append(len(tokens[0]))
-        return real(tokens, rows, watch)
+        return real(tokens, rows, watch, **kw)
 
     engine.runner.decode = recording  # type: ignore[method-assign]
     spec = _run_all(engine, reqs, together=True)
@@ -329,24 +329,32 @@ def test_cad_rows_ride_beside_guessing_rows() -> None:
 
 
 def test_no_position_past_the_served_length() -> None:
-    """Rows near max_model_len (512 here) beside rows far from it: the step's padded width never feeds a
-    position past the limit (a learned position table has none there), and every row ends as without
-    speculation."""
+    """Rows near max_model_len (512 here) beside rows far from it: no position id past the limit is ever
+    fed (a learned position table has none there; padding past it is clamped), the near row guesses no
+    further than the limit while the others keep guessing, and every row ends as without speculation."""
     long_params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     reqs = _requests(3, long_params, seed=2)
     near = (reqs[0].prompt_ids * 50)[:490]
     reqs.append(GenerationRequest("near", near, long_params, reqs[0].steer))  # admitted last
     plain = _run_all(_engine("llama", None), reqs, together=True)
     engine = _engine("llama", CFG)
-    highest: list[int] = []
-    real = engine.runner.decode
+    positions: list[int] = []
+    widths_beside_near: list[int] = []  # steps with the near row 1 token from the limit or closer
+    model = engine.runner.model
+    real_forward = model.forward
 
-    def recording(tokens, rows, watch=()):
-        highest.append(max(engine.runner.kv.lengths[: len(tokens)]) + len(tokens[0]) - 1)
-        return real(tokens, rows, watch)
+    def recording_forward(*args, **kwargs):
+        ids = kwargs["input_ids"]
+        positions.append(int(kwargs["position_ids"].max()))
+        near_len = max(engine.runner.kv.lengths[: ids.shape[0]]) if ids.shape[0] > 1 else 0
+        if ids.shape[0] > 1 and near_len >= 510:
+            widths_beside_near.append(ids.shape[1])
+        return real_forward(*args, **kwargs)
 
-    engine.runner.decode = recording  # type: ignore[method-assign]
+    model.forward = recording_forward  # type: ignore[method-assign]
     spec = _run_all(engine, reqs, together=True)
     assert [_ids(o) for o in spec] == [_ids(o) for o in plain]
     assert spec[-1][-1].finish_reason == FinishReason.LENGTH and len(_ids(spec[-1])) == 512 - 490
-    assert max(highest) <= 511
+    assert max(positions) <= 511
+    # the others kept guessing beside it, more than the near row's 1 position of room
+    assert widths_beside_near and max(widths_beside_near) > 2

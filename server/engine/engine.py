@@ -328,10 +328,7 @@ class LocalEngine(AsyncEngine):
         spec = self.speculative
         if spec is None:
             return None
-        # Every row is fed as many tokens as the longest draft (padding), so no row's positions may pass the
-        # served length: a model with learned position embeddings has none there.
-        headroom = min(self.info.max_model_len - len(s.request.prompt_ids) - len(s.generated) for s in rows)
-        per_row = min(spec.num_speculative_tokens, spec.max_step_tokens // len(rows) - 1, headroom)
+        per_row = min(spec.num_speculative_tokens, spec.max_step_tokens // len(rows) - 1)
         if per_row < 1:
             return None
         drafts: list[list[int]] = []
@@ -345,7 +342,10 @@ class LocalEngine(AsyncEngine):
                 drafts.append([])
                 continue
             room = req.sampling.max_tokens - len(seq.generated) - 1  # tokens it may still emit after one
-            drafts.append(propose([*req.prompt_ids, *seq.generated], spec, min(per_row, room)))
+            # a guess's position must exist: a model with learned position embeddings has none past the
+            # served length (padding positions past it are clamped by the runner; nothing reads them)
+            headroom = self.info.max_model_len - len(req.prompt_ids) - len(seq.generated)
+            drafts.append(propose([*req.prompt_ids, *seq.generated], spec, min(per_row, room, headroom)))
         return drafts if any(drafts) else None
 
     def _run_decode(self, rows: list[Sequence], prefill_tokens: int) -> None:
@@ -360,7 +360,8 @@ class LocalEngine(AsyncEngine):
                 for s, d in zip(rows, drafts or [[]] * len(rows), strict=True)
             ]
             watch = [i for i, s in enumerate(rows) if s.request.watch_context]
-            result = self.runner.decode(tokens, [s.request.steer for s in rows], watch)
+            steers = [s.request.steer for s in rows]
+            result = self.runner.decode(tokens, steers, watch, max_position=self.info.max_model_len - 1)
             self.budget.observe_decode(time.perf_counter() - t0)
         except Exception:  # noqa: BLE001
             log.exception("decode step failed; failing %d rows", len(rows))

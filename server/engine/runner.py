@@ -146,13 +146,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def decode(
-        self, tokens: Sequence[Sequence[int]], rows: list[SteerRow], watch: Sequence[int] = ()
+        self,
+        tokens: Sequence[Sequence[int]],
+        rows: list[SteerRow],
+        watch: Sequence[int] = (),
+        max_position: int | None = None,
     ) -> DecodeResult:
         """One decode step for slots [0, B): each row's input tokens (its last generated token, then any
         drafted tokens to verify; the same count Q for every row), `rows` their steering, in slot order;
         `watch`: the slots whose context attention is measured (an eager softmax of one query per watched
         row: its first, so a watched row must not be fed guesses). All Q keys are kept: `reject` drops the
-        refused guesses' keys."""
+        refused guesses' keys. Position ids above `max_position` are clamped: only a row's padding can lie
+        there (the served length), and a learned position table has no entry past it."""
         b = len(rows)
         if b != self.live_rows:
             raise RuntimeError(f"decode of {b} rows, but {self.live_rows} slots are live")
@@ -174,6 +179,8 @@ class ModelRunner:
         )
         ids = torch.tensor([list(t) for t in tokens], dtype=torch.long, device=self.device)
         pos = key_lengths[:, None] - torch.arange(q, 0, -1, device=self.device)[None, :]
+        if max_position is not None:  # only padding can lie past it: its outputs and keys are dropped
+            pos = pos.clamp(max=max_position)
         kwargs: dict[str, Any] = {STEER_KWARG: steer}
         watcher = None
         if watch:
