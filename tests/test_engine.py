@@ -137,6 +137,28 @@ def test_limits_stop_abort_and_queue() -> None:
     _run(main())
 
 
+def test_a_stale_abort_frees_no_place() -> None:
+    """An abort that arrives for a request that already finished (its id still pending until the next
+    step) must not let the queue take one request more than its bound."""
+
+    async def main():
+        engine = _engine("llama", max_num_seqs=1, max_queue=1)
+        await engine.start()
+        base = _requests(1)[0]
+        long = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+        running = engine.generate(GenerationRequest("a", base.prompt_ids, long))
+        await running.__anext__()  # admitted and decoding: the one seat is taken
+        waiting = engine.generate(GenerationRequest("b", base.prompt_ids, long))  # the one queue place
+        with engine._lock:  # no step may take the pending aborts in between
+            engine._aborts.add("gone")  # its request finished in the step the abort arrived
+            with pytest.raises(QueueFull):
+                engine.generate(GenerationRequest("c", base.prompt_ids, SamplingParams(max_tokens=2)))
+        assert len(await _drain(running)) == 59 and len(await _drain(waiting)) == 60
+        await engine.shutdown()
+
+    _run(main())
+
+
 async def _until(cond, timeout_s: float = 5.0) -> None:
     for _ in range(int(timeout_s / 0.01)):
         if cond():

@@ -115,8 +115,10 @@ class LocalEngine(AsyncEngine):
             seq.twin = _twin(request)
         with self._lock:
             # Rows whose abort is pending leave at the next step: their places are already free, so a
-            # client that cancels and retries at once is not told to retry later.
-            self.sched.add(seq, leaving=len(self._aborts))  # raises QueueFull
+            # client that cancels and retries at once is not told to retry later. (An id whose request
+            # finished in the meantime frees nothing.)
+            leaving = sum(self._live[r].seats for r in self._aborts if r in self._live)
+            self.sched.add(seq, leaving=leaving)  # raises QueueFull
             self._live[request.request_id] = seq
         self._wake.set()
         return self._stream(seq, queue)
