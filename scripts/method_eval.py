@@ -15,9 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from eval_common import CTXSTEER, REPO, ensure_data, run, served
-
-from ctxsteer.clients.eval.stats import bootstrap_ci
+from eval_common import CTXSTEER, REPO, ensure_data, metric_cell, run, served, write_table
 
 # (row name, directory, extra `ctxsteer eval qa` arguments)
 SETTINGS = (
@@ -70,24 +68,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_summary(out: Path) -> None:
-    head = " | ".join(f"{task} {metric}" for task, metric in METRICS)
-    lines = [f"| setting | {head} |", "|---" * (len(METRICS) + 1) + "|"]
-    table: dict[str, dict[str, list[float]]] = {}
-    for name, slug, _ in SETTINGS:
-        cells = []
-        for task, metric in METRICS:
-            path = out / slug / task / "results.json"
-            if not path.exists():
-                cells.append("")
-                continue
-            values = [float(c[metric]) for c in json.loads(path.read_text())["cells"]]
-            lo, hi = bootstrap_ci(values)
-            mean = sum(values) / len(values)
-            table.setdefault(name, {})[f"{task} {metric}"] = [100 * mean, 100 * lo, 100 * hi, len(values)]
-            cells.append(f"{100 * mean:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] (n={len(values)})")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    (out / "summary.md").write_text("\n".join(lines) + "\n\nPercent; [95 % bootstrap interval].\n")
-    (out / "summary.json").write_text(json.dumps(table, indent=2) + "\n")
+    columns = [f"{task} {metric}" for task, metric in METRICS]
+    rows = {
+        name: [metric_cell(out / slug / task / "results.json", metric) for task, metric in METRICS]
+        for name, slug, _ in SETTINGS
+    }
+    write_table(out, columns, rows)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ the first 200 SQuAD and DROP questions per method; docs/eval/nih-smollm2: NIH at
 copied in first, so only the missing cells run. Each copied file's settings are the ones `eval paper`
 checks on resume (model, prompts, method, steering fields), so a mismatch stops the run instead of mixing.
 
-    python scripts/paper_full.py            # results: docs/eval/paper-full/paper.md
+    python scripts/paper_full.py            # results: docs/eval/paper-full/paper.md and summary.md
+    python scripts/paper_full.py --summary  # the table of the cells so far (bootstrap intervals, n per cell)
 """
 
 from __future__ import annotations
@@ -15,11 +16,25 @@ import argparse
 import json
 from pathlib import Path
 
-from eval_common import CTXSTEER, REPO, ensure_data, run, served
+from eval_common import CTXSTEER, REPO, ensure_data, metric_cell, run, served, write_table
 
 EVAL = REPO / "docs" / "eval"
 PROFILE = EVAL / "profile-smollm2-squad" / "profile.json"
 METHODS = "cad,attention+cad,profiled,auto-spans"
+# (row, subdirectory, strength): the rows of `eval paper --methods ...`
+ROWS = (
+    ("attention, strength 1 (off)", "", 1.0),
+    ("attention, strength 1.11 (the paper's alpha 0.9)", "", 1 / 0.9),
+    ("attention, strength 2", "", 2.0),
+    ("cad, beta 1", "cad", 1.0),
+    ("attention+cad, strength 2, beta 1", "attention+cad", 2.0),
+    ("profiled layers, strength 2", "profiled", 2.0),
+    ("auto spans, strength 2", "auto-spans", 2.0),
+)
+COLUMNS = (
+    ("nih", "score"), ("squad", "f1"), ("squad", "em"), ("drop", "f1"), ("conflict", "context"),
+    ("conflict", "memory"),
+)  # fmt: skip
 # paper-full subdirectory <- earlier result directories with the same settings
 SEEDS = {
     "": ["methods/attention-1", "methods/attention-2"],
@@ -50,11 +65,25 @@ def seed(out: Path) -> None:
     merge([EVAL / "nih-smollm2" / "results.json"], out / "nih" / "results.json")
 
 
+def write_summary(out: Path) -> None:
+    """summary.md/json from the cells there so far (each cell says its n, so a partial run shows as such)."""
+    rows = {
+        name: [metric_cell(out / sub / task / "results.json", metric, strength) for task, metric in COLUMNS]
+        for name, sub, strength in ROWS
+    }
+    write_table(out, [f"{task} {metric}" for task, metric in COLUMNS], rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=EVAL / "paper-full")
     ap.add_argument("--no-seed", action="store_true", help="run every cell, reuse nothing")
+    ap.add_argument("--summary", action="store_true", help="only write summary.md from the cells so far")
     args = ap.parse_args(argv)
+    if args.summary:
+        write_summary(args.out)
+        print((args.out / "summary.md").read_text())
+        return 0
     ensure_data()
     if not args.no_seed:
         seed(args.out)
@@ -62,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     with served(None, args.out / "serve.log", "--head-profiles", str(PROFILE)) as url:
         cmd = [*CTXSTEER, "eval", "paper", "--url", url, "--methods", METHODS, "--intervals"]
         run([*cmd, "--no-progress", "--out", str(args.out)], args.out / "eval.log")
+    write_summary(args.out)
     print((args.out / "paper.md").read_text())
     return 0
 
