@@ -3,6 +3,7 @@ command, serve a model on a free 127.0.0.1 port for the length of a block."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -64,8 +65,6 @@ def ensure_data() -> None:
 def metric_cell(path: Path, metric: str, strength: float | None = None) -> list[float] | None:
     """[mean, low, high, n] in percent: `metric` over the cells of the results.json at `path` (only those at
     `strength` when given), with its 95 % bootstrap interval; None when there are none."""
-    import json
-
     from ctxsteer.clients.eval.stats import bootstrap_ci
 
     if not path.exists():
@@ -82,8 +81,6 @@ def metric_cell(path: Path, metric: str, strength: float | None = None) -> list[
 
 def write_table(out: Path, columns: list[str], rows: dict[str, list[list[float] | None]]) -> None:
     """out/summary.md (a markdown table, cells 'mean [low, high] (n=N)') and out/summary.json."""
-    import json
-
     lines = [f"| setting | {' | '.join(columns)} |", "|---" * (len(columns) + 1) + "|"]
     table: dict[str, dict[str, list[float]]] = {}
     for name, cells in rows.items():

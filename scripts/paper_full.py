@@ -18,18 +18,16 @@ from pathlib import Path
 
 from eval_common import CTXSTEER, REPO, ensure_data, metric_cell, run, served, write_table
 
+from ctxsteer.clients.eval.paper import METHOD_ROWS, PAPER_STRENGTHS
+from ctxsteer.clients.eval.plots import strength_label
+
 EVAL = REPO / "docs" / "eval"
 PROFILE = EVAL / "profile-smollm2-squad" / "profile.json"
-METHODS = "cad,attention+cad,profiled,auto-spans"
-# (row, subdirectory, strength): the rows of `eval paper --methods ...`
+METHODS = ",".join(METHOD_ROWS)
+# (row, subdirectory, strength): the rows `eval paper --methods ...` writes, labelled as it labels them
 ROWS = (
-    ("attention, strength 1 (off)", "", 1.0),
-    ("attention, strength 1.11 (the paper's alpha 0.9)", "", 1 / 0.9),
-    ("attention, strength 2", "", 2.0),
-    ("cad, beta 1", "cad", 1.0),
-    ("attention+cad, strength 2, beta 1", "attention+cad", 2.0),
-    ("profiled layers, strength 2", "profiled", 2.0),
-    ("auto spans, strength 2", "auto-spans", 2.0),
+    *((f"strength {strength_label(s)}", "", s) for s in PAPER_STRENGTHS),
+    *((row.label, key, row.strength) for key, row in METHOD_ROWS.items()),
 )
 COLUMNS = (
     ("nih", "score"), ("squad", "f1"), ("squad", "em"), ("drop", "f1"), ("conflict", "context"),

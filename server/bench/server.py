@@ -344,8 +344,6 @@ def main(argv: list[str] | None = None) -> int:
             if "single_no_speculation" in doc:
                 plain = doc["single_no_speculation"]["aggregate_tok_s"]
                 doc["vs_transformers_serve_1_no_speculation"] = plain / peer_1["aggregate_tok_s"]
-    for key, (a, b) in doc.pop("_pairs", {}).items():  # per-round ratios of the side-by-side runs
-        doc[f"{key}_range"] = ratio_range(a, b)
 
     if args.engine == "vllm" and not args.url:
         steered = by_c[top]["aggregate_tok_s"]
@@ -410,7 +408,7 @@ def run_local(args: argparse.Namespace, top: int) -> dict:
         plain = None
         if 1 in args.concurrency:  # one stream without n-gram speculation (on by default)
             plain, _ = stack.enter_context(serving(args, top, "--speculative-config", "off"))
-        peer_runs, pairs = [], {}
+        peer_runs = []
         for c in args.concurrency:
             contenders = [Contender("ctxsteer", url, args.model, steered=c == top)]
             if c == top and top > 1:
@@ -423,17 +421,18 @@ def run_local(args: argparse.Namespace, top: int) -> dict:
             doc["concurrent"].append(res["ctxsteer"])
             if "unsteered" in res:
                 doc["unsteered_at_top"] = res["unsteered"]
-                pairs["steered_throughput_ratio"] = (res["ctxsteer"], res["unsteered"])
+                doc["steered_throughput_ratio_range"] = ratio_range(res["ctxsteer"], res["unsteered"])
             if "no_speculation" in res:
                 doc["single_no_speculation"] = res["no_speculation"]
             if "peer" in res:
                 peer_runs.append(res["peer"])
-                pairs[f"vs_transformers_serve_{c}"] = (res["ctxsteer"], res["peer"])
+                doc[f"vs_transformers_serve_{c}_range"] = ratio_range(res["ctxsteer"], res["peer"])
                 if "no_speculation" in res:
-                    pairs["vs_transformers_serve_1_no_speculation"] = (res["no_speculation"], res["peer"])
+                    doc["vs_transformers_serve_1_no_speculation_range"] = ratio_range(
+                        res["no_speculation"], res["peer"]
+                    )
         if peer is not None:
             doc["peer"] = {"server": "transformers serve --continuous-batching", "concurrent": peer_runs}
-        doc["_pairs"] = pairs
     with serving(args, top) as (url, pid):  # alone from here: memory and latency figures
         doc["rss_mb_after_warmup"] = rss_mb(pid)
         whole = run_arrivals(url, args.model)  # the default: whole prefill chunks beside decoding rows
