@@ -44,6 +44,10 @@ def served(model: Path | None, log: Path, *args: str) -> Iterator[str]:
         str(port),
         "--log-level",
         "warning",
+        # The committed results are float32; `--dtype auto` is bfloat16 on CPUs with native bf16, so pin
+        # it to reproduce them on any machine (a later "--dtype" in args wins).
+        "--dtype",
+        "float32",
     ]
     cmd += args
     with open(log, "a", encoding="utf-8") as f:

@@ -54,7 +54,7 @@ class ServerConfig:
     # while rows decode, a prefill chunk takes about this share of a decode step per waiting prompt (0: whole
     # chunks, best throughput; e.g. 0.75 bounds running streams' inter-token latency while newcomers arrive)
     prefill_stall_share: float = 0.0
-    cpu_prepack: str = "auto"  # auto = oneDNN-prepacked Linear weights on CPU fp32; off = stock torch
+    cpu_prepack: str = "auto"  # auto = oneDNN-prepacked Linear weights (CPU fp32/native bf16); off = stock
     # n-gram speculation of the local engine: "ngram" (its defaults), vLLM's JSON form
     # ('{"method": "ngram", ...}') or "off"; output unchanged either way, only speed differs
     speculative_config: str = "ngram"
@@ -241,7 +241,13 @@ _FLAGS: tuple[_Flag, ...] = (
         "--api-key", "api_keys", tuple, "require this bearer key on /v1/*; repeat or comma-separate for more"
     ),
     _Flag("--device", "device", str, "auto | cpu | cuda | cuda:N | mps (default auto)"),
-    _Flag("--dtype", "dtype", str, "weights dtype (default auto)", DTYPES),
+    _Flag(
+        "--dtype",
+        "dtype",
+        str,
+        "weights dtype (default auto: bfloat16 on CUDA and on CPUs with AVX-512 BF16/AMX, else float32)",
+        DTYPES,
+    ),
     _Flag("--max-model-len", "max_model_len", int, "prompt + completion token limit (default: the model's)"),
     _Flag("--max-num-seqs", "max_num_seqs", int, "sequences decoded together (default 8)"),
     _Flag("--max-queue", "max_queue", int, "waiting requests before answering 429 (default 64)"),
@@ -293,7 +299,7 @@ _FLAGS: tuple[_Flag, ...] = (
         "--cpu-prepack",
         "cpu_prepack",
         str,
-        "auto: oneDNN-prepacked Linear weights on CPU fp32 (faster batched decode); off: stock torch",
+        "auto: oneDNN-prepacked Linear weights on CPU fp32 or native bf16 (faster decode); off: stock torch",
         PREPACK,
     ),
     _Flag(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from ctxsteer.server.bench.server import StreamResult, ratio_range, rotation, summarize
+from ctxsteer.server.bench.server import StreamResult, add_ratios, ratio_range, rotation, summarize
 
 
 def test_rotation_gives_every_contender_every_position():
@@ -46,3 +46,33 @@ def test_ratio_range_pairs_rounds_in_order():
     assert (r["min"], r["median"], r["max"], r["rounds"]) == (1.0, 3.0, 3.0, 3)
     with pytest.raises(ValueError):
         ratio_range(a, {"round_tok_s": [1.0]})  # rounds must pair up
+
+
+def _run(c: int, tok_s: float) -> dict:
+    return {"concurrency": c, "aggregate_tok_s": tok_s, "ttft_p50_s": 0.5}
+
+
+def test_ratios_against_the_peer_and_the_peer_in_ctxsteers_dtype():
+    doc = {
+        "concurrent": [_run(1, 30.0), _run(8, 120.0)],
+        "unsteered_at_top": _run(8, 100.0),
+        "single_no_speculation": _run(1, 15.0),
+        "peer": {"dtype": "float32", "concurrent": [_run(1, 10.0), _run(8, 40.0)]},
+        "peer_same_dtype": {"dtype": "bfloat16", "concurrent": [_run(1, 20.0), _run(8, 80.0)]},
+    }
+    by_c = add_ratios(doc, 8)
+    assert sorted(by_c) == [1, 8]
+    assert doc["batch_speedup_8"] == pytest.approx(4.0)
+    assert doc["steered_throughput_ratio"] == pytest.approx(1.2)
+    assert (doc["vs_transformers_serve_1"], doc["vs_transformers_serve_8"]) == pytest.approx((3.0, 3.0))
+    assert doc["vs_transformers_serve_1_no_speculation"] == pytest.approx(1.5)
+    same = (doc["vs_transformers_serve_1_same_dtype"], doc["vs_transformers_serve_8_same_dtype"])
+    assert same == pytest.approx((1.5, 1.5))
+    assert doc["vs_transformers_serve_1_no_speculation_same_dtype"] == pytest.approx(0.75)
+
+
+def test_no_same_dtype_keys_without_that_peer():
+    doc = {"concurrent": [_run(8, 120.0)], "peer": {"concurrent": [_run(8, 40.0)]}}
+    add_ratios(doc, 8)
+    assert doc["vs_transformers_serve_8"] == pytest.approx(3.0)
+    assert not any(k.endswith("_same_dtype") for k in doc)

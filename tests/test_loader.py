@@ -25,6 +25,7 @@ from transformers import (
 )
 
 from ctxsteer.server.engine import loader
+from ctxsteer.server.engine.cpu_prepack import native_cpu_bf16
 from ctxsteer.server.engine.loader import (
     MANIFEST,
     LoadError,
@@ -80,11 +81,12 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_loads_local_dir(tiny_dir: Path) -> None:
     model, tok, info = load_model(str(tiny_dir), device="cpu")
+    auto = resolve_dtype("auto", torch.device("cpu"))  # float32, or bfloat16 where the CPU has it natively
     assert not model.training
-    assert model.device.type == "cpu" and model.dtype == torch.float32
+    assert model.device.type == "cpu" and model.dtype == auto
     assert tok.chat_template == CHATML
     assert (info.source, info.path) == (str(tiny_dir), str(tiny_dir))
-    assert (info.device, info.dtype) == ("cpu", "float32")
+    assert (info.device, info.dtype) == ("cpu", str(auto).removeprefix("torch."))
     assert (info.num_layers, info.num_heads, info.num_kv_heads) == (2, 4, 2)
     assert (info.max_model_len, info.model_type, info.gguf_file) == (256, "llama", None)
     assert model.config._attn_implementation == "sdpa"
@@ -100,7 +102,7 @@ def test_resolve_device_and_dtype() -> None:
     cpu = torch.device("cpu")
     assert resolve_device("cpu") == cpu
     assert resolve_device("auto") == (torch.device("cuda", 0) if torch.cuda.is_available() else cpu)
-    assert resolve_dtype("auto", cpu) == torch.float32
+    assert resolve_dtype("auto", cpu) == (torch.bfloat16 if native_cpu_bf16() else torch.float32)
     assert resolve_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
     assert resolve_dtype("FLOAT32", cpu) == torch.float32
     assert resolve_dtype("bf16", cpu) == torch.bfloat16
@@ -318,7 +320,8 @@ def test_embedded_default(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> N
         model, tok, info2 = load_model("SmolLM2", device="cpu", dtype="auto", cache_dir=tmp_path)
     assert info2.from_cache and info2.path == info.path and "converting" not in caplog.text
     assert time.monotonic() - t0 < convert_s
-    assert info2.dtype == "float32" and model.device.type == "cpu" and not model.training
+    auto = str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+    assert info2.dtype == auto and model.device.type == "cpu" and not model.training
 
     assert tok.chat_template is not None
     inputs = tok.apply_chat_template(

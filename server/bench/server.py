@@ -324,26 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         doc |= run_vllm_comparison(args, top)
     else:
         doc |= run_local(args, top)
-    by_c = {r["concurrency"]: r for r in doc["concurrent"]}
-    single = by_c.get(1, {}).get("aggregate_tok_s")
-    doc["single_tok_s"] = single
-    doc["single_ttft_s"] = by_c.get(1, {}).get("ttft_p50_s")
-    if single and top in by_c:
-        doc[f"batch_speedup_{top}"] = by_c[top]["aggregate_tok_s"] / single
-    if "unsteered_at_top" in doc:
-        doc["steered_throughput_ratio"] = (
-            by_c[top]["aggregate_tok_s"] / doc["unsteered_at_top"]["aggregate_tok_s"]
-        )
-    if doc.get("peer") and "concurrent" in doc["peer"]:
-        peer_top = {r["concurrency"]: r for r in doc["peer"]["concurrent"]}.get(top)
-        if peer_top:
-            doc[f"vs_transformers_serve_{top}"] = by_c[top]["aggregate_tok_s"] / peer_top["aggregate_tok_s"]
-        peer_1 = {r["concurrency"]: r for r in doc["peer"]["concurrent"]}.get(1)
-        if peer_1 and single:
-            doc["vs_transformers_serve_1"] = single / peer_1["aggregate_tok_s"]
-            if "single_no_speculation" in doc:
-                plain = doc["single_no_speculation"]["aggregate_tok_s"]
-                doc["vs_transformers_serve_1_no_speculation"] = plain / peer_1["aggregate_tok_s"]
+    by_c = add_ratios(doc, top)
 
     if args.engine == "vllm" and not args.url:
         steered = by_c[top]["aggregate_tok_s"]
@@ -356,6 +337,36 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=2)
     return 0
+
+
+def add_ratios(doc: dict, top: int) -> dict[int, dict]:
+    """The ratio keys from the runs in `doc` (aggregate tok/s over all rounds): batch speed-up, steered vs
+    unsteered, vs the peer (`_same_dtype`: vs the peer run in ctxsteer's dtype). Returns the runs by
+    concurrency."""
+    by_c = {r["concurrency"]: r for r in doc["concurrent"]}
+    single = by_c.get(1, {}).get("aggregate_tok_s")
+    doc["single_tok_s"] = single
+    doc["single_ttft_s"] = by_c.get(1, {}).get("ttft_p50_s")
+    if single and top in by_c:
+        doc[f"batch_speedup_{top}"] = by_c[top]["aggregate_tok_s"] / single
+    if "unsteered_at_top" in doc:
+        doc["steered_throughput_ratio"] = (
+            by_c[top]["aggregate_tok_s"] / doc["unsteered_at_top"]["aggregate_tok_s"]
+        )
+    for key, suffix in (("peer", ""), ("peer_same_dtype", "_same_dtype")):
+        if not (doc.get(key) and "concurrent" in doc[key]):
+            continue
+        peer_by_c = {r["concurrency"]: r for r in doc[key]["concurrent"]}
+        if peer_top := peer_by_c.get(top):
+            ratio = by_c[top]["aggregate_tok_s"] / peer_top["aggregate_tok_s"]
+            doc[f"vs_transformers_serve_{top}{suffix}"] = ratio
+        peer_1 = peer_by_c.get(1)
+        if peer_1 and single:
+            doc[f"vs_transformers_serve_1{suffix}"] = single / peer_1["aggregate_tok_s"]
+            if "single_no_speculation" in doc:
+                plain = doc["single_no_speculation"]["aggregate_tok_s"]
+                doc[f"vs_transformers_serve_1_no_speculation{suffix}"] = plain / peer_1["aggregate_tok_s"]
+    return by_c
 
 
 def _top_tok_s(suite: dict, top: int) -> float:
@@ -401,14 +412,22 @@ def run_local(args: argparse.Namespace, top: int) -> dict:
     doc: dict = {"concurrent": []}
     with ExitStack() as stack:
         url, _ = stack.enter_context(serving(args, top))
-        doc["device"] = httpx.get(url + "/version").json().get("device", "unknown")
+        version = httpx.get(url + "/version").json()
+        doc["device"], doc["dtype"] = version.get("device", "unknown"), version.get("dtype")
         peer = stack.enter_context(peer_server(args)) if args.peer == "transformers" else None
         if isinstance(peer, dict):  # it did not start
             doc["peer"], peer = peer, None
+        # ctxsteer's `--dtype auto` is bf16 on CPUs with native bf16, the peer's stays the checkpoint's
+        # float32: then the peer also runs in ctxsteer's dtype, for a same-dtype ratio beside the default one.
+        twin = None
+        if peer is not None and doc["dtype"] not in (None, "float32"):
+            twin = stack.enter_context(peer_server(args, doc["dtype"]))
+            if isinstance(twin, dict):
+                doc["peer_same_dtype"], twin = twin, None
         plain = None
         if 1 in args.concurrency:  # one stream without n-gram speculation (on by default)
             plain, _ = stack.enter_context(serving(args, top, "--speculative-config", "off"))
-        peer_runs = []
+        peer_runs, twin_runs = [], []
         for c in args.concurrency:
             contenders = [Contender("ctxsteer", url, args.model, steered=c == top)]
             if c == top and top > 1:
@@ -417,6 +436,8 @@ def run_local(args: argparse.Namespace, top: int) -> dict:
                 contenders.append(Contender("no_speculation", plain, args.model, steered=False))
             if peer is not None:
                 contenders.append(Contender("peer", peer[0], peer[1], steered=False))
+            if twin is not None:
+                contenders.append(Contender("peer_same_dtype", twin[0], twin[1], steered=False))
             res = side_by_side(contenders, c, _rounds(c, args), args)
             doc["concurrent"].append(res["ctxsteer"])
             if "unsteered" in res:
@@ -431,8 +452,15 @@ def run_local(args: argparse.Namespace, top: int) -> dict:
                     doc["vs_transformers_serve_1_no_speculation_range"] = ratio_range(
                         res["no_speculation"], res["peer"]
                     )
+            if "peer_same_dtype" in res:
+                twin_runs.append(res["peer_same_dtype"])
+                same = ratio_range(res["ctxsteer"], res["peer_same_dtype"])
+                doc[f"vs_transformers_serve_{c}_same_dtype_range"] = same
+        server = "transformers serve --continuous-batching"
         if peer is not None:
-            doc["peer"] = {"server": "transformers serve --continuous-batching", "concurrent": peer_runs}
+            doc["peer"] = {"server": server, "dtype": "float32", "concurrent": peer_runs}
+        if twin is not None:
+            doc["peer_same_dtype"] = {"server": server, "dtype": doc["dtype"], "concurrent": twin_runs}
     with serving(args, top) as (url, pid):  # alone from here: memory and latency figures
         doc["rss_mb_after_warmup"] = rss_mb(pid)
         whole = run_arrivals(url, args.model)  # the default: whole prefill chunks beside decoding rows
@@ -539,9 +567,10 @@ def run_plain_vllm(args: argparse.Namespace, top: int) -> dict:
 
 
 @contextmanager
-def peer_server(args: argparse.Namespace) -> Iterator[tuple[str, str] | dict]:
-    """transformers serve --continuous-batching on the converted HF directory of the default model; yields
-    its URL and model name, or {"error": ...} when it does not start."""
+def peer_server(args: argparse.Namespace, dtype: str | None = None) -> Iterator[tuple[str, str] | dict]:
+    """transformers serve --continuous-batching on the converted HF directory of the default model (in
+    `dtype`, else its own default: the checkpoint's float32); yields its URL and model name, or
+    {"error": ...} when it does not start."""
     from ctxsteer.server.engine.loader import load_model
 
     _, _, info = load_model(None, device="cpu")  # ensures the converted directory exists; cheap when cached
@@ -552,7 +581,8 @@ def peer_server(args: argparse.Namespace) -> Iterator[tuple[str, str] | dict]:
     # CB's default sizing wants GBs for its paged cache and mask on CPU: size it for 8 x (256 + 64) tokens.
     cmd += ["--device", "cpu", "--attn-implementation", "sdpa", "--cb-max-batch-tokens", "256"]
     cmd += ["--cb-block-size", "32", "--cb-num-blocks", "128"]
-    print(f"starting transformers serve (peer) on {url}", flush=True)
+    cmd += ["--dtype", dtype] if dtype else []
+    print(f"starting transformers serve (peer{f', {dtype}' if dtype else ''}) on {url}", flush=True)
     with ExitStack() as stack:
         try:
             stack.enter_context(started(cmd, url, "/health"))
