@@ -140,7 +140,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Live, dic
     model_dir = save_tiny_model(
         tmp_path_factory.mktemp("long") / "llama", "llama", max_position_embeddings=LONG
     )
-    config = ServerConfig(model=str(model_dir), max_num_seqs=1, max_queue=0)
+    config = ServerConfig(model=str(model_dir), dtype="float32", max_num_seqs=1, max_queue=0)
     engine = build_engine(config, observer=_metrics_observer(config))
     app = create_app(config, engine, **_metrics_app_kwargs(config))
     with live(app, lifespan="on") as s:
