@@ -22,6 +22,8 @@ SETTINGS = (
     ("attention, strength 1 (off)", "attention-1", ["--strengths", "1"]),
     ("attention, strength 2", "attention-2", ["--strengths", "2"]),
     ("cad, beta 1", "cad-b1", ["--strengths", "1", "--method", "cad", "--cad-beta", "1"]),
+    ("cad, beta 2", "cad-b2", ["--strengths", "1", "--method", "cad", "--cad-beta", "2"]),
+    ("cad, beta 4", "cad-b4", ["--strengths", "1", "--method", "cad", "--cad-beta", "4"]),
     ("attention+cad, strength 2, beta 1", "attention-cad-2-b1",
      ["--strengths", "2", "--method", "attention+cad", "--cad-beta", "1"]),
     ("profiled layers, strength 2", "profiled-2",
@@ -44,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--drop", type=int, default=200, help="DROP questions")
     ap.add_argument("--only", help="comma-separated setting directories to run (default: all)")
     ap.add_argument(
+        "--dtype", default="float32", help="server --dtype (default float32, as the committed tables)"
+    )
+    ap.add_argument(
         "--profile", type=Path, default=PROFILE, help="head-profile file with a 'profiled' profile"
     )
     args = ap.parse_args(argv)
@@ -53,11 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     profiles = (
         ["--head-profiles", str(PROFILE)] if PROFILE.exists() and json.loads(PROFILE.read_text()) else []
     )
-    with served(None, args.out / "serve.log", *profiles) as url:
+    with served(None, args.out / "serve.log", *profiles, "--dtype", args.dtype) as url:
         for _, slug, extra in SETTINGS:
             if (wanted is not None and slug not in wanted) or ("head_profile" in str(extra) and not profiles):
                 continue
             for task, limit in (("conflict", args.conflict), ("squad", args.squad), ("drop", args.drop)):
+                if limit <= 0:  # a task left out of this run
+                    continue
                 out = args.out / slug / task
                 out.mkdir(parents=True, exist_ok=True)
                 cmd = [*CTXSTEER, "eval", "qa", "--url", url, "--task", task, "--limit", str(limit), *extra]

@@ -9,9 +9,9 @@ from collections.abc import Callable
 
 
 def _threads_env() -> None:
-    # Must happen before torch is imported: busy-waiting OpenMP threads starve each other (and the
-    # event loop) on small CPUs; PASSIVE restores single-digit-ms decode steps there.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Before torch is imported. OpenMP keeps libgomp's default wait policy (spin briefly, then sleep):
+    # with the engine thread as the process's only OpenMP pool (server/engine/omp.py) PASSIVE, which
+    # sleeps on a futex at every barrier, made each forward ~2x slower. Tokenizers stay single-threaded.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

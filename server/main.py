@@ -21,6 +21,7 @@ from ctxsteer.server.engine.cpu_prepack import prepack_linears
 from ctxsteer.server.engine.engine import LocalEngine
 from ctxsteer.server.engine.interface import AsyncEngine, EngineObserver, ModelInfo
 from ctxsteer.server.engine.loader import LoadedInfo, LoadError, load_model, served_max_len
+from ctxsteer.server.engine.omp import in_fresh_thread
 from ctxsteer.server.metrics import MetricsObserver, install_metrics
 from ctxsteer.server.transport import GracefulServer, uvicorn_config
 from ctxsteer.steering.attention import ATTN_NAME, register
@@ -47,6 +48,11 @@ def build_engine(config: ServerConfig, observer: EngineObserver | None = None) -
     if config.threads:
         torch.set_num_threads(config.threads)
     register()
+    # Built off this thread, so that the engine thread owns the process's only OpenMP pool (omp.py).
+    return in_fresh_thread(_build_local_engine, config, observer)
+
+
+def _build_local_engine(config: ServerConfig, observer: EngineObserver | None) -> LocalEngine:
     model, tokenizer, info = load_model(
         config.model, device=config.device, dtype=config.dtype, attn_implementation=ATTN_NAME
     )
