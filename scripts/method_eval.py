@@ -21,6 +21,7 @@ from eval_common import CTXSTEER, REPO, ensure_data, metric_cell, run, served, w
 SETTINGS = (
     ("attention, strength 1 (off)", "attention-1", ["--strengths", "1"]),
     ("attention, strength 2", "attention-2", ["--strengths", "2"]),
+    ("cad, beta 0.5", "cad-b05", ["--strengths", "1", "--method", "cad", "--cad-beta", "0.5"]),
     ("cad, beta 1", "cad-b1", ["--strengths", "1", "--method", "cad", "--cad-beta", "1"]),
     ("cad, beta 2", "cad-b2", ["--strengths", "1", "--method", "cad", "--cad-beta", "2"]),
     ("cad, beta 4", "cad-b4", ["--strengths", "1", "--method", "cad", "--cad-beta", "4"]),
