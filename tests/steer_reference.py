@@ -82,3 +82,36 @@ def register_reference() -> str:
     AttentionInterface.register(REF_NAME, reference_attention)
     AttentionMaskInterface.register(REF_NAME, sdpa_mask)
     return REF_NAME
+
+
+# A batch of differently steered rows and prompt lengths, for the fast-vs-reference checks per device/dtype.
+MIXED_ROWS = (
+    SteerRow(alpha=0.5, steered=((5, 20),)),
+    SteerRow(alpha=1.0),
+    SteerRow(alpha=1 / 3, steered=((0, 4), (10, 25))),
+    SteerRow(alpha=0.05, steered=((2, 9),)),
+)
+MIXED_LENS = (40, 27, 33, 21)
+
+
+def fast_and_reference(
+    model: Any, steps: int, reference: Any = None, rows: Sequence[SteerRow] = MIXED_ROWS
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Greedy per-step logits of `model` through the ctxsteer attention and of `reference` (default: the
+    same model) through the eager reference, on seeded prompts of MIXED_LENS, left-padded, on its device."""
+    from ctxsteer.steering.attention import ATTN_NAME, register
+    from ctxsteer.steering.generate import greedy_generate, left_pad, steer_kwargs
+
+    register()
+    register_reference()
+    reference = model if reference is None else reference
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(10, model.config.vocab_size, (n,), generator=g).tolist() for n in MIXED_LENS]
+    ids, mask = left_pad(prompts, pad_id=0)
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    model.set_attn_implementation(ATTN_NAME)
+    fast = greedy_generate(model, ids, mask, steps, **steer_kwargs(model, list(rows), mask))
+    pad = [ids.shape[1] - n for n in MIXED_LENS]
+    reference.set_attn_implementation(REF_NAME)
+    ref = greedy_generate(reference, ids, mask, steps, **{REF_NAME: RefSteer(list(rows), MIXED_LENS, pad)})
+    return fast.logits, ref.logits

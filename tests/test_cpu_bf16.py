@@ -15,24 +15,14 @@ import httpx
 import pytest
 import torch
 from server_process import ServerProcess, serve
-from steer_reference import RefSteer, register_reference
+from steer_reference import MIXED_ROWS, fast_and_reference
 from tiny import ARCHS, make_model
 
 from ctxsteer.server.engine import cpu_prepack, loader
 from ctxsteer.server.engine.cpu_prepack import PrepackedLinear, native_cpu_bf16, prepack_linears
-from ctxsteer.steering.attention import ATTN_NAME, register
-from ctxsteer.steering.generate import greedy_generate, left_pad, steer_kwargs
 from ctxsteer.steering.rows import SteerRow
 
 native = pytest.mark.skipif(not native_cpu_bf16(), reason="this CPU has no native bf16 (AVX-512 BF16/AMX)")
-
-ROWS = [
-    SteerRow(alpha=0.5, steered=((5, 20),)),
-    SteerRow(alpha=1.0),
-    SteerRow(alpha=1 / 3, steered=((0, 4), (10, 25))),
-    SteerRow(alpha=0.05, steered=((2, 9),)),
-]
-LENS = [40, 27, 33, 21]
 
 
 @pytest.mark.parametrize("has_native", [True, False])
@@ -57,35 +47,18 @@ def test_emulated_bf16_is_not_prepacked(monkeypatch) -> None:
     assert prepack_linears(make_model("llama", dtype=torch.bfloat16)) == 0
 
 
-def _first_logits(model, rows: list[SteerRow], reference: bool) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(10, model.config.vocab_size, (n,), generator=g).tolist() for n in LENS]
-    ids, mask = left_pad(prompts, pad_id=0)
-    if reference:
-        model.set_attn_implementation("ctxsteer_ref")
-        pad = [ids.shape[1] - n for n in LENS]
-        out = greedy_generate(model, ids, mask, 1, ctxsteer_ref=RefSteer(rows, LENS, pad))
-    else:
-        model.set_attn_implementation(ATTN_NAME)
-        out = greedy_generate(model, ids, mask, 1, **steer_kwargs(model, rows, mask))
-    return out.logits[0].float()
-
-
 @native
 @pytest.mark.parametrize("arch", ARCHS)
 def test_prepacked_bf16_steering_matches_the_eager_reference(arch: str) -> None:
-    register()
-    register_reference()
     served = make_model(arch, dtype=torch.bfloat16)
     assert prepack_linears(served) > 0
     assert any(isinstance(m, PrepackedLinear) for m in served.modules())
     reference = make_model(arch, dtype=torch.bfloat16)  # same seed, stock weights, eager attention
-    fast = _first_logits(served, ROWS, reference=False)
-    ref = _first_logits(reference, ROWS, reference=True)
+    fast, ref = (x[0].float() for x in fast_and_reference(served, steps=1, reference=reference))
     bound = 0.05 * (ref.max() - ref.min()).item()
     assert (fast - ref).abs().max().item() <= bound
-    unsteered = _first_logits(reference, [SteerRow()] * len(ROWS), reference=True)
-    assert (unsteered[3] - ref[3]).abs().max().item() > bound  # alpha 0.05 moves more than the bound
+    _, plain = fast_and_reference(reference, steps=1, rows=[SteerRow()] * len(MIXED_ROWS))
+    assert (plain[0][3].float() - ref[3]).abs().max().item() > bound  # alpha 0.05 moves more than the bound
 
 
 @pytest.fixture(scope="module")

@@ -9,40 +9,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from steer_reference import RefSteer, register_reference
+from steer_reference import fast_and_reference
 from test_engine import _requests, solo_then_busy
 from tiny import ARCHS, make_model, make_tokenizer
 
 from ctxsteer.server.engine.engine import LocalEngine
 from ctxsteer.server.engine.interface import ModelInfo
 from ctxsteer.steering.attention import ATTN_NAME, register
-from ctxsteer.steering.generate import greedy_generate, left_pad, steer_kwargs
-from ctxsteer.steering.rows import SteerRow
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-ROWS = [
-    SteerRow(alpha=0.5, steered=((5, 20),)),
-    SteerRow(alpha=1.0),
-    SteerRow(alpha=1 / 3, steered=((0, 4), (10, 25))),
-    SteerRow(alpha=0.05, steered=((2, 9),)),
-]
-LENS = [40, 27, 33, 21]
-
 
 def _fast_and_ref(model) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    register()
-    register_reference()
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(10, model.config.vocab_size, (n,), generator=g).tolist() for n in LENS]
-    ids, mask = left_pad(prompts, pad_id=0)
-    ids, mask = ids.cuda(), mask.cuda()
-    model.set_attn_implementation(ATTN_NAME)
-    fast = greedy_generate(model, ids, mask, 8, **steer_kwargs(model, ROWS, mask))
-    pad = [ids.shape[1] - n for n in LENS]
-    model.set_attn_implementation("ctxsteer_ref")
-    ref = greedy_generate(model, ids, mask, 8, ctxsteer_ref=RefSteer(ROWS, LENS, pad))
-    return fast.logits, ref.logits
+    return fast_and_reference(model, steps=8)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
