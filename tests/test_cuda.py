@@ -20,20 +20,16 @@ from ctxsteer.steering.attention import ATTN_NAME, register
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _fast_and_ref(model) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    return fast_and_reference(model, steps=8)
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cuda_fp32_matches_eager_reference(arch: str) -> None:
-    fast, ref = _fast_and_ref(make_model(arch).cuda())
+    fast, ref = fast_and_reference(make_model(arch).cuda(), steps=8)
     assert fast[0].is_cuda
     assert max((a - b).abs().max().item() for a, b in zip(fast, ref, strict=True)) <= 1e-3
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_cuda_bf16_close_to_eager_reference(arch: str) -> None:
-    fast, ref = _fast_and_ref(make_model(arch, dtype=torch.bfloat16).cuda())
+    fast, ref = fast_and_reference(make_model(arch, dtype=torch.bfloat16).cuda(), steps=8)
     first, first_ref = fast[0], ref[0]  # later steps may follow different tokens after a bf16 tie
     span = (first_ref.max() - first_ref.min()).item()
     assert (first - first_ref).abs().max().item() <= 0.05 * span

@@ -12,27 +12,16 @@ short-lived thread, whose pool goes when it ends, and the engine thread is the o
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
 
 
 def in_fresh_thread(fn: Callable[..., T], *args: object, name: str = "ctxsteer-build") -> T:
-    """`fn(*args)` in a new thread that ends with it: its OpenMP pool ends too. Returns fn's result or
-    raises its exception; the calling thread opens no parallel region."""
-    box: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            box["result"] = fn(*args)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
-            box["error"] = e
-
-    thread = threading.Thread(target=run, name=name)
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]  # type: ignore[misc]
-    return box["result"]  # type: ignore[return-value]
+    """`fn(*args)` in a new thread that has ended when this returns (the executor joins it on exit), so its
+    OpenMP pool has ended too. Returns fn's result or raises its exception; the calling thread opens no
+    parallel region."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=name) as pool:
+        return pool.submit(fn, *args).result()
