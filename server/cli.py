@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 def _threads_env() -> None:
     # Before torch is imported. OpenMP keeps libgomp's default wait policy (spin briefly, then sleep):
-    # with the engine thread as the process's only OpenMP pool (server/engine/omp.py) PASSIVE, which
+    # with the engine thread as the process's only OpenMP pool (server/engine/local/omp.py) PASSIVE, which
     # sleeps on a futex at every barrier, made each forward ~2x slower. Tokenizers stay single-threaded.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -64,13 +64,13 @@ def _profile(argv: list[str]) -> int:
 
 
 def _score(argv: list[str]) -> int:
-    from ctxsteer.server.score import main as score_main
+    from ctxsteer.server.training.score import main as score_main
 
     return score_main(argv)
 
 
 def _finetune(argv: list[str]) -> int:
-    from ctxsteer.server.finetune import main as finetune_main
+    from ctxsteer.server.training.finetune import main as finetune_main
 
     return finetune_main(argv)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ctxsteer.server.engine.ngram import NgramConfig
+from ctxsteer.server.engine.local.ngram import NgramConfig
 
 MiB = 1024 * 1024
 DEVICES = ("auto", "cpu", "cuda", "mps")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -18,10 +19,10 @@ from ctxsteer.server.api.serving import ServingContext
 from ctxsteer.server.app import build_app
 from ctxsteer.server.config import ServerConfig
 from ctxsteer.server.engine.cpu_prepack import prepack_linears
-from ctxsteer.server.engine.engine import LocalEngine
 from ctxsteer.server.engine.interface import AsyncEngine, EngineObserver, ModelInfo
 from ctxsteer.server.engine.loader import LoadedInfo, LoadError, load_model, served_max_len
-from ctxsteer.server.engine.omp import in_fresh_thread
+from ctxsteer.server.engine.local.engine import LocalEngine
+from ctxsteer.server.engine.local.omp import in_fresh_thread
 from ctxsteer.server.metrics import MetricsObserver, install_metrics
 from ctxsteer.server.transport import GracefulServer, uvicorn_config
 from ctxsteer.steering.attention import ATTN_NAME, register
@@ -42,9 +43,10 @@ def model_name(config: ServerConfig, info: LoadedInfo) -> str:
 def build_engine(config: ServerConfig, observer: EngineObserver | None = None) -> AsyncEngine:
     """Load the model (raises LoadError / ValueError with a user-facing message) and wrap it in an engine."""
     if config.engine == "vllm":
-        from ctxsteer.server.engine.vllm.build import build_vllm_engine
+        from ctxsteer.server.engine.vllm.build import VllmSettings, build_vllm_engine
 
-        return build_vllm_engine(config, observer, served_name=lambda info: model_name(config, info))
+        settings = VllmSettings(**{f.name: getattr(config, f.name) for f in dataclasses.fields(VllmSettings)})
+        return build_vllm_engine(settings, observer, served_name=lambda info: model_name(config, info))
     if config.threads:
         torch.set_num_threads(config.threads)
     register()

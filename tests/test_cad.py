@@ -16,8 +16,8 @@ from server_process import ServerProcess, greedy_chat, serve
 from steer_reference import RefSteer, register_reference
 from tiny import make_model, make_tokenizer, save_tiny_model
 
-from ctxsteer.server.engine.engine import LocalEngine
 from ctxsteer.server.engine.interface import ModelInfo
+from ctxsteer.server.engine.local.engine import LocalEngine
 from ctxsteer.server.engine.request import GenerationOutput, GenerationRequest, SamplingParams
 from ctxsteer.steering.attention import ATTN_NAME, register
 from ctxsteer.steering.cad import CadPlan, cad_logits, context_free_ids

@@ -12,7 +12,7 @@ import torch
 from steer_reference import RefSteer, register_reference
 from tiny import ARCHS, SLIDING_WINDOW, make_model
 
-from ctxsteer.server.engine.runner import ModelRunner
+from ctxsteer.server.engine.local.runner import ModelRunner
 from ctxsteer.steering.attention import ATTN_NAME, register
 from ctxsteer.steering.rows import SteerRow
 

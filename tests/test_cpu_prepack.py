@@ -10,8 +10,8 @@ from torch import nn
 
 from ctxsteer.server.config import ServerConfig
 from ctxsteer.server.engine.cpu_prepack import PrepackedLinear, prepack_linears, prepack_supported
-from ctxsteer.server.engine.engine import LocalEngine
 from ctxsteer.server.engine.interface import ModelInfo
+from ctxsteer.server.engine.local.engine import LocalEngine
 from ctxsteer.steering.attention import ATTN_NAME, register
 from ctxsteer.steering.bias import build_steer_batch
 from ctxsteer.steering.rows import SteerRow

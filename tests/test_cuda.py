@@ -13,8 +13,8 @@ from steer_reference import fast_and_reference
 from test_engine import _requests, solo_then_busy
 from tiny import ARCHS, make_model, make_tokenizer
 
-from ctxsteer.server.engine.engine import LocalEngine
 from ctxsteer.server.engine.interface import ModelInfo
+from ctxsteer.server.engine.local.engine import LocalEngine
 from ctxsteer.steering.attention import ATTN_NAME, register
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

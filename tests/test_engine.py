@@ -8,8 +8,8 @@ import pytest
 import torch
 from tiny import make_model, make_tokenizer
 
-from ctxsteer.server.engine.engine import LocalEngine
 from ctxsteer.server.engine.interface import ModelInfo, QueueFull
+from ctxsteer.server.engine.local.engine import LocalEngine
 from ctxsteer.server.engine.request import FinishReason, GenerationRequest, SamplingParams
 from ctxsteer.steering.attention import ATTN_NAME, register
 from ctxsteer.steering.generate import greedy_generate, left_pad, steer_kwargs

@@ -14,9 +14,9 @@ from tiny import make_tokenizer, save_tiny_model
 
 pytest.importorskip("peft", reason="ctxsteer finetune needs the [train] extra (peft)")
 
-from ctxsteer.server.finetune import build_examples  # noqa: E402
-from ctxsteer.server.finetune import main as finetune  # noqa: E402
-from ctxsteer.server.score import main as score  # noqa: E402
+from ctxsteer.server.training.finetune import build_examples  # noqa: E402
+from ctxsteer.server.training.finetune import main as finetune  # noqa: E402
+from ctxsteer.server.training.score import main as score  # noqa: E402
 from ctxsteer.steering.indicator import INDICATOR  # noqa: E402
 
 FACTS = ["The vault code is 4127.", "The ferry leaves at 7:15.", "The gate opens at dawn.", "The cat is Tom."]

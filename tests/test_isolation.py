@@ -12,9 +12,9 @@ import dataclasses
 import torch
 from test_engine import _collect, _engine, _requests
 
-from ctxsteer.server.engine import sampler as sampler_mod
+from ctxsteer.server.engine.local import sampler as sampler_mod
+from ctxsteer.server.engine.local.sampler import RowSampler, sample_row
 from ctxsteer.server.engine.request import FinishReason, GenerationRequest, SamplingParams
-from ctxsteer.server.engine.sampler import RowSampler, sample_row
 
 # Each accepted by the HTTP schema (temperature in [0, 2], top_p in (0, 1], top_k >= -1).
 DEGENERATE = [

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ctxsteer.server.engine.kv_cache import SlotKVCache
+from ctxsteer.server.engine.local.kv_cache import SlotKVCache
 
 
 def _row(n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

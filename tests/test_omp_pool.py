@@ -1,4 +1,4 @@
-"""The engine thread owns the process's only OpenMP pool (server/engine/omp.py): the local engine is
+"""The engine thread owns the process's only OpenMP pool (server/engine/local/omp.py): the local engine is
 built (model loaded, weights prepacked, KV cache allocated) in a thread that has ended when
 `build_engine` returns, never in the calling thread, whose pool would stay for the process's life.
 
@@ -15,8 +15,8 @@ import pytest
 
 from ctxsteer.server import main as server_main
 from ctxsteer.server.config import ServerConfig
-from ctxsteer.server.engine.engine import LocalEngine
-from ctxsteer.server.engine.omp import in_fresh_thread
+from ctxsteer.server.engine.local.engine import LocalEngine
+from ctxsteer.server.engine.local.omp import in_fresh_thread
 
 
 def test_in_fresh_thread_returns_raises_and_ends() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ctxsteer.server.engine.scheduler import PrefillBudget
+from ctxsteer.server.engine.local.scheduler import PrefillBudget
 
 
 def test_alone_a_newcomer_takes_the_full_chunk_and_the_default_is_off() -> None:

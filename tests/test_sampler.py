@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ctxsteer.server.engine.local.sampler import RowSampler, sample_row, sample_rows
 from ctxsteer.server.engine.request import SamplingParams
-from ctxsteer.server.engine.sampler import RowSampler, sample_row, sample_rows
 
 PARAMS = [
     SamplingParams(temperature=0.0),  # plain greedy: the shared argmax

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 
 from ctxsteer.server.engine.interface import QueueFull
+from ctxsteer.server.engine.local.scheduler import PrefillBudget, Release, Scheduler
+from ctxsteer.server.engine.local.sequence import SeqStatus, Sequence
 from ctxsteer.server.engine.request import FinishReason, GenerationRequest, SamplingParams
-from ctxsteer.server.engine.scheduler import PrefillBudget, Release, Scheduler
-from ctxsteer.server.engine.sequence import SeqStatus, Sequence
 
 
 def seq(name: str, prompt: int = 10, max_tokens: int = 5) -> Sequence:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from tiny import make_model, make_tokenizer, save_tiny_model
 
-from ctxsteer.server.score import main, percentile
+from ctxsteer.server.training.score import main, percentile
 from ctxsteer.steering.attention import ATTN_NAME, register
 from ctxsteer.steering.reliance import attention_ratio
 from ctxsteer.steering.spans import render_chat

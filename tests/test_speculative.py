@@ -11,9 +11,9 @@ import torch
 from tiny import make_model, make_tokenizer
 
 from ctxsteer.server.config import ServerConfig
-from ctxsteer.server.engine.engine import LocalEngine
 from ctxsteer.server.engine.interface import EngineObserver, ModelInfo
-from ctxsteer.server.engine.ngram import NgramConfig, propose
+from ctxsteer.server.engine.local.engine import LocalEngine
+from ctxsteer.server.engine.local.ngram import NgramConfig, propose
 from ctxsteer.server.engine.request import FinishReason, GenerationRequest, SamplingParams
 from ctxsteer.steering.attention import ATTN_NAME, register
 from ctxsteer.steering.generate import greedy_generate, left_pad, steer_kwargs
@@ -152,7 +152,7 @@ def test_greedy_output_is_unchanged_and_drafts_are_kept(arch: str) -> None:
 def test_wrong_guesses_are_dropped(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Drafts that are mostly wrong (random tokens, sometimes the right one first): the refused keys are
     dropped from the KV cache, so the text stays exactly the plain one."""
-    import ctxsteer.server.engine.engine as engine_module
+    import ctxsteer.server.engine.local.engine as engine_module
 
     reqs = _requests(3, GREEDY, seed=6)
     plain = [_ids(o) for o in _run_all(_engine(arch, None), reqs, together=False)]
@@ -180,7 +180,7 @@ def test_wrong_guesses_are_dropped(arch: str, monkeypatch: pytest.MonkeyPatch) -
 def test_a_row_that_ends_on_a_right_guess_counts_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """One right guess per step (an oracle) and a stop token that is one of the guesses: every drafted
     token was verified and right, the last one included, so accepted == drafted (vLLM's meaning)."""
-    import ctxsteer.server.engine.engine as engine_module
+    import ctxsteer.server.engine.local.engine as engine_module
 
     sampled = SamplingParams(max_tokens=24, temperature=1.0, seed=3, ignore_eos=True)  # varied text
     req = _requests(1, sampled, seed=1)[0]

@@ -1,14 +1,14 @@
-"""`ctxsteer serve --engine vllm`: the vLLM engine arguments from ServerConfig (under vLLM's own names)."""
+"""`ctxsteer serve --engine vllm`: vLLM engine arguments from the server's settings (vLLM's own names)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from typing import Any
 
 from vllm.engine.arg_utils import AsyncEngineArgs
 
-from ctxsteer.server.config import ServerConfig
 from ctxsteer.server.engine.interface import EngineObserver, ModelInfo
 from ctxsteer.server.engine.loader import (
     LoadedInfo,
@@ -23,7 +23,28 @@ from ctxsteer.server.engine.vllm.fold import unsupported_reason
 from ctxsteer.server.engine.vllm.plugin import BACKENDS, platform_key
 
 
-def engine_args(config: ServerConfig, model: str, max_len: int) -> AsyncEngineArgs:
+@dataclasses.dataclass(frozen=True)
+class VllmSettings:
+    """What `--engine vllm` takes from the server's flags (`main.py` fills it from ServerConfig, so this
+    engine never imports the server config). None = vLLM's own default."""
+
+    model: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 8
+    max_queue: int = 64
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    enforce_eager: bool = False
+    distributed_executor_backend: str | None = None
+    gpu_memory_utilization: float | None = None
+    max_num_batched_tokens: int | None = None
+    enable_prefix_caching: bool | None = None
+
+
+def engine_args(config: VllmSettings, model: str, max_len: int) -> AsyncEngineArgs:
     """Only what the user set is passed; vLLM keeps its defaults for the rest (prefix caching on,
     compiled mode, chunked prefill)."""
     kwargs: dict[str, Any] = {
@@ -60,7 +81,7 @@ def engine_args(config: ServerConfig, model: str, max_len: int) -> AsyncEngineAr
 
 
 def build_vllm_engine(
-    config: ServerConfig, observer: EngineObserver | None, served_name: Callable[[LoadedInfo], str]
+    config: VllmSettings, observer: EngineObserver | None, served_name: Callable[[LoadedInfo], str]
 ) -> VllmEngine:
     """Resolve the model (GGUFs are converted to a directory vLLM can load, as for the local engine) and
     describe it; vLLM itself starts in `VllmEngine.start`."""

@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 
-from ctxsteer.server.engine.detok import Detokenizer
 from ctxsteer.server.engine.interface import (
     AsyncEngine,
     EngineDead,
@@ -39,7 +38,12 @@ from ctxsteer.server.engine.interface import (
     ModelInfo,
     warm_up,
 )
-from ctxsteer.server.engine.ngram import NgramConfig, propose
+from ctxsteer.server.engine.local.detok import Detokenizer
+from ctxsteer.server.engine.local.ngram import NgramConfig, propose
+from ctxsteer.server.engine.local.runner import ModelRunner
+from ctxsteer.server.engine.local.sampler import RowSampler, Sampled, sample_rows
+from ctxsteer.server.engine.local.scheduler import PrefillBudget, Scheduler, StepPlan
+from ctxsteer.server.engine.local.sequence import SeqStatus, Sequence
 from ctxsteer.server.engine.request import (
     FinishReason,
     GenerationOutput,
@@ -47,10 +51,6 @@ from ctxsteer.server.engine.request import (
     SamplingParams,
     TokenLogprob,
 )
-from ctxsteer.server.engine.runner import ModelRunner
-from ctxsteer.server.engine.sampler import RowSampler, Sampled, sample_rows
-from ctxsteer.server.engine.scheduler import PrefillBudget, Scheduler, StepPlan
-from ctxsteer.server.engine.sequence import SeqStatus, Sequence
 from ctxsteer.steering.auto_strength import choose_strength, head_gates
 from ctxsteer.steering.cad import cad_logits
 from ctxsteer.steering.rows import SteerRow

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ctxsteer.server.score import read_jsonl
+from ctxsteer.server.training.score import read_jsonl
 
 
 @dataclass(frozen=True, slots=True)

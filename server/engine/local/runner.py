@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from ctxsteer.server.engine.kv_cache import SlotKVCache, release_free_heap
+from ctxsteer.server.engine.local.kv_cache import SlotKVCache, release_free_heap
 from ctxsteer.steering.attention import STEER_KWARG
 from ctxsteer.steering.bias import SteerBatch, fill_row_bias, make_gates
 from ctxsteer.steering.reliance import WATCH_KWARG, ContextWatch, context_mask

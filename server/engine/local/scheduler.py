@@ -18,8 +18,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from ctxsteer.server.engine.interface import QueueFull
+from ctxsteer.server.engine.local.sequence import SeqStatus, Sequence
 from ctxsteer.server.engine.request import FinishReason
-from ctxsteer.server.engine.sequence import SeqStatus, Sequence
 
 
 @dataclass(frozen=True, slots=True)
