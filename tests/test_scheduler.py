@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 
 from ctxsteer.server.engine.interface import QueueFull
+from ctxsteer.server.engine.local.row import Row, RowStatus
 from ctxsteer.server.engine.local.scheduler import PrefillBudget, Release, Scheduler
-from ctxsteer.server.engine.local.sequence import SeqStatus, Sequence
 from ctxsteer.server.engine.request import FinishReason, GenerationRequest, SamplingParams
 
 
-def seq(name: str, prompt: int = 10, max_tokens: int = 5) -> Sequence:
+def seq(name: str, prompt: int = 10, max_tokens: int = 5) -> Row:
     req = GenerationRequest(name, list(range(prompt)), SamplingParams(max_tokens=max_tokens))
-    return Sequence(req, emit=lambda out: None)
+    return Row(req, emit=lambda out: None)
 
 
 def sched(max_num_seqs: int = 2, max_queue: int = 3, kv: int = 1000, chunk: int = 512) -> Scheduler:
@@ -29,7 +29,7 @@ def names(seqs) -> list[str]:  # noqa: ANN001
 def check_slots(s: Scheduler) -> None:
     """One owner of slots: running row i lives in slot i, nobody else has one."""
     for i, q in enumerate(s.running):
-        assert q.slot == i and q.status is SeqStatus.RUNNING
+        assert q.slot == i and q.status is RowStatus.RUNNING
     for q in [*s.waiting, *s.prefilling]:
         assert q.slot is None
 
@@ -43,7 +43,7 @@ def test_admission_is_fifo_bounded_by_rows_and_the_queue() -> None:
         s.add(seq("r5"))  # 2 rows + 3 waiting
     plan = s.schedule()
     assert names(plan.admitted) == ["r0", "r1"] and plan.prefill is seqs[0] and plan.decode == []
-    assert [q.status for q in seqs] == [SeqStatus.PREFILLING] * 2 + [SeqStatus.WAITING] * 3
+    assert [q.status for q in seqs] == [RowStatus.PREFILLING] * 2 + [RowStatus.WAITING] * 3
     assert plan.prefill_tokens == 512  # nothing decodes: a full chunk
     assert s.prefilled(seqs[0]) == 0
     plan = s.schedule()
@@ -96,7 +96,7 @@ def test_no_preemption_admitted_rows_always_finish() -> None:
     for i in range(30):  # one newcomer per step, each done after one step
         s.add(seq(f"n{i}"))
         plan = s.schedule()
-        assert first in plan.decode and first.status is SeqStatus.RUNNING
+        assert first in plan.decode and first.status is RowStatus.RUNNING
         for q in plan.admitted:
             s.prefilled(q)
             s.finish(q, FinishReason.STOP)
@@ -129,9 +129,9 @@ def test_reset_drops_admitted_rows_and_keeps_the_queue() -> None:
     assert names(s.waiting) == ["w"] and s.reserved == 0 and s.active == 0
 
 
-def cad_seq(name: str, prompt: int = 10, twin_prompt: int = 6, max_tokens: int = 5) -> Sequence:
+def cad_seq(name: str, prompt: int = 10, twin_prompt: int = 6, max_tokens: int = 5) -> Row:
     main = seq(name, prompt, max_tokens)
-    main.twin = Sequence(
+    main.twin = Row(
         GenerationRequest(f"{name}~cad", list(range(twin_prompt)), SamplingParams(max_tokens=max_tokens)),
         emit=lambda out: None,
         is_twin=True,

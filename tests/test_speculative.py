@@ -152,7 +152,7 @@ def test_greedy_output_is_unchanged_and_drafts_are_kept(arch: str) -> None:
 def test_wrong_guesses_are_dropped(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Drafts that are mostly wrong (random tokens, sometimes the right one first): the refused keys are
     dropped from the KV cache, so the text stays exactly the plain one."""
-    import ctxsteer.server.engine.local.engine as engine_module
+    import ctxsteer.server.engine.local.drafts as drafts_module
 
     reqs = _requests(3, GREEDY, seed=6)
     plain = [_ids(o) for o in _run_all(_engine(arch, None), reqs, together=False)]
@@ -169,7 +169,7 @@ def test_wrong_guesses_are_dropped(arch: str, monkeypatch: pytest.MonkeyPatch) -
                 wrong[0] = text[n]
         return wrong
 
-    monkeypatch.setattr(engine_module, "propose", guess)
+    monkeypatch.setattr(drafts_module, "propose", guess)
     seen = Drafts()
     solo = [_ids(o) for o in _run_all(_engine(arch, CFG, seen), reqs, together=False)]
     busy = [_ids(o) for o in _run_all(_engine(arch, CFG), reqs, together=True)]
@@ -180,7 +180,7 @@ def test_wrong_guesses_are_dropped(arch: str, monkeypatch: pytest.MonkeyPatch) -
 def test_a_row_that_ends_on_a_right_guess_counts_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """One right guess per step (an oracle) and a stop token that is one of the guesses: every drafted
     token was verified and right, the last one included, so accepted == drafted (vLLM's meaning)."""
-    import ctxsteer.server.engine.local.engine as engine_module
+    import ctxsteer.server.engine.local.drafts as drafts_module
 
     sampled = SamplingParams(max_tokens=24, temperature=1.0, seed=3, ignore_eos=True)  # varied text
     req = _requests(1, sampled, seed=1)[0]
@@ -194,7 +194,7 @@ def test_a_row_that_ends_on_a_right_guess_counts_it(monkeypatch: pytest.MonkeyPa
         n = len(tokens) - prompt
         return [truth[n]] if tokens[:prompt] == req.prompt_ids and n < len(truth) else []
 
-    monkeypatch.setattr(engine_module, "propose", oracle)
+    monkeypatch.setattr(drafts_module, "propose", oracle)
     params = dataclasses.replace(sampled, stop_token_ids=(truth[k],))
     seen = Drafts()
     outs = _run_all(

@@ -5,7 +5,7 @@ A row's next tokens are guessed by finding the most recent earlier occurrence of
 what followed it. Answers that quote or retell the user's context, which is what steering is for, repeat
 long runs of the prompt, so such guesses are often right. The engine feeds the guesses after the row's
 last token in one forward and keeps them only as far as the row's own sampling agrees, so the output is
-the one plain decoding would give (see `LocalEngine`); a wrong guess costs compute, never correctness.
+the one plain decoding would give (see `core.EngineCore`); a wrong guess costs compute, never correctness.
 
 The settings and their names follow vLLM's `--speculative-config '{"method": "ngram", ...}'`.
 """

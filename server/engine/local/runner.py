@@ -1,6 +1,7 @@
 """Model execution: chunked B=1 prefill (steered fold path) and batched decode over the slot cache.
 
-Torch lives here and in kv_cache/sampler; the scheduler and HTTP layer never touch tensors.
+Torch lives here, in kv_cache and in the logits pipeline (logits, processors, sampler) the step core calls;
+the scheduler and HTTP layer never touch tensors.
 """
 
 from __future__ import annotations

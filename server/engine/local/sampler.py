@@ -1,7 +1,8 @@
-"""Per-row sampling: penalties, temperature, top-k, top-p, a per-row torch.Generator, logprobs.
+"""Per-row sampling, the logits pipeline's last stage (`logits.py`): the row's processors (penalties,
+`processors.py`), then temperature, top-k, top-p, a per-row torch.Generator, logprobs.
 
-Rows are independent: a row's choice depends only on its own logits, params and generator, so seeds
-reproduce regardless of batch neighbours.
+Rows are independent: a row's choice depends only on its own logits, params, processors and generator,
+so seeds reproduce regardless of batch neighbours.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ctxsteer.server.engine.local.processors import LogitsProcessor, processors_for
 from ctxsteer.server.engine.request import SamplingParams
 
 log = logging.getLogger("ctxsteer.engine")
@@ -22,7 +24,8 @@ log = logging.getLogger("ctxsteer.engine")
 class RowSampler:
     params: SamplingParams
     generator: torch.Generator | None
-    counts: Counter[int]
+    counts: Counter[int]  # tokens sampled so far
+    processors: tuple[LogitsProcessor, ...] = ()  # applied in order before sampling
 
     @classmethod
     def create(cls, params: SamplingParams) -> RowSampler:
@@ -31,7 +34,7 @@ class RowSampler:
             gen = torch.Generator(device="cpu")
             seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
             gen.manual_seed(seed)
-        return cls(params, gen, Counter())
+        return cls(params, gen, Counter(), processors_for(params))
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,15 +45,12 @@ class Sampled:
 
 
 def sample_row(logits: torch.Tensor, row: RowSampler) -> Sampled:
-    """Pick the next token of one row from its fp32 logits [V]."""
+    """Pick the next token of one row from its fp32 logits [V] (logprobs are of these, unprocessed)."""
     p = row.params
     raw = logits
     x = logits
-    if row.counts and (p.presence_penalty or p.frequency_penalty):
-        ids = torch.tensor(list(row.counts), dtype=torch.long, device=x.device)
-        freq = torch.tensor(list(row.counts.values()), dtype=x.dtype, device=x.device)
-        x = x.clone()
-        x[ids] -= p.presence_penalty + p.frequency_penalty * freq
+    for processor in row.processors:
+        x = processor.apply(row, x)
     if p.temperature <= 0:
         token = int(x.argmax())
     else:
@@ -83,7 +83,7 @@ def sample_row(logits: torch.Tensor, row: RowSampler) -> Sampled:
 
 def _plain_greedy(row: RowSampler) -> bool:
     p = row.params
-    return p.temperature <= 0 and not p.logprobs and not (p.presence_penalty or p.frequency_penalty)
+    return p.temperature <= 0 and not p.logprobs and not row.processors
 
 
 def sample_rows(logits: torch.Tensor, rows: list[RowSampler]) -> list[Sampled | None]:

@@ -6,7 +6,7 @@ back (`prefilled`, `finish`). A bounded waiting queue; at most `max_num_seqs` se
 token budget reserved per sequence as prompt + max_tokens, so an admitted sequence can always finish
 (no preemption). Admission is FIFO (no overtaking) and prompts are prefilled oldest first. The scheduler
 is the one owner of KV slots: running row i lives in slot i, and a row that leaves is replaced by the
-last row (`Release` says which move the runner must make). A CAD request's hidden twin (`Sequence.twin`)
+last row (`Release` says which move the runner must make). A CAD request's hidden twin (`Row.twin`)
 is never queued on its own: it is admitted with its request (two seats), takes the slot just before it
 when the prompt is done, and leaves with it.
 """
@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from ctxsteer.server.engine.interface import QueueFull
-from ctxsteer.server.engine.local.sequence import SeqStatus, Sequence
+from ctxsteer.server.engine.local.row import Row, RowStatus
 from ctxsteer.server.engine.request import FinishReason
 
 
@@ -32,12 +32,12 @@ class Release:
 
 @dataclass
 class StepPlan:
-    aborted: list[Sequence] = field(default_factory=list)  # already out of the scheduler
+    aborted: list[Row] = field(default_factory=list)  # already out of the scheduler
     releases: list[Release] = field(default_factory=list)  # KV moves the aborted running rows need
-    admitted: list[Sequence] = field(default_factory=list)  # start prefilling (runner state to create)
-    prefill: Sequence | None = None  # whose next prompt chunk runs
+    admitted: list[Row] = field(default_factory=list)  # start prefilling (runner state to create)
+    prefill: Row | None = None  # whose next prompt chunk runs
     prefill_tokens: int = 0  # at most this many of its prompt tokens
-    decode: list[Sequence] = field(default_factory=list)  # running rows, in slot order
+    decode: list[Row] = field(default_factory=list)  # running rows, in slot order
 
     @property
     def empty(self) -> bool:
@@ -93,24 +93,24 @@ class Scheduler:
     ) -> None:
         self.max_num_seqs, self.max_queue, self.kv_budget = max_num_seqs, max_queue, kv_budget_tokens
         self.budget = budget
-        self.waiting: deque[Sequence] = deque()
-        self.prefilling: deque[Sequence] = deque()  # admitted, prompt not fully processed yet
-        self.running: list[Sequence] = []  # decoding; index == KV slot
+        self.waiting: deque[Row] = deque()
+        self.prefilling: deque[Row] = deque()  # admitted, prompt not fully processed yet
+        self.running: list[Row] = []  # decoding; index == KV slot
         self.reserved = 0
 
     # ---- requests come and go (any thread, under the engine's lock) ---------------------------
-    def add(self, seq: Sequence, leaving: int = 0) -> None:
+    def add(self, row: Row, leaving: int = 0) -> None:
         """Queue a sequence; refuses when the running slots are taken and `max_queue` already wait.
         `leaving`: admitted sequences already aborted, which free their places before the next admission."""
         if len(self.waiting) + self.active - leaving >= self.capacity:
             raise QueueFull(retry_after_s=1)
-        self.waiting.append(seq)
+        self.waiting.append(row)
 
-    def remove_waiting(self, request_id: str) -> Sequence | None:
-        for seq in self.waiting:
-            if seq.request_id == request_id:
-                self.waiting.remove(seq)
-                return seq
+    def remove_waiting(self, request_id: str) -> Row | None:
+        for row in self.waiting:
+            if row.request_id == request_id:
+                self.waiting.remove(row)
+                return row
         return None
 
     @property
@@ -128,9 +128,9 @@ class Scheduler:
         """Apply aborts, admit what fits, pick the prefill chunk and the decode rows."""
         plan = StepPlan()
         abort_ids = set(aborts)
-        for seq in [s for s in self.all() if s.request_id in abort_ids]:
-            plan.releases += self.finish(seq, FinishReason.ABORT)
-            plan.aborted.append(seq)
+        for row in [s for s in self.all() if s.request_id in abort_ids]:
+            plan.releases += self.finish(row, FinishReason.ABORT)
+            plan.aborted.append(row)
         plan.admitted = self._admit()
         if self.prefilling:
             plan.prefill = self.prefilling[0]
@@ -138,75 +138,75 @@ class Scheduler:
         plan.decode = list(self.running)
         return plan
 
-    def _admit(self) -> list[Sequence]:
+    def _admit(self) -> list[Row]:
         admitted = []
         while self.waiting and self.active + self.waiting[0].seats <= self.max_num_seqs:
-            seq = self.waiting[0]
-            if self.reserved + seq.reserve_tokens > self.kv_budget and self.active:
+            row = self.waiting[0]
+            if self.reserved + row.reserve_tokens > self.kv_budget and self.active:
                 break  # wait for room; a lone sequence is always admitted (the HTTP layer bounds its size)
             self.waiting.popleft()
-            self.reserved += seq.reserve_tokens
-            seq.status = SeqStatus.PREFILLING
-            self.prefilling.append(seq)
-            admitted.append(seq)
+            self.reserved += row.reserve_tokens
+            row.status = RowStatus.PREFILLING
+            self.prefilling.append(row)
+            admitted.append(row)
         return admitted
 
-    def prefilled(self, seq: Sequence) -> int:
+    def prefilled(self, row: Row) -> int:
         """Its prompt is done: it decodes from now on, in the returned slot (the next free one; a CAD
         twin takes the one before it)."""
-        self.prefilling.remove(seq)
-        for row in (seq.twin, seq) if seq.twin is not None else (seq,):
-            row.status = SeqStatus.RUNNING
-            row.slot = len(self.running)
-            self.running.append(row)
-        assert seq.slot is not None
-        return seq.slot
+        self.prefilling.remove(row)
+        for r in (row.twin, row) if row.twin is not None else (row,):
+            r.status = RowStatus.RUNNING
+            r.slot = len(self.running)
+            self.running.append(r)
+        assert row.slot is not None
+        return row.slot
 
-    def finish(self, seq: Sequence, reason: FinishReason) -> list[Release]:
+    def finish(self, row: Row, reason: FinishReason) -> list[Release]:
         """Forget an admitted or waiting sequence (and its CAD twin); a running row's slot is refilled by
         the last row. The runner must apply the releases in order."""
-        if seq.finished:
+        if row.finished:
             return []
-        previous, seq.status, seq.finish_reason = seq.status, SeqStatus.FINISHED, reason
+        previous, row.status, row.finish_reason = row.status, RowStatus.FINISHED, reason
         releases = []
-        if previous is SeqStatus.WAITING:
-            self.waiting.remove(seq)
+        if previous is RowStatus.WAITING:
+            self.waiting.remove(row)
         else:
-            self.reserved -= seq.reserve_tokens  # its twin's included
-            if previous is SeqStatus.PREFILLING:
-                self.prefilling.remove(seq)
+            self.reserved -= row.reserve_tokens  # its twin's included
+            if previous is RowStatus.PREFILLING:
+                self.prefilling.remove(row)
             else:
-                releases.append(self._vacate(seq))
-        twin = seq.twin
+                releases.append(self._vacate(row))
+        twin = row.twin
         if twin is not None and not twin.finished:
-            twin_was_running = twin.status is SeqStatus.RUNNING
-            twin.status, twin.finish_reason = SeqStatus.FINISHED, reason
+            twin_was_running = twin.status is RowStatus.RUNNING
+            twin.status, twin.finish_reason = RowStatus.FINISHED, reason
             if twin_was_running:
                 releases.append(self._vacate(twin))
         return releases
 
-    def _vacate(self, seq: Sequence) -> Release:
-        slot = seq.slot
-        assert slot is not None and self.running[slot] is seq
-        seq.slot = None
+    def _vacate(self, row: Row) -> Release:
+        slot = row.slot
+        assert slot is not None and self.running[slot] is row
+        row.slot = None
         last = self.running.pop()
-        if last is seq:
+        if last is row:
             return Release(slot, None)
         self.running[slot] = last
         last.slot = slot
         return Release(slot, len(self.running))
 
-    def reset(self) -> list[Sequence]:
+    def reset(self) -> list[Row]:
         """After a failed step: drop every admitted sequence (returned); waiting ones stay queued."""
         dropped = [*self.prefilling, *self.running]
         self.prefilling.clear()
         self.running.clear()
         self.reserved = 0
-        for seq in dropped:
-            seq.slot = None
+        for row in dropped:
+            row.slot = None
         return dropped
 
-    def all(self) -> Iterator[Sequence]:
+    def all(self) -> Iterator[Row]:
         """Every request held (CAD twins are part of theirs, not listed)."""
         yield from self.waiting
         yield from self.prefilling
