@@ -1,9 +1,10 @@
 """The typed `steering` request object, validated client-side by the server's own rules.
 
-Validation reuses `ctxsteer.steering.spec` (torch-free), so a bad value fails here with the same
-`SteeringError` (and the same dotted field name) that the server would answer with as a 400 `param`.
-What only the server can know is left to it: layer/head indices are checked for type and sign but not
-against the model's size, and a `head_profile` name is not checked against the server's profiles.
+Validation is the server's own model, `ctxsteer.steering.params.SteeringParams` (torch-free), so a bad
+value fails here with the same `SteeringError` (and the same dotted field name) that the server would
+answer with as a 400 `param`. What only the server can know is left to it: layer/head indices are checked
+for type but not against the model's size, and a `head_profile` name is not checked against the server's
+profiles.
 """
 
 from __future__ import annotations
@@ -12,28 +13,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
-from ctxsteer.steering.spec import SteeringError, parse_heads, parse_steering
+from ctxsteer.steering.params import SteeringParams
+from ctxsteer.steering.spec import SteeringError
 
 __all__ = ["Steering", "SteeringError", "SteeringLike"]
 
-# Stands in for the model's layer/head counts, which the client does not know.
-_UNBOUNDED = 2**31
-
 
 def validate_steering(obj: Mapping[str, Any], field: str = "steering") -> None:
-    """Raise `SteeringError` where the server's `parse_steering` would, as far as the client can tell."""
-    if not isinstance(obj, Mapping):
-        raise SteeringError(field, "must be an object")
-    heads, profile = obj.get("heads"), obj.get("head_profile")
-    if heads is not None and profile is not None:
-        raise SteeringError(field, "give either heads or head_profile, not both")
-    rest = {k: v for k, v in obj.items() if k != "heads"}
-    profiles = {profile: {}} if isinstance(profile, str) else None
-    parse_steering(rest, num_layers=_UNBOUNDED, num_heads=_UNBOUNDED, head_profiles=profiles, field=field)
-    if heads is not None:
-        # A plain list means "these heads in every layer": one layer is enough to check it (and cheap).
-        layers = _UNBOUNDED if isinstance(heads, Mapping) else 1
-        parse_heads(heads, f"{field}.heads", layers, _UNBOUNDED)
+    """Raise `SteeringError` where the server would, as far as the client can tell."""
+    SteeringParams.parse(obj, field)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, repr=False)

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ctxsteer.server.engine.interface import EngineDead, QueueFull
-from ctxsteer.server.protocol import ErrorInfo, ErrorResponse
+from ctxsteer.server.responses import ErrorInfo, ErrorResponse
 from ctxsteer.steering.spec import SteeringError
 
 logger = logging.getLogger("ctxsteer.server.errors")

@@ -7,13 +7,13 @@ label values are always strings from a closed set (never a raw float), so cardin
 Each app gets its own CollectorRegistry: tests build several apps in one process, and the global default
 registry would refuse the second set of names. Engine numbers arrive through `MetricsObserver` hooks on
 the engine thread; the running/waiting/KV gauges are read from `engine.stats()` at scrape time, so they
-are never stale; rejections come from the error translation path through `app.state.rejection_hook`.
+are never stale; rejections come from the error translation path through `app.state.rejection_hook`;
+HTTP responses are counted by `metrics_http.HttpMetricsMiddleware`.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -23,11 +23,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, Info, Proce
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ctxsteer.server.engine.interface import AsyncEngine, EngineObserver
 from ctxsteer.server.engine.request import FinishReason, GenerationOutput, GenerationRequest
-from ctxsteer.server.errors import CLIENT_CLOSED
+from ctxsteer.server.metrics_http import HttpMetricsMiddleware
+from ctxsteer.steering.spec import alpha_to_strength
 
 log = logging.getLogger("ctxsteer.server.metrics")
 
@@ -36,10 +36,6 @@ PREFIX = NAMESPACE + "_"
 MODEL_LABEL = "model_name"
 FINISH_REASONS: tuple[str, ...] = tuple(r.value for r in FinishReason)
 REJECT_REASONS = ("queue_full", "too_long", "invalid", "unauthorized")
-# Probes and scrapes would drown the request rate; vLLM leaves them out of its HTTP metrics too.
-UNTRACKED_PATHS = frozenset({"/metrics", "/health", "/ready"})
-HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-UNMATCHED_ROUTE = "unmatched"  # one label for every unknown path: scanners cannot blow up cardinality
 WARMUP_REQUEST_ID = "warmup"  # LocalEngine.start()'s own generation: not user traffic
 
 # vLLM's buckets (vllm/v1/metrics/loggers.py).
@@ -85,83 +81,111 @@ class Metrics:
 
     def __init__(self, *, model_name: str, engine: AsyncEngine, version: str, max_num_seqs: int) -> None:
         self.engine = engine
-        self.model_name = m = model_name
-        self.registry = r = CollectorRegistry()
+        self.model_name = model_name
+        self.registry = CollectorRegistry()
         info = engine.info
+        self._add_request_metrics(build_1_2_5_buckets(info.max_model_len), max_num_seqs)
+        self._add_steering_metrics()
+        self._add_server_metrics()
+        served = Info(PREFIX + "model", "The served model.", [MODEL_LABEL], registry=self.registry)
+        served.labels(model_name).info(
+            {"model": model_name, "device": info.device, "dtype": info.dtype, "version": version}
+        )
+        self.registry.register(_EngineGauges(engine, model_name))
+        self.registry.register(
+            _WithModelName(ProcessCollector(namespace=NAMESPACE, registry=None), model_name)
+        )
 
-        def counter(name: str, doc: str, *labels: str) -> Counter:
-            return Counter(PREFIX + name, doc, [MODEL_LABEL, *labels], registry=r)
+    def _counter(self, name: str, doc: str, *labels: str) -> Counter:
+        """A counter in this app's registry; `model_name` is always its first label."""
+        return Counter(PREFIX + name, doc, [MODEL_LABEL, *labels], registry=self.registry)
 
-        def histogram(name: str, doc: str, buckets: Iterable[float], *labels: str) -> Histogram:
-            return Histogram(PREFIX + name, doc, [MODEL_LABEL, *labels], registry=r, buckets=tuple(buckets))
+    def _histogram(self, name: str, doc: str, buckets: Iterable[float], *labels: str) -> Histogram:
+        """A histogram in this app's registry; `model_name` is always its first label."""
+        return Histogram(
+            PREFIX + name, doc, [MODEL_LABEL, *labels], registry=self.registry, buckets=tuple(buckets)
+        )
 
-        token_buckets = build_1_2_5_buckets(info.max_model_len)
-        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens prefilled.").labels(m)
-        self.generation_tokens = counter("generation_tokens", "Tokens generated.").labels(m)
-        success = counter(
+    def _add_request_metrics(self, token_buckets: tuple[float, ...], max_num_seqs: int) -> None:
+        """vLLM's per-request and per-step series: tokens, outcomes, latencies, sizes."""
+        m = self.model_name
+        self.prompt_tokens = self._counter("prompt_tokens", "Prompt tokens prefilled.").labels(m)
+        self.generation_tokens = self._counter("generation_tokens", "Tokens generated.").labels(m)
+        success = self._counter(
             "request_success",
             "Finished requests by finish reason (aborted and failed ones too).",
             "finished_reason",
         )
         self.finished = {reason: success.labels(m, reason) for reason in FINISH_REASONS}
-        rejected = counter("requests_rejected", "Requests refused before generation, by reason.", "reason")
+        rejected = self._counter(
+            "requests_rejected", "Requests refused before generation, by reason.", "reason"
+        )
         self.rejected = {reason: rejected.labels(m, reason) for reason in REJECT_REASONS}
-        self.ttft = histogram("time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS).labels(m)
-        self.itl = histogram("inter_token_latency_seconds", "Time between two tokens.", ITL_BUCKETS).labels(m)
-        self.e2e = histogram(
+        self.ttft = self._histogram(
+            "time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS
+        ).labels(m)
+        self.itl = self._histogram(
+            "inter_token_latency_seconds", "Time between two tokens.", ITL_BUCKETS
+        ).labels(m)
+        self.e2e = self._histogram(
             "e2e_request_latency_seconds", "Arrival to last token.", REQUEST_LATENCY_BUCKETS
         ).labels(m)
-        self.queue = histogram(
+        self.queue = self._histogram(
             "request_queue_time_seconds", "Time waiting for a batch slot.", REQUEST_LATENCY_BUCKETS
         ).labels(m)
-        self.request_prompt = histogram(
+        self.request_prompt = self._histogram(
             "request_prompt_tokens", "Prompt tokens per request.", token_buckets
         ).labels(m)
-        self.request_generation = histogram(
+        self.request_generation = self._histogram(
             "request_generation_tokens", "Generated tokens per request.", token_buckets
         ).labels(m)
-        self.batch_size = histogram(
+        self.batch_size = self._histogram(
             "batch_size", "Rows decoded together per engine step.", batch_buckets(max_num_seqs)
         ).labels(m)
-        self.strength = histogram(
+
+    def _add_steering_metrics(self) -> None:
+        """ctxsteer's own series: how often and how hard requests are steered, and how much the
+        generated tokens look at the context."""
+        m = self.model_name
+        self.strength = self._histogram(
             "steering_strength", "Applied steering strength (1/alpha) of steered requests.", STRENGTH_BUCKETS
         ).labels(m)
-        steered = counter("steered_requests", "Finished requests by whether steering was on.", "steered")
+        steered = self._counter(
+            "steered_requests", "Finished requests by whether steering was on.", "steered"
+        )
         self.steered = {True: steered.labels(m, "true"), False: steered.labels(m, "false")}
-        self.steered_tokens = counter(
+        self.steered_tokens = self._counter(
             "steered_prompt_tokens", "Prompt tokens of steered requests that keep full attention."
         ).labels(m)
-        self.steered_fraction = histogram(
+        self.steered_fraction = self._histogram(
             "steered_token_fraction", "Steered / prompt tokens per steered request.", FRACTION_BUCKETS
         ).labels(m)
-        self.context_attention = histogram(
+        self.context_attention = self._histogram(
             "context_attention_ratio",
             "Attention the generated tokens paid to the user context (mean over tokens, layers, heads) of "
             "measured requests: those asking for report.context_attention and a sample of the rest.",
             FRACTION_BUCKETS,
         ).labels(m)
-        # vLLM's spec-decode counters under our prefix (n-gram speculation, `--speculative-config`)
-        self.draft_tokens = counter(
+
+    def _add_server_metrics(self) -> None:
+        """Speculation (vLLM's spec-decode counters, n-gram `--speculative-config`) and the HTTP layer."""
+        m = self.model_name
+        self.draft_tokens = self._counter(
             "spec_decode_num_draft_tokens", "Guessed tokens verified (n-gram speculation)."
         ).labels(m)
-        self.accepted_tokens = counter(
+        self.accepted_tokens = self._counter(
             "spec_decode_num_accepted_tokens", "Guessed tokens that the model's own sampling kept."
         ).labels(m)
-        self.http_requests = counter(
+        self.http_requests = self._counter(
             "http_requests", "HTTP responses by method, route and status.", "method", "route", "status"
         )
-        self.http_latency = histogram(
+        self.http_latency = self._histogram(
             "http_request_duration_seconds",
             "HTTP request duration to the last body byte.",
             HTTP_LATENCY_BUCKETS,
             "method",
             "route",
         )
-        Info(PREFIX + "model", "The served model.", [MODEL_LABEL], registry=r).labels(m).info(
-            {"model": m, "device": info.device, "dtype": info.dtype, "version": version}
-        )
-        r.register(_EngineGauges(engine, m))
-        r.register(_WithModelName(ProcessCollector(namespace=NAMESPACE, registry=None), m))
 
     # ---- engine side (engine thread)
 
@@ -197,7 +221,7 @@ class Metrics:
         if row.active:
             n_prompt = len(request.prompt_ids)
             n_steered = row.steered_count(n_prompt)
-            self.strength.observe(1.0 / row.alpha)
+            self.strength.observe(alpha_to_strength(row.alpha))
             self.steered_tokens.inc(n_steered)
             if n_prompt:
                 self.steered_fraction.observe(n_steered / n_prompt)
@@ -282,64 +306,6 @@ def install_metrics(app: FastAPI, observer: MetricsObserver | None = None) -> Me
     app.add_api_route("/metrics", metrics.endpoint, methods=["GET"], include_in_schema=False)
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
     return metrics
-
-
-class HttpMetricsMiddleware:
-    """Counts and times every response by method, route template and status. Plain ASGI (not
-    BaseHTTPMiddleware): streamed responses are timed to their last byte and cancellation still reaches
-    them. Installed outside the guard, so 401/413 answers it gives are counted too."""
-
-    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in UNTRACKED_PATHS:
-            await self.app(scope, receive, send)
-            return
-        status: int | None = None
-        started = time.perf_counter()
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        except BaseException:
-            status = status or 500
-            raise
-        finally:
-            seconds = time.perf_counter() - started
-            # no response at all: the client left first (the guard swallows that disconnect)
-            method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
-            self.metrics.record_http(method, _route(scope), status or CLIENT_CLOSED, seconds)
-
-
-def _route(scope: Scope) -> str:
-    """The route template ("/v1/models/{model_id:path}"), never the raw path: label values stay bounded."""
-    path = getattr(scope.get("route"), "path", None)
-    if isinstance(path, str):
-        return path
-    # Answered before routing (the guard's 401/413): the path itself when it is a fixed route's.
-    app = scope.get("app")
-    return scope["path"] if scope["path"] in _fixed_paths(app) else UNMATCHED_ROUTE
-
-
-def _fixed_paths(app: Any) -> frozenset[str]:
-    """Parameter-free paths of the app's documented routes, from its OpenAPI schema (public and cached,
-    unlike FastAPI's internal route tree)."""
-    cached = getattr(getattr(app, "state", None), "metrics_fixed_paths", None)
-    if cached is None:
-        try:
-            cached = frozenset(p for p in app.openapi().get("paths", {}) if "{" not in p)
-        except Exception:  # noqa: BLE001 - a label is not worth a failed request
-            cached = frozenset()
-        if app is not None:
-            app.state.metrics_fixed_paths = cached
-    return cached
 
 
 class _EngineGauges(Collector):

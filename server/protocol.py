@@ -1,4 +1,5 @@
-"""Wire schemas of the OpenAI-compatible API (pydantic v2) and their conversions to engine types.
+"""Request schemas of the OpenAI-compatible API (pydantic v2) and their conversions to engine types
+(the responses are in server/responses.py).
 
 Requests are strict (no "5" -> 5 coercion, no NaN/inf) so a wrong type is a 400 naming the parameter.
 Unknown fields are accepted and logged, as OpenAI clients send many we do not use; fields OpenAI defines
@@ -9,8 +10,7 @@ silently ignored, because ignoring them would change what the client gets.
 from __future__ import annotations
 
 import logging
-import time
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import (
     BaseModel,
@@ -24,13 +24,14 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from ctxsteer.server.engine.request import SamplingParams
-from ctxsteer.steering.spec import MAX_STRENGTH
+from ctxsteer.server.responses import SpansGenerationInfo
+from ctxsteer.steering.indicator import IndicatorMode
+from ctxsteer.steering.spec import MAX_STRENGTH, ROLES
 
 logger = logging.getLogger("ctxsteer.server.protocol")
 
 MAX_STOP = 4
 MAX_TOP_LOGPROBS = 20
-ROLES = ("system", "user", "assistant")
 SEED_RANGE = (-(2**63), 2**63 - 1)
 _TOOLS = "is not supported (tool calling is not available)"
 _NOT = "is not supported by this server"
@@ -64,10 +65,6 @@ class OpenAIBaseModel(BaseModel):
     def model_post_init(self, context: Any, /) -> None:
         if self.model_extra:
             logger.info("ignoring unknown %s fields: %s", type(self).__name__, sorted(self.model_extra))
-
-
-class ResponseModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 # ---------------------------------------------------------------- requests
@@ -141,7 +138,9 @@ class _GenerationRequest(OpenAIBaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool | None = None  # vLLM extension: keep generating past EOS (benchmarks)
-    steering: dict[str, Any] | None = None  # validated by ctxsteer.steering.spec.parse_steering
+    # steering.params.SteeringParams, validated when the request is prepared (after the model and n checks);
+    # the OpenAPI document states its schema.
+    steering: dict[str, Any] | None = None
     # shorthand for {"steering": {"strength": x}}
     steering_strength: float | None = Field(None, ge=1.0, le=MAX_STRENGTH)
     report: ReportOptions | None = None
@@ -208,7 +207,7 @@ class _GenerationRequest(OpenAIBaseModel):
         return self.report is not None and self.report.context_attention
 
     def steering_object(self) -> dict[str, Any] | None:
-        """The steering request as `parse_steering` takes it (the flat shorthand folded in)."""
+        """The steering object as `SteeringParams.parse` takes it (the flat shorthand folded in)."""
         if self.steering_strength is not None:
             return {"strength": self.steering_strength}
         return self.steering
@@ -269,7 +268,7 @@ class ChatCompletionRequest(_ChatTemplateOptions, _GenerationRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     # the [IND] indicator of models tuned with it: append it to the last user turn ("on"), never ("off"),
     # or when the prompt's own attention on the context is above the server's threshold ("auto")
-    context_indicator: Literal["off", "on", "auto"] | None = None
+    context_indicator: IndicatorMode | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     parallel_tool_calls: bool | None = None  # harmless without tools
@@ -347,215 +346,3 @@ class TokenizeRequest(_ChatTemplateOptions):
         if (self.messages is None) == (self.prompt is None):
             raise _invalid("give exactly one of 'messages' or 'prompt'")
         return self
-
-
-# ---------------------------------------------------------------- responses
-
-
-def _now() -> int:
-    return int(time.time())
-
-
-class ErrorInfo(ResponseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(ResponseModel):
-    error: ErrorInfo
-
-
-class PromptTokensDetails(ResponseModel):
-    cached_tokens: int
-
-
-class UsageInfo(ResponseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    # Only from engines with a prefix cache (--engine vllm); left out of the JSON otherwise.
-    prompt_tokens_details: PromptTokensDetails | None = Field(default=None, exclude_if=lambda v: v is None)
-
-
-class AutoStrengthInfo(ResponseModel):
-    """`strength: "auto"`: the bound and target asked for, and what the prompt's measure gave: its last
-    position's attention on the context without steering, and as predicted at the chosen strength."""
-
-    target_ratio: float
-    max_strength: float
-    unsteered_ratio: float | None = None
-    predicted_ratio: float | None = None
-
-
-class SpansGenerationInfo(ResponseModel):
-    """steering.spans "auto": what the quoting generation cost and what it said."""
-
-    prompt_tokens: int
-    completion_tokens: int
-    quote: str
-
-
-class SteeringInfo(ResponseModel):
-    """What steering was applied: echoed so clients can log and compare runs."""
-
-    strength: float
-    alpha: float
-    steered_tokens: int
-    prompt_tokens: int
-    layers: Literal["all"] | list[int]
-    method: str = "attention"
-    cad_beta: float | None = Field(None, exclude_if=lambda v: v is None)
-    spans: list[str] | None = Field(None, exclude_if=lambda v: v is None)  # with spans "auto": the choice
-    spans_generation: SpansGenerationInfo | None = Field(None, exclude_if=lambda v: v is None)
-    auto: AutoStrengthInfo | None = Field(None, exclude_if=lambda v: v is None)
-
-
-class TopLogprob(ResponseModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None
-
-
-class TokenLogprobInfo(TopLogprob):
-    top_logprobs: list[TopLogprob]
-
-
-class ChoiceLogprobs(ResponseModel):
-    content: list[TokenLogprobInfo] | None
-
-
-class AssistantMessage(ResponseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class ChatChoice(ResponseModel):
-    index: int
-    message: AssistantMessage
-    logprobs: ChoiceLogprobs | None = None
-    finish_reason: str | None
-
-
-def _omit_none(v: Any) -> bool:
-    return v is None
-
-
-class ChoiceContextAttention(ResponseModel):
-    """One choice's context attention: per generated token, the share of attention (mean over layers and
-    heads) that the query predicting it paid to the context tokens."""
-
-    index: int
-    ratio: float | None  # mean of per_token (None: no token generated)
-    unsteered_ratio: float | None
-    per_token: list[float]
-    unsteered_per_token: list[float]  # the same scores without the steering bias (same hidden states)
-
-
-class ContextAttention(ResponseModel):
-    """`report.context_attention`: how much the response attended to the context (the steered tokens,
-    i.e. by default the user messages), as served and as if unsteered."""
-
-    ratio: float | None  # over every generated token of every choice
-    unsteered_ratio: float | None
-    context_tokens: int
-    choices: list[ChoiceContextAttention]
-
-
-class ContextIndicatorInfo(ResponseModel):
-    """Whether `[IND]` was appended to the user turn (models tuned with the indicator). With "auto":
-    the prompt's last-position attention on the context that decided, and the threshold."""
-
-    mode: Literal["off", "on", "auto"]
-    applied: bool
-    ratio: float | None = Field(None, exclude_if=_omit_none)
-    threshold: float | None = Field(None, exclude_if=_omit_none)
-
-
-class ChatCompletionResponse(ResponseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=_now)
-    model: str
-    choices: list[ChatChoice]
-    usage: UsageInfo
-    steering: SteeringInfo
-    context_attention: ContextAttention | None = Field(None, exclude_if=_omit_none)
-    context_indicator: ContextIndicatorInfo | None = Field(None, exclude_if=_omit_none)
-
-
-class DeltaMessage(ResponseModel):
-    role: Literal["assistant"] | None = Field(None, exclude_if=_omit_none)
-    content: str | None = Field(None, exclude_if=_omit_none)
-
-
-class ChatChunkChoice(ResponseModel):
-    index: int
-    delta: DeltaMessage
-    logprobs: ChoiceLogprobs | None = None
-    finish_reason: str | None = None
-
-
-class ChatCompletionChunk(ResponseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: UsageInfo | None = Field(None, exclude_if=_omit_none)
-    steering: SteeringInfo | None = Field(None, exclude_if=_omit_none)
-    context_attention: ContextAttention | None = Field(None, exclude_if=_omit_none)
-    context_indicator: ContextIndicatorInfo | None = Field(None, exclude_if=_omit_none)
-
-
-class CompletionLogprobs(ResponseModel):
-    tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
-    text_offset: list[int] = Field(default_factory=list)
-
-
-class CompletionChoice(ResponseModel):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: str | None
-
-
-class CompletionResponse(ResponseModel):
-    """Also the streaming chunk type: OpenAI streams legacy completions as `text_completion` objects."""
-
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=_now)
-    model: str
-    choices: list[CompletionChoice]
-    usage: UsageInfo | None = Field(None, exclude_if=_omit_none)
-    steering: SteeringInfo | None = Field(None, exclude_if=_omit_none)
-    context_attention: ContextAttention | None = Field(None, exclude_if=_omit_none)
-
-
-class ModelCard(ResponseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "ctxsteer"
-    max_model_len: int
-    # ctxsteer: the ranges `steering.layers` / `steering.heads` index (e.g. for `ctxsteer profile`)
-    num_layers: int | None = Field(None, exclude_if=lambda v: v is None)
-    num_heads: int | None = Field(None, exclude_if=lambda v: v is None)
-
-
-class ModelList(ResponseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class TokenizeResponse(ResponseModel):
-    tokens: list[int]
-    count: int
-    max_model_len: int
-    steered_spans: list[tuple[int, int]]
-    steered_tokens: int
-    token_strs: list[str] | None = Field(None, exclude_if=_omit_none)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ctxsteer.steering.rows import SteerRow
-from ctxsteer.steering.spec import AutoStrength
+from ctxsteer.steering.spec import AutoStrength, strength_to_alpha
 
 
 def head_gates(row: SteerRow, num_layers: int, num_heads: int) -> list[list[bool]]:
@@ -50,14 +50,14 @@ def choose_strength(
     unsteered = predicted_ratio(masses, gates, 1.0)
     if unsteered >= auto.target_ratio:
         return 1.0, unsteered, unsteered
-    top = predicted_ratio(masses, gates, 1.0 / auto.max_strength)
+    top = predicted_ratio(masses, gates, strength_to_alpha(auto.max_strength))
     if top <= auto.target_ratio:
         return auto.max_strength, unsteered, top
     lo, hi = 1.0, auto.max_strength  # predicted(lo) < target < predicted(hi)
     for _ in range(iterations):
         mid = (lo + hi) / 2
-        if predicted_ratio(masses, gates, 1.0 / mid) >= auto.target_ratio:
+        if predicted_ratio(masses, gates, strength_to_alpha(mid)) >= auto.target_ratio:
             hi = mid
         else:
             lo = mid
-    return hi, unsteered, predicted_ratio(masses, gates, 1.0 / hi)
+    return hi, unsteered, predicted_ratio(masses, gates, strength_to_alpha(hi))

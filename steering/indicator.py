@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 from ctxsteer.steering.rows import SteerRow
 from ctxsteer.steering.spec import SteeringError
 
 INDICATOR = "[IND]"
-MODES = ("off", "on", "auto")
+IndicatorMode = Literal["off", "on", "auto"]  # context_indicator: never, always, by measured attention
+MODES: tuple[str, ...] = get_args(IndicatorMode)
 
 
 def indicator_id(tokenizer: Any) -> int | None:

@@ -9,7 +9,8 @@ import json
 import tomllib
 from pathlib import Path
 
-from ctxsteer.steering.spec import HeadMap, SteeringError, parse_heads
+from ctxsteer.steering.params import parse_heads
+from ctxsteer.steering.spec import HeadMap, SteeringError
 
 
 def load_head_profiles(path: str | Path, *, num_layers: int, num_heads: int) -> dict[str, HeadMap]:

@@ -13,8 +13,9 @@ from server_process import ServerProcess, greedy_chat, serve
 from tiny import save_tiny_model
 
 from ctxsteer.steering.auto_strength import choose_strength, head_gates, predicted_ratio
+from ctxsteer.steering.params import parse_steering
 from ctxsteer.steering.rows import SteerRow
-from ctxsteer.steering.spec import AutoStrength, SteeringError, parse_steering
+from ctxsteer.steering.spec import AutoStrength, SteeringError
 
 MASSES = [[0.1, 0.3, 0.5], [0.2, 0.0, 0.9]]
 ALL = [[True] * 3, [True] * 3]

@@ -21,8 +21,9 @@ from ctxsteer.server.engine.local.engine import LocalEngine
 from ctxsteer.server.engine.request import GenerationOutput, GenerationRequest, SamplingParams
 from ctxsteer.steering.attention import ATTN_NAME, register
 from ctxsteer.steering.cad import CadPlan, cad_logits, context_free_ids
+from ctxsteer.steering.params import parse_steering
 from ctxsteer.steering.rows import SteerRow
-from ctxsteer.steering.spec import DEFAULT_CAD_BETA, SteeringError, parse_steering
+from ctxsteer.steering.spec import DEFAULT_CAD_BETA, SteeringError
 
 TOL = 1e-4  # fp32 logprobs: the engine (SDPA, KV cache, batched) vs eager attention without a cache
 

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
+from ctxsteer.steering.params import parse_steering
 from ctxsteer.steering.profiles import load_head_profiles
-from ctxsteer.steering.spec import SteeringError, parse_steering
+from ctxsteer.steering.spec import SteeringError
 
 
 def parse(obj, **kw):

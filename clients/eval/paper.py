@@ -23,9 +23,10 @@ from ctxsteer.clients.eval.nih import NIHConfig, NIHResult, run_nih
 from ctxsteer.clients.eval.plots import strength_label
 from ctxsteer.clients.eval.qa import QAConfig, QAResult, run_qa
 from ctxsteer.clients.eval.stats import bootstrap_ci
+from ctxsteer.steering.spec import alpha_to_strength
 
 PAPER_ALPHA = 0.9
-PAPER_STRENGTHS = (1.0, 1 / PAPER_ALPHA, 2.0)
+PAPER_STRENGTHS = (1.0, alpha_to_strength(PAPER_ALPHA), 2.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +151,7 @@ def paper_table(r: PaperResult) -> str:
     lines = [head, "|---" * 9 + "|"]
     base = RowSet(r.nih, r.qa)
     for i, s in enumerate(r.plan.strengths):
-        paper = " (paper)" if abs(s - 1 / PAPER_ALPHA) < 1e-6 else ""
+        paper = " (paper)" if abs(s - alpha_to_strength(PAPER_ALPHA)) < 1e-6 else ""
         lines.append(_row(r.nih.model if i == 0 else "+ steering" + paper, s, base, r.intervals))
     for key, rows in r.methods.items():
         method = METHOD_ROWS[key]

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ctxsteer.clients.eval.api import AUTO_STRENGTH
+from ctxsteer.steering.spec import strength_to_alpha
 
 # Kamradt's red -> yellow -> green scale: recall 0 is red, 1 is green.
 COLORS = ("#F0496E", "#EBB839", "#0CD79F")
@@ -20,7 +21,7 @@ def strength_label(strength: float) -> str:
     if strength == AUTO_STRENGTH:
         return "auto"
     s = f"{strength:.3g}"
-    return f"{s} (off)" if strength == 1 else f"{s} (α={1 / strength:.2g})"
+    return f"{s} (off)" if strength == 1 else f"{s} (α={strength_to_alpha(strength):.2g})"
 
 
 def file_label(strength: float) -> str:

@@ -13,7 +13,8 @@ from typing import Any
 
 from ctxsteer.server.api.serving import ServingContext, new_id
 from ctxsteer.server.engine.request import FinishReason, GenerationRequest, SamplingParams
-from ctxsteer.server.protocol import ChatCompletionRequest, SpansGenerationInfo
+from ctxsteer.server.protocol import ChatCompletionRequest
+from ctxsteer.server.responses import SpansGenerationInfo
 from ctxsteer.steering.auto_spans import QUOTE_MAX_TOKENS, locate_quotes, quote_messages
 from ctxsteer.steering.spans import render_chat
 

@@ -7,7 +7,6 @@ stream responses put it on their last chunk.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -16,29 +15,25 @@ from fastapi.responses import Response
 
 from ctxsteer.server.api import sse
 from ctxsteer.server.api.auto_spans import resolve_auto_spans
-from ctxsteer.server.api.serving import (
+from ctxsteer.server.api.generation import (
     Generation,
-    Prepared,
-    ServingContext,
     clamp_logprob,
     collect_choices,
-    prepare_generation,
-    render_with_indicator,
     serve_generation,
     sse_body,
 )
+from ctxsteer.server.api.serving import Prepared, ServingContext, prepare_generation, render_with_indicator
 from ctxsteer.server.engine.request import TokenLogprob
 from ctxsteer.server.errors import bad_request
-from ctxsteer.server.protocol import (
+from ctxsteer.server.protocol import ChatCompletionRequest
+from ctxsteer.server.responses import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
-    ChatCompletionRequest,
     ChatCompletionResponse,
     ChoiceLogprobs,
     DeltaMessage,
-    SteeringInfo,
     TokenLogprobInfo,
     TopLogprob,
 )
@@ -66,15 +61,11 @@ def _prepare(ctx: ServingContext, req: ChatCompletionRequest, response_id: str) 
     rendered, messages, marked = render_with_indicator(
         ctx, req.render_messages(), mode, req.template_options()
     )
-    prepared = prepare_generation(
+    return prepare_generation(
         ctx, req, response_id, rendered, messages, spec, default_max_tokens=None, prompt_param="messages",
         indicator_mode=mode if ctx.indicator_id is not None else None, marked=marked,
+        auto_spans=req._auto_spans,  # steering.spans "auto": reported with what it cost
     )  # fmt: skip
-    if req._auto_spans is not None:  # steering.spans "auto": report what was chosen and its cost
-        spans, cost = req._auto_spans
-        update = {"spans": spans, "spans_generation": cost}
-        prepared = dataclasses.replace(prepared, steering=prepared.steering.model_copy(update=update))
-    return prepared
 
 
 @router.post("/v1/chat/completions", response_model=None)
@@ -100,7 +91,7 @@ def chat_logprobs(logprobs: Sequence[TokenLogprob], top_n: int) -> list[TokenLog
 
 
 async def _collect(
-    base: dict[str, Any], req: ChatCompletionRequest, steering: SteeringInfo, gen: Generation
+    base: dict[str, Any], req: ChatCompletionRequest, gen: Generation
 ) -> ChatCompletionResponse:
     n = req.num_choices
     logprobs: list[list[TokenLogprobInfo]] = [[] for _ in range(n)]
@@ -120,13 +111,12 @@ async def _collect(
         )
         for i in range(n)
     ]
-    return ChatCompletionResponse(**base, choices=choices, usage=gen.usage(), **gen.extras(steering))
+    return ChatCompletionResponse(**base, choices=choices, usage=gen.usage(), **gen.extras())
 
 
 def _stream(
     base: dict[str, Any],
     req: ChatCompletionRequest,
-    steering: SteeringInfo,
     gen: Generation,
     first: tuple[int, Any],
 ) -> AsyncIterator[bytes]:
@@ -146,7 +136,7 @@ def _stream(
             logprobs=ChoiceLogprobs(content=lps) if lps else None,
             finish_reason=None if out.finish_reason is None else str(out.finish_reason),
         )
-        return chunk([choice], **(gen.extras(steering) if last else {}))
+        return chunk([choice], **(gen.extras() if last else {}))
 
     roles = [
         chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
@@ -154,7 +144,7 @@ def _stream(
     ]
 
     def usage() -> bytes:
-        return chunk([], usage=gen.usage(), **gen.extras(steering))
+        return chunk([], usage=gen.usage(), **gen.extras())
 
     return sse_body(
         gen, first, frame_for=frame_for, usage_frame=usage if req.include_usage else None, head=roles

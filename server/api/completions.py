@@ -7,7 +7,6 @@ is simply not applied (there is nothing to steer toward).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -15,48 +14,26 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from ctxsteer.server.api import sse
-from ctxsteer.server.api.serving import (
+from ctxsteer.server.api.generation import (
     Generation,
-    Prepared,
-    ServingContext,
     clamp_logprob,
     collect_choices,
-    prepare_generation,
     serve_generation,
     sse_body,
 )
+from ctxsteer.server.api.serving import Prepared, ServingContext, prepare_generation
 from ctxsteer.server.engine.request import TokenLogprob
 from ctxsteer.server.errors import bad_request
-from ctxsteer.server.protocol import (
-    CompletionChoice,
-    CompletionLogprobs,
-    CompletionRequest,
-    CompletionResponse,
-    SteeringInfo,
-)
+from ctxsteer.server.protocol import CompletionRequest
+from ctxsteer.server.responses import CompletionChoice, CompletionLogprobs, CompletionResponse
 from ctxsteer.steering.spans import render_text
-from ctxsteer.steering.spec import SteeringError, SteeringSpec
 
 router = APIRouter()
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for legacy completions
 
 
-def completion_spec(ctx: ServingContext, obj: dict[str, Any] | None) -> SteeringSpec:
-    """The steering spec for a raw prompt: spans only (see the module docstring)."""
-    spec = ctx.parse_spec(obj)
-    if obj is not None and obj.get("targets") is not None:
-        raise SteeringError("steering.targets", "a raw prompt has no roles; use steering.spans instead")
-    if not spec.spans:
-        if obj is not None and spec.active:
-            raise SteeringError(
-                "steering.spans", "steering a raw prompt needs spans (substrings of the prompt)"
-            )
-        spec = dataclasses.replace(spec, alpha=1.0)
-    return spec
-
-
 def _prepare(ctx: ServingContext, req: CompletionRequest, response_id: str) -> Prepared:
-    spec = completion_spec(ctx, req.steering_object())
+    spec = ctx.completion_spec(req.steering_object())
     rendered = render_text(ctx.engine.tokenizer, req.prompt_text)
     if not rendered.ids:  # e.g. whitespace a tokenizer drops: there is nothing to continue from
         raise bad_request("The prompt has no tokens; send a non-empty prompt.", "prompt", "empty_prompt")
@@ -94,9 +71,7 @@ class _Logprobs:
         return out
 
 
-async def _collect(
-    base: dict[str, Any], req: CompletionRequest, steering: SteeringInfo, gen: Generation
-) -> CompletionResponse:
+async def _collect(base: dict[str, Any], req: CompletionRequest, gen: Generation) -> CompletionResponse:
     n = req.num_choices
     trackers = [_Logprobs(req.logprobs or 0, len(req.prompt_text)) for _ in range(n)]
     logprobs = [CompletionLogprobs() for _ in range(n)]
@@ -117,13 +92,12 @@ async def _collect(
         )
         for i in range(n)
     ]
-    return CompletionResponse(**base, choices=choices, usage=gen.usage(), **gen.extras(steering))
+    return CompletionResponse(**base, choices=choices, usage=gen.usage(), **gen.extras())
 
 
 def _stream(
     base: dict[str, Any],
     req: CompletionRequest,
-    steering: SteeringInfo,
     gen: Generation,
     first: tuple[int, Any],
 ) -> AsyncIterator[bytes]:
@@ -135,10 +109,10 @@ def _stream(
             return None
         reason = None if out.finish_reason is None else str(out.finish_reason)
         choice = CompletionChoice(index=i, text=out.text, logprobs=lps, finish_reason=reason)
-        extras = gen.extras(steering) if last else {}
+        extras = gen.extras() if last else {}
         return sse.frame(CompletionResponse(**base, choices=[choice], **extras))
 
     def usage() -> bytes:
-        return sse.frame(CompletionResponse(**base, choices=[], usage=gen.usage(), **gen.extras(steering)))
+        return sse.frame(CompletionResponse(**base, choices=[], usage=gen.usage(), **gen.extras()))
 
     return sse_body(gen, first, frame_for=frame_for, usage_frame=usage if req.include_usage else None)

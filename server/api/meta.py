@@ -12,10 +12,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from ctxsteer.server.api.body import read_json
-from ctxsteer.server.api.completions import completion_spec
 from ctxsteer.server.api.serving import ServingContext, get_context
 from ctxsteer.server.errors import SERVER_ERROR, CtxsteerError, model_not_found
-from ctxsteer.server.protocol import ModelCard, ModelList, TokenizeRequest, TokenizeResponse
+from ctxsteer.server.protocol import TokenizeRequest
+from ctxsteer.server.responses import ModelCard, ModelList, TokenizeResponse
 from ctxsteer.steering.spans import render_chat, render_text, steered_ranges
 
 router = APIRouter()
@@ -87,7 +87,7 @@ def _tokenize(ctx: ServingContext, req: TokenizeRequest) -> TokenizeResponse:
         steered = steered_ranges(rendered, messages, spec)
     else:
         rendered = render_text(tokenizer, req.prompt or "")
-        steered = steered_ranges(rendered, None, completion_spec(ctx, req.steering))
+        steered = steered_ranges(rendered, None, ctx.completion_spec(req.steering))
     return TokenizeResponse(
         tokens=rendered.ids,
         count=len(rendered.ids),

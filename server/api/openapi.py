@@ -16,20 +16,17 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from ctxsteer.server.engine.interface import ModelInfo
-from ctxsteer.server.protocol import (
-    ROLES,
-    UNSUPPORTED,
-    ChatCompletionRequest,
+from ctxsteer.server.protocol import UNSUPPORTED, ChatCompletionRequest, CompletionRequest, TokenizeRequest
+from ctxsteer.server.responses import (
     ChatCompletionResponse,
-    CompletionRequest,
     CompletionResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
-    TokenizeRequest,
     TokenizeResponse,
 )
-from ctxsteer.steering.spec import MAX_CAD_BETA, MAX_SPANS, MAX_STRENGTH, METHODS, MIN_ALPHA
+from ctxsteer.steering.schema import if_given, not_both, nullable, steering_json_schema
+from ctxsteer.steering.spec import ROLES
 
 ERRORS = {
     400: "Invalid request (the message names the parameter in `param`)",
@@ -152,100 +149,6 @@ def _add_schema(schemas: dict[str, Any], cls: type[BaseModel], mode: str) -> dic
     return {"$ref": f"#/components/schemas/{cls.__name__}"}
 
 
-AUTO_SPANS_DOC = ' "auto": the model first quotes the sentences that answer the question; those are steered.'
-
-
-def _steering_schema(info: ModelInfo, profiles: list[str], auto_spans: bool = False) -> dict[str, Any]:
-    """The steering object; `auto_spans`: accepts spans "auto" (chat completions only)."""
-    layer = {"type": "integer", "minimum": -info.num_layers, "maximum": info.num_layers - 1}
-    head = {"type": "integer", "minimum": -info.num_heads, "maximum": info.num_heads - 1}
-    heads_list = {"type": "array", "items": head, "minItems": 1}
-    schema = {
-        "type": "object",
-        "description": "Attention steering toward the given roles' messages (see README). 1 = off.",
-        "properties": {
-            "strength": {
-                "anyOf": [{"type": "number", "minimum": 1, "maximum": MAX_STRENGTH}, {"const": "auto"}],
-                "description": '"auto": the server picks the smallest strength up to max_strength whose '
-                "predicted attention of the prompt on the context reaches target_ratio (local engine).",
-            },
-            "target_ratio": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
-            "max_strength": {"type": "number", "minimum": 1, "maximum": MAX_STRENGTH},
-            "alpha": {"type": "number", "minimum": MIN_ALPHA, "maximum": 1},
-            "targets": {"type": "array", "items": {"enum": list(ROLES)}},
-            "spans": {
-                "anyOf": [
-                    {"type": "array", "maxItems": MAX_SPANS, "items": {"type": "string", "minLength": 1}},
-                    *([{"const": "auto"}] if auto_spans else []),
-                ],
-                "description": "Substrings of the messages to steer; each must occur in one."
-                + (AUTO_SPANS_DOC if auto_spans else ""),
-            },
-            "layers": {"anyOf": [{"const": "all"}, {"type": "array", "items": layer, "minItems": 1}]},
-            "heads": {
-                "anyOf": [
-                    heads_list,
-                    {
-                        "type": "object",
-                        "propertyNames": {"pattern": "^-?[0-9]+$"},
-                        "additionalProperties": heads_list,
-                        "minProperties": 1,
-                    },
-                ]
-            },
-            "head_profile": {"enum": profiles} if profiles else {"type": "null"},
-            "method": {
-                "enum": list(METHODS),
-                "description": '"cad": context-aware decoding (contrast with the prompt without its steered '
-                'tokens, weight cad_beta); "attention+cad": both (local engine, --max-num-seqs >= 2).',
-            },
-            "cad_beta": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_CAD_BETA},
-        },
-        "additionalProperties": False,
-        "allOf": [
-            _not_both("strength", "alpha"),
-            _not_both("heads", "head_profile"),
-            _only_with_auto("target_ratio"),
-            _only_with_auto("max_strength"),
-            # cad_beta needs a CAD method; "cad" alone applies no bias (strength/alpha 1 or not given)
-            _if_given(
-                "cad_beta",
-                {"required": ["method"], "properties": {"method": {"enum": ["cad", "attention+cad"]}}},
-            ),
-            _if_given(
-                "method",
-                {"properties": {"strength": _nullable({"const": 1}), "alpha": _nullable({"const": 1})}},
-                {"const": "cad"},
-            ),
-        ],
-    }
-    schema["properties"] = {k: _nullable(v) for k, v in schema["properties"].items()}  # null = not given
-    return schema
-
-
-def _only_with_auto(name: str) -> dict[str, Any]:
-    """Schema: `name`, when given, needs "strength": "auto"."""
-    return {
-        "if": {"required": [name], "properties": {name: {"not": {"type": "null"}}}},
-        "then": {"required": ["strength"], "properties": {"strength": {"const": "auto"}}},
-    }
-
-
-def _not_both(a: str, b: str) -> dict[str, Any]:
-    """Schema: `a` and `b` are not both given (null counts as not given)."""
-    given = {"not": {"type": "null"}}
-    return {"not": {"required": [a, b], "properties": {a: given, b: given}}}
-
-
-def _if_given(field: str, then: dict[str, Any], given: dict[str, Any] | None = None) -> dict[str, Any]:
-    cond = given or {"not": {"type": "null"}}
-    return {"if": {"required": [field], "properties": {field: cond}}, "then": then}
-
-
-def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"anyOf": [schema, {"type": "null"}]}
-
-
 def _tighten_requests(schemas: dict[str, Any], info: ModelInfo, profiles: list[str]) -> None:
     """What pydantic cannot say from the type hints, written as JSON Schema so that the document is exact
     where JSON Schema can be: roles and content parts, stop and prompt limits, the fields that depend on
@@ -256,9 +159,10 @@ def _tighten_requests(schemas: dict[str, Any], info: ModelInfo, profiles: list[s
     for name in ("ChatCompletionRequest", "CompletionRequest", "TokenizeRequest"):
         model = schemas[name]
         props = model["properties"]
-        props["steering"] = _nullable(
-            _steering_schema(info, profiles, auto_spans=name == "ChatCompletionRequest")
+        steering = steering_json_schema(
+            info.num_layers, info.num_heads, profiles, auto_spans=name == "ChatCompletionRequest"
         )
+        props["steering"] = nullable(steering)
         for field, (allowed, why) in UNSUPPORTED.items():
             if field in props:
                 props[field] = {"enum": [*allowed, None], "description": f"Not implemented: {why}."}
@@ -269,21 +173,26 @@ def _tighten_requests(schemas: dict[str, Any], info: ModelInfo, profiles: list[s
         rules = model.setdefault("allOf", [])
         if "stream_options" in props:
             rules.append(
-                _if_given(
+                if_given(
                     "stream_options", {"required": ["stream"], "properties": {"stream": {"const": True}}}
                 )
             )
-            rules.append(_not_both("steering", "steering_strength"))
+            rules.append(not_both("steering", "steering_strength"))
         if "max_tokens" in props:
             props["max_tokens"]["description"] = "prompt tokens + max_tokens must fit max_model_len"
     chat = schemas["ChatCompletionRequest"]
     chat["allOf"].append(
-        _if_given(
+        if_given(
             "top_logprobs",
             {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
             {"type": "integer", "minimum": 1},
         )
     )
+    _tighten_bodies(schemas)
+
+
+def _tighten_bodies(schemas: dict[str, Any]) -> None:
+    """Each body's own rules: the legacy prompt, /tokenize's one-of, roles and text-only content parts."""
     cmpl = schemas["CompletionRequest"]["properties"]
     text = {"type": "string", "minLength": 1}
     cmpl["prompt"] = {"anyOf": [text, {"type": "array", "items": text, "minItems": 1, "maxItems": 1}]}

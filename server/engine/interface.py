@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from ctxsteer.server.engine.request import GenerationOutput, GenerationRequest
@@ -40,6 +41,16 @@ class EngineObserver:
         """A row verified `drafted` guessed tokens (n-gram speculation) and kept `accepted` of them."""
 
 
+class Capability(StrEnum):
+    """What an engine may serve beyond plain generation; the HTTP side refuses what it lacks with a 400."""
+
+    STEERING = "steering"  # the attention bias (a request's alpha)
+    CAD = "cad"  # context-aware decoding (a context-free twin row per request)
+    PREFILL_ATTENTION = (
+        "prefill_attention"  # measuring attention live: "auto" modes, report.context_attention
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
     name: str  # served model name
@@ -52,6 +63,16 @@ class ModelInfo:
     steering_unsupported: str | None = None  # why this engine cannot steer this model (steered -> 400)
     context_attention: bool = False  # the engine measures live context attention (`watch_context`)
     cad: bool = False  # the engine serves context-aware decoding (`GenerationRequest.cad`)
+
+    @property
+    def capabilities(self) -> frozenset[Capability]:
+        """What this engine serves, from its flags: the one set the HTTP side checks requests against."""
+        flags = {
+            Capability.STEERING: self.steering_unsupported is None,
+            Capability.CAD: self.cad,
+            Capability.PREFILL_ATTENTION: self.context_attention,
+        }
+        return frozenset(c for c, on in flags.items() if on)
 
 
 @dataclass(frozen=True, slots=True)
