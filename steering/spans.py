@@ -8,6 +8,7 @@ and map those character ranges to tokens through the tokenizer's offset mapping.
 from __future__ import annotations
 
 import bisect
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -102,12 +103,20 @@ def _locate_by_search(msgs: list[dict[str, str]], text: str) -> list[Range]:
 
 
 def _offsets_by_decoding(tokenizer: Any, ids: list[int]) -> list[Range]:
-    """Offsets for tokenizers without an offset mapping: cumulative decoded lengths (O(n^2); fallback)."""
-    out, prev = [], 0
+    """Offsets for tokenizers without an offset mapping, from cumulative decodes (O(n^2); fallback).
+
+    A character split over several byte-level tokens decodes as U+FFFD until its last byte arrives; every
+    token holding one of its bytes gets the character's range, as fast tokenizers' offset mappings give
+    it, so a span ending on such a character keeps all of its tokens."""
+    out: list[Range] = []
+    complete = ""  # the decoded text so far without a trailing incomplete character
     for i in range(len(ids)):
-        end = len(tokenizer.decode(ids[: i + 1], skip_special_tokens=False))
-        out.append((prev, max(prev, end)))
-        prev = max(prev, end)
+        cur = tokenizer.decode(ids[: i + 1], skip_special_tokens=False)
+        start = min(len(os.path.commonprefix([complete, cur])), len(complete))
+        stable = cur.rstrip("\ufffd") if i + 1 < len(ids) else cur
+        end = len(stable) + (1 if len(stable) < len(cur) else 0)  # an incomplete character counts as one
+        out.append((start, max(start, end)))
+        complete = stable
     return out
 
 
