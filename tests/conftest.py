@@ -8,8 +8,11 @@ from pathlib import Path
 
 # Nothing in the suite may reach the hub; an explicit HF_HUB_OFFLINE=0 from the caller still wins.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# As `ctxsteer` does before torch loads: spinning OpenMP workers next to another busy process turn
-# millisecond decode steps into hundreds of ms on small CPUs.
+# The suite's own policy, not the server's: `ctxsteer serve` keeps libgomp's default wait policy (spin
+# briefly, then sleep; server/cli.py and server/engine/local/omp.py say why). Here pytest, the servers it
+# starts (they inherit this environment) and their clients share a few cores, and OpenMP workers spinning
+# beside another busy process turn millisecond decode steps into hundreds of ms; PASSIVE makes each
+# forward slower but keeps the processes from starving one another.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _TESTS_DIR = str(Path(__file__).resolve().parent)

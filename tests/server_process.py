@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,11 +12,9 @@ from pathlib import Path
 
 import httpx
 
+from ctxsteer.server.bench.launch import free_port, started
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["ServerProcess", "free_port", "greedy_chat", "serve"]
 
 
 @dataclass
@@ -62,31 +57,9 @@ def serve(
     cmd += args
     log = log_dir / f"serve-{port}.log"
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env)
-    sp = ServerProcess(f"http://127.0.0.1:{port}", proc, log)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{sp.logs()}")
-            try:
-                if httpx.get(sp.url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready after {timeout_s}s:\n{sp.logs()}")
-            time.sleep(0.2)
-        yield sp
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    url = f"http://127.0.0.1:{port}"
+    with started(cmd, url, "/ready", timeout_s, log=log, env=full_env, every_s=0.2, grace_s=30) as proc:
+        yield ServerProcess(url, proc, log)
 
 
 def greedy_chat(sp: ServerProcess, messages: list[dict], max_tokens: int, **body: object) -> httpx.Response:

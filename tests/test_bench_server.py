@@ -1,11 +1,17 @@
 """The side-by-side bookkeeping of `ctxsteer bench server` (pure functions; the servers are exercised by
-running the benchmark itself)."""
+running the benchmark itself), and the start-and-wait-until-ready helper every server launcher uses."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+import httpx
 import pytest
 
-from ctxsteer.server.bench.server import StreamResult, add_ratios, ratio_range, rotation, summarize
+from ctxsteer.server.bench.launch import free_port, started, wait_ready
+from ctxsteer.server.bench.load import StreamResult, ratio_range, rotation, summarize
+from ctxsteer.server.bench.server import add_ratios
 
 
 def test_rotation_gives_every_contender_every_position():
@@ -76,3 +82,30 @@ def test_no_same_dtype_keys_without_that_peer():
     add_ratios(doc, 8)
     assert doc["vs_transformers_serve_8"] == pytest.approx(3.0)
     assert not any(k.endswith("_same_dtype") for k in doc)
+
+
+# ---------------------------------------------------------------- launch: start a server, wait until ready
+
+
+def test_started_waits_for_ready_and_stops_the_server(tmp_path: Path) -> None:
+    (tmp_path / "ready").write_text("yes")
+    port = free_port()
+    cmd = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "-d", str(tmp_path)]
+    log = tmp_path / "server.log"
+    with started(cmd, f"http://127.0.0.1:{port}", "/ready", timeout_s=60, log=log, every_s=0.05) as proc:
+        assert httpx.get(f"http://127.0.0.1:{port}/ready").text == "yes"
+    assert proc.poll() is not None, "stopped when the block ends"
+    assert "GET /ready" in log.read_text()
+
+
+def test_a_server_that_exits_or_never_gets_ready_fails_with_its_output() -> None:
+    crash = [sys.executable, "-c", "import sys; print('bad flag'); sys.exit(3)"]
+    with pytest.raises(RuntimeError, match=r"(?s)exited with 3:.*bad flag"):
+        with started(crash, f"http://127.0.0.1:{free_port()}", timeout_s=60, every_s=0.05):
+            pass
+    silent = [sys.executable, "-c", "import time; print('loading', flush=True); time.sleep(60)"]
+    with pytest.raises(RuntimeError, match=r"(?s)/ready not ready after 0.3s:.*loading"):
+        with started(silent, f"http://127.0.0.1:{free_port()}", timeout_s=0.3, every_s=0.05, grace_s=5):
+            pass
+    with pytest.raises(RuntimeError, match="not ready after"):
+        wait_ready(f"http://127.0.0.1:{free_port()}", "/health", timeout_s=0.1, every_s=0.05)

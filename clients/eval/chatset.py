@@ -20,8 +20,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ctxsteer.clients.eval.datasets import OLMO_HINT, olmo_requests, read_jsonl_gz
-from ctxsteer.clients.eval.haystack import DataMissing
+from ctxsteer.clients.eval.datasets import olmo_requests, read_jsonl_gz
+from ctxsteer.clients.eval.haystack import DATA_HINT, DataMissing
 
 _CALC = re.compile(r"<<[^>]*>>")
 
@@ -29,7 +29,7 @@ _CALC = re.compile(r"<<[^>]*>>")
 def _docs(task: str, variant: str) -> list[dict[str, Any]]:
     path = olmo_requests(task, variant)
     if path is None:
-        raise DataMissing(f"{task} is not installed: {OLMO_HINT}")
+        raise DataMissing(f"{task} is not installed: {DATA_HINT}")
     return [r["doc"] for r in read_jsonl_gz(path)]
 
 

