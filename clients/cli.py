@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -227,6 +228,10 @@ COMMANDS = {"chat": _chat, "models": _models, "health": _health}
 
 def main(command: str, argv: list[str]) -> int:
     """Run one client subcommand; server and connection failures become exit code 1 and one stderr line."""
+    # A shell that starts us in the background without job control (`ctxsteer chat ... &` in a script, CI)
+    # hands SIGINT down as ignored, and Python then keeps it ignored: Ctrl-C could neither stop an answer
+    # nor exit 130. Ctrl-C is this client's documented way to stop, so take the default handler back.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return COMMANDS[command](argv)
     except ClientError as exc:

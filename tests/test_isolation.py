@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections import Counter
 
+import pytest
 import torch
 from test_engine import _collect, _engine, _requests
 
@@ -24,14 +26,38 @@ DEGENERATE = [
     SamplingParams(
         max_tokens=8, temperature=1e-30, top_k=10**9, presence_penalty=2.0, frequency_penalty=-2.0
     ),
+    SamplingParams(max_tokens=8, temperature=2.0, top_p=5e-324),  # docs/server.md: keeps the best token
 ]
+# Unscaled: at temperature 2 the mode is far from certain; only a degenerate value makes it certain.
+LOGITS = torch.randn(300, generator=torch.Generator().manual_seed(0))
 
 
-def test_degenerate_sampling_values_are_safe_and_pick_the_mode() -> None:
-    logits = torch.randn(300, generator=torch.Generator().manual_seed(0)) * 20
-    for params in DEGENERATE[:2]:
-        s = sample_row(logits, RowSampler.create(dataclasses.replace(params, presence_penalty=0.0)))
-        assert s.token_id == int(logits.argmax())  # temperature -> 0 is greedy
+def penalised(logits: torch.Tensor, params: SamplingParams, counts: Counter[int]) -> torch.Tensor:
+    """OpenAI's presence/frequency penalties on the tokens sampled so far (the reference, not the code)."""
+    x = logits.clone()
+    for token, count in counts.items():
+        x[token] -= params.presence_penalty + params.frequency_penalty * count
+    return x
+
+
+@pytest.mark.parametrize("case", range(len(DEGENERATE)))
+def test_degenerate_sampling_values_are_safe_and_pick_the_mode(case: int) -> None:
+    """Each case leaves one candidate (temperature -> 0, top_k 1, or top_p below the best token's share),
+    so every seed must give the mode of the (penalised) logits, step after step."""
+    params = DEGENERATE[case]
+    for seed in range(20):
+        row = RowSampler.create(dataclasses.replace(params, seed=seed))
+        for _ in range(params.max_tokens):
+            expected = int(penalised(LOGITS, params, row.counts).argmax())
+            assert sample_row(LOGITS, row).token_id == expected, (params, seed, dict(row.counts))
+
+
+def test_the_mode_is_not_what_these_logits_always_give() -> None:
+    """The control for the test above: at temperature 2 without top_p/top_k the seeds pick other tokens too,
+    so only the degenerate values can have made them pick the mode."""
+    rows = [RowSampler.create(SamplingParams(temperature=2.0, seed=seed)) for seed in range(20)]
+    picks = {sample_row(LOGITS, row).token_id for row in rows}
+    assert picks - {int(LOGITS.argmax())}
 
 
 def _degenerate_requests(prompt: list[int]) -> list[GenerationRequest]:

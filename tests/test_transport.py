@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import select
 import signal
 import socket
 import time
@@ -19,12 +20,17 @@ from typing import Any
 import pytest
 from server_process import serve
 from uvicorn_thread import in_thread
+from waiting import DEADLINE_S, wait_for
 
 from ctxsteer.server import transport
 from ctxsteer.server.config import ServerConfig
 from ctxsteer.server.transport import GracefulServer, connection_limit, uvicorn_config
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n"
+# A timer set to 1 s must not fire early (0.7: the server starts some clocks a little before the client's);
+# it may be late on a loaded machine, but not as late as the defaults (keep-alive 5 s, header read 10 s,
+# body read 30 s), which would mean the flag was ignored.
+EARLY_S, LATE_S = 0.7, 4.5
 
 
 async def app(scope: dict, receive: Any, send: Any) -> None:
@@ -81,7 +87,7 @@ def connect(port: int) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=10)
 
 
-def read_reply(sock: socket.socket, timeout: float = 5.0, wait_close: bool = True) -> Reply:
+def read_reply(sock: socket.socket, timeout: float = DEADLINE_S, wait_close: bool = True) -> Reply:
     """One response: headers, a Content-Length body, then (if `wait_close`) whether EOF follows."""
     sock.settimeout(timeout)
     buf = b""
@@ -97,7 +103,8 @@ def read_reply(sock: socket.socket, timeout: float = 5.0, wait_close: bool = Tru
         assert chunk, "connection closed mid-body"
         body += chunk
     closed = False
-    if wait_close:
+    if wait_close:  # a close comes right after the reply; the wait for one that is not coming is short
+        sock.settimeout(5.0)
         try:
             closed = sock.recv(1) == b""
         except TimeoutError:
@@ -107,7 +114,7 @@ def read_reply(sock: socket.socket, timeout: float = 5.0, wait_close: bool = Tru
     return Reply(int(status_line.split()[1]), headers, body, closed)
 
 
-def wait_closed(sock: socket.socket, timeout: float) -> float:
+def wait_closed(sock: socket.socket, timeout: float = DEADLINE_S) -> float:
     """Seconds until the server closes `sock` (fails if it stays open past `timeout`)."""
     t0 = time.monotonic()
     sock.settimeout(timeout)
@@ -132,24 +139,26 @@ def test_stalled_headers_get_408_and_close(sent: bytes) -> None:
         elapsed = time.monotonic() - t0
     assert reply.status == 408 and reply.closed and reply.headers["connection"] == "close"
     assert reply.error()["code"] == "request_timeout"
-    assert 0.8 < elapsed < 3.5, elapsed
+    assert EARLY_S < elapsed < LATE_S, elapsed
 
 
 def test_trickled_headers_are_cut_off_at_the_deadline() -> None:
-    """Slowloris: a byte every 0.2 s keeps the socket busy but must not push the deadline back."""
+    """Slowloris: a byte every 0.2 s keeps the socket busy but must not push the deadline back. The
+    client trickles until the server answers, so a server whose deadline moves with each byte never does
+    (the test fails at its deadline), however slow the machine."""
     with running(timeout_header_read_s=1.0) as port, connect(port) as sock:
         t0 = time.monotonic()
-        for byte in b"GET / HTTP/1.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa":
+        sock.sendall(b"GET / HTTP/1.1\r\nX-Slow: ")
+        while not select.select([sock], [], [], 0.2)[0]:  # a byte every 0.2 s until the answer comes
+            assert time.monotonic() - t0 < DEADLINE_S, "still trickling: the deadline never came"
             try:
-                sock.sendall(bytes([byte]))
-            except OSError:
+                sock.sendall(b"a")
+            except OSError:  # the server answered and closed meanwhile
                 break
-            time.sleep(0.2)
-            if time.monotonic() - t0 > 1.5:
-                break
+        elapsed = time.monotonic() - t0
         reply = read_reply(sock)
-        assert time.monotonic() - t0 < 3.5
     assert reply.status == 408 and reply.closed and reply.error()["code"] == "request_timeout"
+    assert EARLY_S < elapsed < LATE_S, elapsed
 
 
 def test_header_deadline_restarts_per_request_and_not_while_idle() -> None:
@@ -164,7 +173,7 @@ def test_header_deadline_restarts_per_request_and_not_while_idle() -> None:
         t0 = time.monotonic()
         sock.sendall(b"GET / HTTP/1.1\r\n")
         reply = read_reply(sock)
-        assert 0.8 < time.monotonic() - t0 < 3.5
+        assert EARLY_S < time.monotonic() - t0 < LATE_S
     assert reply.status == 408 and reply.closed and reply.error()["code"] == "request_timeout"
 
 
@@ -173,19 +182,20 @@ def test_stalled_body_gets_408() -> None:
         t0 = time.monotonic()
         sock.sendall(b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
         reply = read_reply(sock)
-        assert 0.8 < time.monotonic() - t0 < 3.5
+        assert EARLY_S < time.monotonic() - t0 < LATE_S
     assert reply.status == 408 and reply.closed and reply.error()["code"] == "request_timeout"
 
 
 def test_slow_but_moving_body_is_fine() -> None:
-    """The body timeout is per stall, not for the whole body."""
+    """The body timeout is per stall, not for the whole body: 2 s of body, no pause near the 1 s timeout
+    (pauses of 0.1 s: ten times the margin a loaded machine needs to keep a sleep short)."""
     with running(timeout_body_read_s=1.0) as port, connect(port) as sock:
-        sock.sendall(b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 4\r\n\r\n")
-        for byte in b"abcd":
-            time.sleep(0.5)
-            sock.sendall(bytes([byte]))
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 20\r\n\r\n")
+        for _ in range(20):
+            time.sleep(0.1)
+            sock.sendall(b"x")
         reply = read_reply(sock, wait_close=False)
-    assert reply.status == 200 and json.loads(reply.body)["body_bytes"] == 4
+    assert reply.status == 200 and json.loads(reply.body)["body_bytes"] == 20
 
 
 # (b) header size
@@ -261,24 +271,25 @@ def test_connection_beyond_the_cap_gets_503_and_the_others_still_work() -> None:
     with running(max_connections=3) as port:
         first = [connect(port) for _ in range(3)]
         try:
-            time.sleep(0.3)  # let the server accept them
+            for sock in first:  # an answer on each: the server has accepted (and counts) all three
+                sock.sendall(REQUEST)
+                assert read_reply(sock, wait_close=False).status == 200
             with connect(port) as extra:
-                reply = read_reply(extra, timeout=3)
+                reply = read_reply(extra)
             assert reply.status == 503 and reply.closed and reply.headers["retry-after"] == "1"
             err = reply.error()
             assert (err["type"], err["code"]) == ("server_error", "too_many_connections")
-            for sock in first:
+            for sock in first:  # the refusal did not disturb the three
                 sock.sendall(REQUEST)
                 assert read_reply(sock, wait_close=False).status == 200
-            first.pop().close()  # a freed place is usable again
-            deadline = time.monotonic() + 3
-            while True:
+            first.pop().close()  # a freed place is usable again, once the server has seen the close
+
+            def freed() -> bool:
                 with connect(port) as again:
                     again.sendall(REQUEST)
-                    if read_reply(again, wait_close=False).status == 200:
-                        break
-                assert time.monotonic() < deadline, "the freed place never came back"
-                time.sleep(0.1)
+                    return read_reply(again, wait_close=False).status == 200
+
+            wait_for(freed, "the freed place to come back")
         finally:
             for sock in first:
                 sock.close()
@@ -300,7 +311,7 @@ def test_idle_keep_alive_connection_is_closed_after_the_timeout() -> None:
     with running(timeout_keep_alive_s=1.0, timeout_header_read_s=30.0) as port, connect(port) as sock:
         sock.sendall(REQUEST)
         assert read_reply(sock, wait_close=False).status == 200
-        assert 0.7 < wait_closed(sock, timeout=4) < 3.5
+        assert EARLY_S < wait_closed(sock) < LATE_S
 
 
 # flags
