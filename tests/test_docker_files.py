@@ -285,7 +285,7 @@ def test_dashboard_json() -> None:
 
 
 def test_deploy_docs_name_both_paths() -> None:
-    text = (REPO / "README.md").read_text().split("## Deploy", 1)[1]
+    text = (REPO / "docs" / "deployment.md").read_text().split("# Deployment", 1)[1]
     assert "docker compose -f docker/compose.yaml up" in text and "COMPOSE_PROFILES=gpu" in text
     assert "docker/Dockerfile.cpu" in text and "docker/Dockerfile " in text and "--gpus" in text
 
