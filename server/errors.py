@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from ctxsteer.server.engine.grammar import GrammarError
 from ctxsteer.server.engine.interface import EngineDead, QueueFull
 from ctxsteer.server.responses import ErrorInfo, ErrorResponse
 from ctxsteer.steering.spec import SteeringError
@@ -104,6 +105,9 @@ def to_ctxsteer_error(exc: BaseException, request_id: str | None = None) -> Ctxs
         return exc
     if isinstance(exc, SteeringError):
         return bad_request(f"Invalid value for '{exc.field}': {exc.message}", exc.field, "invalid_steering")
+    if isinstance(exc, GrammarError):
+        msg = f"Invalid value for '{exc.param}': the output constraint cannot be compiled: {exc.reason}"
+        return bad_request(msg, exc.param, "invalid_grammar")
     if isinstance(exc, ValidationError | RequestValidationError):
         return _from_validation(exc.errors())
     if isinstance(exc, QueueFull):
@@ -206,6 +210,7 @@ def install_exception_handlers(app: FastAPI) -> None:
     for exc_type in (
         CtxsteerError,
         SteeringError,
+        GrammarError,
         ValidationError,
         RequestValidationError,
         QueueFull,

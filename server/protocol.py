@@ -3,7 +3,7 @@
 
 Requests are strict (no "5" -> 5 coercion, no NaN/inf) so a wrong type is a 400 naming the parameter.
 Unknown fields are accepted and logged, as OpenAI clients send many we do not use; fields OpenAI defines
-but we cannot honour (tools, response_format, ...) are rejected with `unsupported_parameter` rather than
+but we cannot honour (tools, audio, ...) are rejected with `unsupported_parameter` rather than
 silently ignored, because ignoring them would change what the client gets.
 """
 
@@ -13,8 +13,6 @@ import logging
 from typing import Any
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     PrivateAttr,
     ValidationInfo,
@@ -23,8 +21,10 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from ctxsteer.server.engine.request import SamplingParams
+from ctxsteer.server.engine.request import Grammar, SamplingParams
+from ctxsteer.server.protocol_base import OpenAIBaseModel
 from ctxsteer.server.responses import SpansGenerationInfo
+from ctxsteer.server.structured import ResponseFormat, StructuredOutputs, check_logit_bias, logit_bias_pairs
 from ctxsteer.steering.indicator import IndicatorMode
 from ctxsteer.steering.spec import MAX_STRENGTH, ROLES
 
@@ -37,8 +37,6 @@ _TOOLS = "is not supported (tool calling is not available)"
 _NOT = "is not supported by this server"
 # field -> (harmless values generic clients send anyway, why anything else is refused)
 UNSUPPORTED: dict[str, tuple[list[Any], str]] = {
-    "logit_bias": ([{}], _NOT),
-    "response_format": ([{"type": "text"}], "is not supported; only {'type': 'text'} is"),
     "tools": ([[]], _TOOLS),
     "tool_choice": (["none"], _TOOLS),
     "functions": ([[]], _TOOLS),
@@ -55,16 +53,6 @@ def _unsupported(name: str, why: str) -> PydanticCustomError:
 
 def _invalid(message: str) -> PydanticCustomError:
     return PydanticCustomError("invalid_value", message)
-
-
-class OpenAIBaseModel(BaseModel):
-    """Request base: strict types, finite numbers, unknown fields kept (and logged) instead of rejected."""
-
-    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
-
-    def model_post_init(self, context: Any, /) -> None:
-        if self.model_extra:
-            logger.info("ignoring unknown %s fields: %s", type(self).__name__, sorted(self.model_extra))
 
 
 # ---------------------------------------------------------------- requests
@@ -144,9 +132,10 @@ class _GenerationRequest(OpenAIBaseModel):
     # shorthand for {"steering": {"strength": x}}
     steering_strength: float | None = Field(None, ge=1.0, le=MAX_STRENGTH)
     report: ReportOptions | None = None
+    logit_bias: dict[str, float] | None = None  # token id -> bias added to its logit before sampling
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None  # vLLM's extension (regex, choice, grammar, ...)
     # Known OpenAI fields we cannot honour: declared so that they are rejected, not ignored.
-    logit_bias: Any = None
-    response_format: Any = None
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
@@ -180,6 +169,19 @@ class _GenerationRequest(OpenAIBaseModel):
         if strength is not None and info.data.get("steering") is not None:
             raise _invalid("give either 'steering' or 'steering_strength', not both")
         return strength
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        return check_logit_bias(bias)
+
+    @field_validator("structured_outputs")
+    @classmethod
+    def _one_format(cls, so: StructuredOutputs | None, info: ValidationInfo) -> StructuredOutputs | None:
+        fmt = info.data.get("response_format")
+        if so is not None and fmt is not None and fmt.type != "text":
+            raise _invalid("give either 'response_format' or 'structured_outputs', not both")
+        return so
 
     @field_validator(*UNSUPPORTED)
     @classmethod
@@ -231,7 +233,15 @@ class _GenerationRequest(OpenAIBaseModel):
             top_logprobs=top,
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias=logit_bias_pairs(self.logit_bias),
+            grammar=self.grammar(),
         )
+
+    def grammar(self) -> Grammar | None:
+        """The constraint on the output, if the request asks for one."""
+        if self.structured_outputs is not None:
+            return self.structured_outputs.grammar()
+        return self.response_format.grammar() if self.response_format is not None else None
 
 
 def _wrap_seed(seed: int) -> int:

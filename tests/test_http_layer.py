@@ -399,8 +399,33 @@ CHAT_BAD: list[tuple[str, dict[str, Any] | str, str | None]] = [
     ("stream bool string", {"stream": "true"}, "stream"),
     ("tools", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("tool_choice", {"tool_choice": "auto"}, "tool_choice"),
-    ("response_format json", {"response_format": {"type": "json_object"}}, "response_format"),
-    ("logit_bias", {"logit_bias": {"1": 5}}, "logit_bias"),
+    ("response_format unknown type", {"response_format": {"type": "xml"}}, "response_format.type"),
+    ("json_schema without schema object", {"response_format": {"type": "json_schema"}}, "response_format"),
+    (
+        "json_schema that cannot compile",
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "y"}}}},
+        "response_format",
+    ),
+    (
+        "json_schema bad name",
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "a b"}}},
+        "response_format.json_schema.name",
+    ),
+    (
+        "structured_outputs two kinds",
+        {"structured_outputs": {"regex": "a", "choice": ["a"]}},
+        "structured_outputs",
+    ),
+    ("structured_outputs bad regex", {"structured_outputs": {"regex": "a("}}, "structured_outputs"),
+    (
+        "both output constraints",
+        {"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}},
+        "structured_outputs",
+    ),
+    ("logit_bias out of range", {"logit_bias": {"1": 101}}, "logit_bias"),
+    ("logit_bias key not an id", {"logit_bias": {"x": 1}}, "logit_bias"),
+    ("logit_bias too many", {"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+    ("logit_bias past the vocabulary", {"logit_bias": {"10000000": 1}}, "logit_bias"),
     ("stream_options without stream", {"stream_options": {"include_usage": True}}, "stream_options"),
 ]
 

@@ -29,10 +29,16 @@ class Ban:
             self.calls.append(f"ban{self.token}")
         return logits.index_fill(0, torch.tensor([self.token]), float("-inf"))
 
+    def accept(self, token: int) -> None:
+        pass
+
 
 class Boom:
     def apply(self, row: RowSampler, logits: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("injected processor failure")
+
+    def accept(self, token: int) -> None:
+        pass
 
 
 def _sampler(params: SamplingParams = GREEDY, *processors: LogitsProcessor) -> RowSampler:

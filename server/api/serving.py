@@ -19,6 +19,7 @@ from fastapi import Request
 
 from ctxsteer.server.api.capabilities import CONTEXT_REPORT, INDICATOR_AUTO, require
 from ctxsteer.server.config import ServerConfig
+from ctxsteer.server.engine.grammar import to_llguidance
 from ctxsteer.server.engine.interface import AsyncEngine, Capability
 from ctxsteer.server.engine.request import GenerationRequest, SteerRow
 from ctxsteer.server.errors import bad_request, context_too_long, model_not_found
@@ -213,6 +214,7 @@ def prepare_generation(
         longest, req.requested_max_tokens(), ctx.max_model_len, default=default_max_tokens,
         prompt_param=prompt_param,
     )  # fmt: skip
+    check_output_controls(ctx, req)
     steered = steered_ranges(rendered, messages, spec)
     row = steer_row(spec, steered)
     plan = None
@@ -246,6 +248,20 @@ def prepare_generation(
         for i in range(req.num_choices)
     ]
     return Prepared(requests, spec, steered, n_prompt, auto_spans, indicator_mode)
+
+
+def check_output_controls(ctx: ServingContext, req: Any) -> None:
+    """The grammar compiles (GrammarError: a 400 naming its field) and biased tokens exist."""
+    if (grammar := req.grammar()) is not None:
+        to_llguidance(grammar)
+    vocab = len(ctx.engine.tokenizer)
+    for key in req.logit_bias or ():
+        if int(key) >= vocab:
+            raise bad_request(
+                f"Invalid value for 'logit_bias': token {key} is not in the vocabulary ({vocab} tokens)",
+                "logit_bias",
+                "invalid_value",
+            )
 
 
 def steer_row(spec: SteeringSpec, steered: Sequence[Range]) -> SteerRow:

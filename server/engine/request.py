@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ctxsteer.steering.cad import CadPlan
 from ctxsteer.steering.indicator import IndicatorPlan
@@ -17,6 +18,24 @@ class FinishReason(enum.StrEnum):
     LENGTH = "length"  # max_tokens or the model length reached
     ABORT = "abort"  # client went away / cancelled
     ERROR = "error"  # the engine failed on this request
+
+
+GrammarKind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
+
+
+@dataclass(frozen=True, slots=True)
+class Grammar:
+    """A constraint on the generated text, engine-neutral: each engine compiles it with its own library
+    (the local engine with llguidance, `--engine vllm` with vLLM's structured outputs).
+
+    `source` by kind: json_schema: the schema as JSON text; json_object: "" (any JSON object); regex: the
+    pattern; choice: a JSON list of the allowed strings; grammar: a Lark grammar (llguidance's dialect).
+    `param` is the request field it came from, named by the 400 when it cannot be compiled.
+    """
+
+    kind: GrammarKind
+    source: str = ""
+    param: str = "response_format"
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +54,8 @@ class SamplingParams:
     top_logprobs: int = 0  # 0..20, only with logprobs
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), OpenAI's field
+    grammar: Grammar | None = None  # structured outputs: every sampled token keeps the text valid
 
 
 @dataclass(slots=True)

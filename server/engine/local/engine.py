@@ -32,6 +32,7 @@ from ctxsteer.server.engine.interface import (
 from ctxsteer.server.engine.local.core import EngineCore, PlugIns
 from ctxsteer.server.engine.local.detok import Detokenizer
 from ctxsteer.server.engine.local.drafts import NgramProposer
+from ctxsteer.server.engine.local.grammar_mask import GrammarTokens
 from ctxsteer.server.engine.local.hooks import PrefillHooks
 from ctxsteer.server.engine.local.logits import LogitsPipeline
 from ctxsteer.server.engine.local.ngram import NgramConfig
@@ -69,8 +70,9 @@ class LocalEngine(AsyncEngine):
             max_num_seqs=max_num_seqs, max_queue=max_queue, kv_budget_tokens=budget, budget=self.budget
         )
         self.observer = observer or EngineObserver()
-        self.book = OutputBook(tokenizer, eos_ids(model, tokenizer), info.max_model_len, self.observer)
-        self.logits = LogitsPipeline()
+        eos = eos_ids(model, tokenizer)
+        self.book = OutputBook(tokenizer, eos, info.max_model_len, self.observer)
+        self.logits = LogitsPipeline(GrammarTokens(tokenizer, _vocab_size(model, tokenizer), eos))
         self._lock = threading.RLock()  # _emit_final may run while the step holds it
         drafts = NgramProposer(speculative, info.max_model_len) if speculative is not None else None
         plugins = PlugIns(self.book, PrefillHooks(self.runner, tokenizer), self.logits, drafts)
@@ -223,3 +225,10 @@ class LocalEngine(AsyncEngine):
             rows = list(self._live.values())
         for row in rows:
             self._emit_final(row, reason, "", None, message)
+
+
+def _vocab_size(model: Any, tokenizer: Any) -> int:
+    """The width of the model's logits (may exceed the tokenizer's length: padded embedding tables)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    width = getattr(head, "out_features", None) or getattr(getattr(model, "config", None), "vocab_size", None)
+    return int(width or len(tokenizer))

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from ctxsteer.server.engine.grammar import GrammarError
+from ctxsteer.server.engine.local.grammar_mask import GrammarTokens
 from ctxsteer.server.engine.local.row import Row
 from ctxsteer.server.engine.local.sampler import RowSampler, Sampled, sample_rows
 from ctxsteer.server.engine.request import SamplingParams
@@ -20,9 +22,18 @@ from ctxsteer.steering.cad import cad_logits
 
 
 class LogitsPipeline:
+    def __init__(self, grammars: GrammarTokens | None = None) -> None:
+        self.grammars = grammars  # None: no structured outputs (a model without a tokenizer table)
+
     def row_state(self, params: SamplingParams) -> RowSampler:
-        """A new row's sampling state: its seeded generator and processors."""
-        return RowSampler.create(params)
+        """A new row's sampling state: its seeded generator and processors (GrammarError when its
+        grammar cannot be used with this model's vocabulary)."""
+        grammar = None
+        if params.grammar is not None:
+            if self.grammars is None:
+                raise GrammarError(params.grammar.param, "structured outputs are not available here")
+            grammar = self.grammars.mask(params.grammar)
+        return RowSampler.create(params, grammar)
 
     def contrast_prompt(self, row: Row, logits: torch.Tensor) -> torch.Tensor:
         """The last prompt position's logits [V] of a row, combined with its CAD twin's (if any)."""

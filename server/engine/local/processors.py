@@ -26,6 +26,10 @@ class LogitsProcessor(Protocol):
         `row.counts` holds the tokens the row has sampled so far."""
         ...
 
+    def accept(self, token: int) -> None:
+        """The row sampled `token` (a stateful processor, e.g. a grammar, advances here)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Penalties:
@@ -43,11 +47,42 @@ class Penalties:
         x[ids] -= self.presence + self.frequency * freq
         return x
 
+    def accept(self, token: int) -> None:
+        pass  # the counts live on the row
 
-def processors_for(params: SamplingParams) -> tuple[LogitsProcessor, ...]:
-    """A row's processors, in the order they apply: penalties, then token masks (logit_bias, grammar:
-    each one processor, appended here)."""
+
+@dataclass(frozen=True, slots=True)
+class LogitBias:
+    """OpenAI's `logit_bias`: a fixed amount added to given tokens' logits (-100 bans, +100 forces)."""
+
+    ids: tuple[int, ...]
+    biases: tuple[float, ...]
+
+    @classmethod
+    def of(cls, pairs: tuple[tuple[int, float], ...]) -> LogitBias:
+        return cls(tuple(i for i, _ in pairs), tuple(b for _, b in pairs))
+
+    def apply(self, row: RowSampler, logits: torch.Tensor) -> torch.Tensor:
+        x = logits.clone()
+        ids = torch.tensor(self.ids, dtype=torch.long, device=logits.device)
+        keep = ids < x.shape[-1]  # ids past the model's logits (a tokenizer larger than the head): none
+        x[ids[keep]] += torch.tensor(self.biases, dtype=x.dtype, device=x.device)[keep]
+        return x
+
+    def accept(self, token: int) -> None:
+        pass
+
+
+def processors_for(
+    params: SamplingParams, grammar: LogitsProcessor | None = None
+) -> tuple[LogitsProcessor, ...]:
+    """A row's processors, in the order they apply: penalties, logit_bias, then the grammar mask (last,
+    so that no bias can bring back a token the grammar forbids)."""
     processors: list[LogitsProcessor] = []
     if params.presence_penalty or params.frequency_penalty:
         processors.append(Penalties(params.presence_penalty, params.frequency_penalty))
+    if params.logit_bias:
+        processors.append(LogitBias.of(params.logit_bias))
+    if grammar is not None:
+        processors.append(grammar)
     return tuple(processors)

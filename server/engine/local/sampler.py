@@ -28,13 +28,13 @@ class RowSampler:
     processors: tuple[LogitsProcessor, ...] = ()  # applied in order before sampling
 
     @classmethod
-    def create(cls, params: SamplingParams) -> RowSampler:
+    def create(cls, params: SamplingParams, grammar: LogitsProcessor | None = None) -> RowSampler:
         gen = None
         if params.temperature > 0:
             gen = torch.Generator(device="cpu")
             seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
             gen.manual_seed(seed)
-        return cls(params, gen, Counter(), processors_for(params))
+        return cls(params, gen, Counter(), processors_for(params, grammar))
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +71,8 @@ def sample_row(logits: torch.Tensor, row: RowSampler) -> Sampled:
         else:
             token = int(torch.multinomial(probs, 1, generator=row.generator))
     row.counts[token] += 1
+    for processor in row.processors:
+        processor.accept(token)
     if not p.logprobs:
         return Sampled(token, None, ())
     logp = torch.log_softmax(raw, -1)

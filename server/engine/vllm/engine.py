@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -19,11 +20,12 @@ from typing import Any
 from vllm import SamplingParams as VllmSamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.inputs import TokensPrompt
-from vllm.sampling_params import RequestOutputKind
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.metrics.loggers import StatLoggerBase
 
+from ctxsteer.server.engine.grammar import GrammarError
 from ctxsteer.server.engine.interface import (
     AsyncEngine,
     EngineDead,
@@ -37,6 +39,7 @@ from ctxsteer.server.engine.request import (
     FinishReason,
     GenerationOutput,
     GenerationRequest,
+    Grammar,
     TokenLogprob,
 )
 from ctxsteer.server.engine.vllm.steer_args import EXTRA_ARGS_KEY, cache_salt, encode
@@ -142,6 +145,8 @@ class VllmEngine(AsyncEngine):
             logprobs=p.top_logprobs if p.logprobs else None,
             presence_penalty=p.presence_penalty,
             frequency_penalty=p.frequency_penalty,
+            logit_bias=dict(p.logit_bias) or None,
+            structured_outputs=_structured(p.grammar),
             output_kind=RequestOutputKind.DELTA,
             extra_args=None if steer is None else {EXTRA_ARGS_KEY: steer},
         )
@@ -155,7 +160,7 @@ class VllmEngine(AsyncEngine):
         last_at = first_at = 0.0
         finished = False
         try:
-            async for ro in self._llm.generate(prompt, params, rid):
+            async for ro in _grammar_checked(self._llm.generate(prompt, params, rid), request):
                 now = time.monotonic()
                 c = ro.outputs[0]
                 completion += len(c.token_ids)
@@ -266,3 +271,33 @@ def _queued_s(ro: Any) -> float:
     m = getattr(ro, "metrics", None)
     queued, scheduled = getattr(m, "queued_ts", 0.0), getattr(m, "scheduled_ts", 0.0)
     return max(0.0, scheduled - queued) if queued and scheduled else 0.0
+
+
+def _structured(grammar: Grammar | None) -> StructuredOutputsParams | None:
+    """The grammar under vLLM's own names; vLLM's configured backend compiles it."""
+    if grammar is None:
+        return None
+    if grammar.kind == "json_schema":
+        return StructuredOutputsParams(json=json.loads(grammar.source))
+    if grammar.kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if grammar.kind == "regex":
+        return StructuredOutputsParams(regex=grammar.source)
+    if grammar.kind == "choice":
+        return StructuredOutputsParams(choice=json.loads(grammar.source))
+    return StructuredOutputsParams(grammar=grammar.source)
+
+
+async def _grammar_checked(outputs: AsyncIterator[Any], request: GenerationRequest) -> AsyncIterator[Any]:
+    """vLLM rejects a grammar its backend cannot compile with a ValueError when the request is added:
+    that is the client's 400 (GrammarError), not a server error."""
+    grammar = request.sampling.grammar
+    started = False
+    try:
+        async for out in outputs:
+            started = True
+            yield out
+    except ValueError as e:
+        if grammar is None or started:
+            raise
+        raise GrammarError(grammar.param, str(e)[:1000]) from None
