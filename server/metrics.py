@@ -8,14 +8,15 @@ Each app gets its own CollectorRegistry: tests build several apps in one process
 registry would refuse the second set of names. Engine numbers arrive through `MetricsObserver` hooks on
 the engine thread; the running/waiting/KV gauges are read from `engine.stats()` at scrape time, so they
 are never stale; rejections come from the error translation path through `app.state.rejection_hook`;
-HTTP responses are counted by `metrics_http.HttpMetricsMiddleware`.
+structured-output kinds and grammar compile times through the `ServingContext.on_*` hooks; HTTP
+responses are counted by `metrics_http.HttpMetricsMiddleware`.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, get_args
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -25,7 +26,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ctxsteer.server.engine.interface import AsyncEngine, EngineObserver
-from ctxsteer.server.engine.request import FinishReason, GenerationOutput, GenerationRequest
+from ctxsteer.server.engine.request import FinishReason, GenerationOutput, GenerationRequest, GrammarKind
 from ctxsteer.server.metrics_http import HttpMetricsMiddleware
 from ctxsteer.steering.spec import alpha_to_strength
 
@@ -36,6 +37,7 @@ PREFIX = NAMESPACE + "_"
 MODEL_LABEL = "model_name"
 FINISH_REASONS: tuple[str, ...] = tuple(r.value for r in FinishReason)
 REJECT_REASONS = ("queue_full", "too_long", "invalid", "unauthorized")
+STRUCTURED_KINDS: tuple[str, ...] = get_args(GrammarKind)  # json_schema, json_object, regex, choice, grammar
 WARMUP_REQUEST_ID = "warmup"  # LocalEngine.start()'s own generation: not user traffic
 
 # vLLM's buckets (vllm/v1/metrics/loggers.py).
@@ -51,6 +53,9 @@ HTTP_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                         300.0)
 STRENGTH_BUCKETS = (1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0, 1000.0)  # strength = 1/alpha > 1
 FRACTION_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+# A grammar seen before is an LRU hit (~2-20 us); a new one builds in ~0.3-1 ms; the tail is pathological.
+COMPILE_BUCKETS = (1e-05, 5e-05, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                   0.5, 1.0, 2.5)
 # fmt: on
 
 
@@ -87,6 +92,7 @@ class Metrics:
         self._add_request_metrics(build_1_2_5_buckets(info.max_model_len), max_num_seqs)
         self._add_steering_metrics()
         self._add_server_metrics()
+        self._add_structured_metrics()
         served = Info(PREFIX + "model", "The served model.", [MODEL_LABEL], registry=self.registry)
         served.labels(model_name).info(
             {"model": model_name, "device": info.device, "dtype": info.dtype, "version": version}
@@ -187,6 +193,20 @@ class Metrics:
             "route",
         )
 
+    def _add_structured_metrics(self) -> None:
+        """Structured outputs: which kinds of grammar requests use, and what validating them costs the HTTP
+        side (by content: a repeated grammar is an LRU hit, near 0)."""
+        m = self.model_name
+        kinds = self._counter(
+            "structured_output_requests",
+            "Accepted requests with a grammar (response_format or structured_outputs), by kind.",
+            "kind",
+        )
+        self.structured = {kind: kinds.labels(m, kind) for kind in STRUCTURED_KINDS}
+        self.grammar_compile = self._histogram(
+            "grammar_compile_seconds", "Grammar build + validation (llguidance).", COMPILE_BUCKETS
+        ).labels(m)
+
     # ---- engine side (engine thread)
 
     def record_step(self, batch_size: int) -> None:
@@ -233,6 +253,16 @@ class Metrics:
         counter = self.rejected.get(reason)
         if counter is not None:
             counter.inc()
+
+    def record_structured(self, kind: str) -> None:
+        """`ServingContext.on_structured_request`: once per accepted request that has a grammar."""
+        counter = self.structured.get(kind)
+        if counter is not None:
+            counter.inc()
+
+    def record_grammar_compile(self, seconds: float) -> None:
+        """`ServingContext.on_grammar_compiled` (a worker thread: prometheus_client is thread-safe)."""
+        self.grammar_compile.observe(seconds)
 
     def record_http(self, method: str, route: str, status: int, seconds: float) -> None:
         self.http_requests.labels(self.model_name, method, route, str(status)).inc()
@@ -303,6 +333,8 @@ def install_metrics(app: FastAPI, observer: MetricsObserver | None = None) -> Me
         log.warning("the engine has no MetricsObserver: engine metrics will stay at zero")
     app.state.metrics = metrics
     app.state.rejection_hook = metrics.record_rejection
+    ctx.on_structured_request = metrics.record_structured
+    ctx.on_grammar_compiled = metrics.record_grammar_compile
     app.add_api_route("/metrics", metrics.endpoint, methods=["GET"], include_in_schema=False)
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
     return metrics

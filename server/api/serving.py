@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,11 @@ class ServingContext:
     # reconfigure concurrently and rendering is cheap next to generation.
     tokenize_limiter: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(1))
     indicator_id: int | None = None  # the tokenizer's `[IND]` token (models fine-tuned with it)
+    # Set by the metrics layer (`install_metrics`; None = not measured), so the HTTP side never imports
+    # prometheus: the seconds each grammar took to build and validate, and the kind of every request
+    # whose output controls were accepted (once per request, not per choice).
+    on_grammar_compiled: Callable[[float], None] | None = None
+    on_structured_request: Callable[[str], None] | None = None
 
     @property
     def max_model_len(self) -> int:
@@ -251,9 +257,16 @@ def prepare_generation(
 
 
 def check_output_controls(ctx: ServingContext, req: Any) -> None:
-    """The grammar compiles (GrammarError: a 400 naming its field) and biased tokens exist."""
+    """The grammar compiles (GrammarError: a 400 naming its field) and biased tokens exist. Reports the
+    compile time (failed compiles too: a slow bad schema costs as much) and, once all is accepted, the
+    grammar's kind to the metrics hooks."""
     if (grammar := req.grammar()) is not None:
-        to_llguidance(grammar)
+        start = time.perf_counter()
+        try:
+            to_llguidance(grammar)
+        finally:
+            if ctx.on_grammar_compiled is not None:
+                ctx.on_grammar_compiled(time.perf_counter() - start)
     vocab = len(ctx.engine.tokenizer)
     for key in req.logit_bias or ():
         if int(key) >= vocab:
@@ -262,6 +275,8 @@ def check_output_controls(ctx: ServingContext, req: Any) -> None:
                 "logit_bias",
                 "invalid_value",
             )
+    if grammar is not None and ctx.on_structured_request is not None:
+        ctx.on_structured_request(grammar.kind)
 
 
 def steer_row(spec: SteeringSpec, steered: Sequence[Range]) -> SteerRow:

@@ -72,7 +72,7 @@ class LocalEngine(AsyncEngine):
         self.observer = observer or EngineObserver()
         eos = eos_ids(model, tokenizer)
         self.book = OutputBook(tokenizer, eos, info.max_model_len, self.observer)
-        self.logits = LogitsPipeline(GrammarTokens(tokenizer, _vocab_size(model, tokenizer), eos))
+        self.logits = LogitsPipeline(GrammarTokens.build(tokenizer, _vocab_size(model, tokenizer), eos))
         self._lock = threading.RLock()  # _emit_final may run while the step holds it
         drafts = NgramProposer(speculative, info.max_model_len) if speculative is not None else None
         plugins = PlugIns(self.book, PrefillHooks(self.runner, tokenizer), self.logits, drafts)

@@ -9,7 +9,7 @@ is simply refused. Once the grammar is complete only the model's end-of-sequence
 
 from __future__ import annotations
 
-import threading
+import logging
 from typing import TYPE_CHECKING, Any
 
 import llguidance
@@ -20,28 +20,36 @@ import torch
 from ctxsteer.server.engine.grammar import GrammarError, to_llguidance
 from ctxsteer.server.engine.request import Grammar
 
+log = logging.getLogger("ctxsteer.engine")
+
 if TYPE_CHECKING:
     from ctxsteer.server.engine.local.sampler import RowSampler
 
 
 class GrammarTokens:
-    """The model's vocabulary as llguidance sees it, built on first use (about 0.3 s for 49k tokens)."""
+    """The model's vocabulary as llguidance sees it (about 0.3 s to build for 49k tokens: done with the
+    engine, off the event loop and the engine thread)."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int, eos_ids: frozenset[int]) -> None:
-        self.tokenizer, self.vocab_size, self.eos_ids = tokenizer, vocab_size, tuple(sorted(eos_ids))
-        self._table: llguidance.LLTokenizer | None = None
-        self._lock = threading.Lock()
+    def __init__(self, table: llguidance.LLTokenizer, vocab_size: int, eos_ids: tuple[int, ...]) -> None:
+        self.table, self.vocab_size, self.eos_ids = table, vocab_size, eos_ids
 
-    def table(self) -> llguidance.LLTokenizer:
-        with self._lock:
-            if self._table is None:
-                eos = list(self.eos_ids) or None
-                self._table = llguidance.hf.from_tokenizer(self.tokenizer, self.vocab_size, eos)
-            return self._table
+    @classmethod
+    def build(cls, tokenizer: Any, vocab_size: int, eos_ids: frozenset[int]) -> GrammarTokens | None:
+        """None (structured outputs then answer 400) when llguidance cannot read this tokenizer."""
+        eos = tuple(sorted(eos_ids))
+        try:
+            return cls(
+                llguidance.hf.from_tokenizer(tokenizer, vocab_size, list(eos) or None), vocab_size, eos
+            )
+        except Exception:  # noqa: BLE001 - e.g. a slow (Python) tokenizer: serve everything else
+            log.warning(
+                "structured outputs are unavailable: llguidance cannot read this tokenizer", exc_info=True
+            )
+            return None
 
     def mask(self, grammar: Grammar) -> GrammarMask:
         """A new row's mask; GrammarError when the grammar fails against this vocabulary."""
-        matcher = llguidance.LLMatcher(self.table(), to_llguidance(grammar))
+        matcher = llguidance.LLMatcher(self.table, to_llguidance(grammar))
         if matcher.is_error():
             raise GrammarError(grammar.param, matcher.get_error())
         return GrammarMask(matcher, self.eos_ids, self.vocab_size)
@@ -62,6 +70,8 @@ class GrammarMask:
             out[list(self.eos_ids)] = logits[list(self.eos_ids)]
             return out
         llguidance.torch.fill_next_token_bitmask(self.matcher, self.bitmask, 0)
+        if self.matcher.is_error():  # computing the mask can fail too: then it allows only EOS
+            raise RuntimeError(f"grammar matcher failed: {self.matcher.get_error()}")
         out = logits.clone().unsqueeze(0)
         llguidance.torch.apply_token_bitmask_inplace(out, self.bitmask)
         if not bool(torch.isfinite(out).any()):

@@ -51,6 +51,7 @@ def sample_row(logits: torch.Tensor, row: RowSampler) -> Sampled:
     x = logits
     for processor in row.processors:
         x = processor.apply(row, x)
+    processed = x
     if p.temperature <= 0:
         token = int(x.argmax())
     else:
@@ -67,7 +68,8 @@ def sample_row(logits: torch.Tensor, row: RowSampler) -> Sampled:
             x = x.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
         probs = torch.softmax(x.cpu(), -1)
         if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
-            token = int(torch.nan_to_num(raw, nan=float("-inf")).argmax())  # degenerate: the mode
+            # degenerate: the mode of the processed logits (a grammar's mask and the biases still hold)
+            token = int(torch.nan_to_num(processed, nan=float("-inf")).argmax())
         else:
             token = int(torch.multinomial(probs, 1, generator=row.generator))
     row.counts[token] += 1

@@ -1,0 +1,280 @@
+"""Structured outputs and logit_bias end to end: `ctxsteer serve` on the embedded SmolLM2 (a real uvicorn
+subprocess, one for the module) driven by the official openai SDK, as users call it: the SDK's `parse` and
+`stream` helpers with a pydantic model, json_object, vLLM's `structured_outputs` (choice, regex), the
+legacy completions route, n > 1, logit_bias, cut answers, and bad constraints as 400s that leave the
+server serving. tests/test_http_layer.py checks the 400s' shapes on a fake engine; here they meet the real
+grammar compiler and tokenizer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import httpx
+import openai
+import pytest
+from pydantic import BaseModel, Field
+from server_process import ServerProcess, serve
+
+pytestmark = pytest.mark.slow
+
+MODEL = "SmolLM2-135M-Instruct"
+ALICE = [{"role": "user", "content": "Alice is 31 and lives in Paris. Give her name, age and city as JSON."}]
+CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+class Person(BaseModel):
+    """Terminates under any sampling: bounded string, bounded integer, an enum."""
+
+    name: str = Field(max_length=20)
+    age: int = Field(ge=0, le=150)
+    city: Literal["Paris", "London", "Rome", "Berlin"]
+
+
+PERSON_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {"name": "person", "schema": Person.model_json_schema()},
+}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    with serve(None, "--max-num-seqs", "4", log_dir=tmp_path_factory.mktemp("structured")) as sp:
+        yield sp
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def token_id(server: ServerProcess, text: str) -> int:
+    """The id of `text`, which must be one token (found through the server's own /tokenize)."""
+    r = httpx.post(server.url + "/tokenize", json={"prompt": text, "return_token_strs": True}, timeout=30)
+    assert r.status_code == 200, r.text
+    ids = r.json()["tokens"]
+    assert len(ids) == 1, (text, r.json())
+    return ids[0]
+
+
+def first_tokens(client: openai.OpenAI, messages: list[dict], n: int = 3, **kw: Any) -> list[str]:
+    r = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=n, temperature=0, logprobs=True, **kw
+    )
+    return [t.token for t in r.choices[0].logprobs.content]
+
+
+def test_sdk_parse_returns_the_model_unsteered_and_steered(client: openai.OpenAI) -> None:
+    for extra in (None, {"steering": {"strength": 2}}):
+        r = client.chat.completions.parse(
+            model=MODEL,
+            messages=ALICE,
+            response_format=Person,
+            temperature=0,
+            max_tokens=80,
+            extra_body=extra,
+        )
+        choice = r.choices[0]
+        assert choice.finish_reason == "stop", choice
+        assert isinstance(choice.message.parsed, Person), choice.message
+        # greedy SmolLM2 reads the facts off the context (observed: Alice, 31, Paris, both ways)
+        assert choice.message.parsed == Person(name="Alice", age=31, city="Paris")
+        if extra is not None:
+            report = r.model_extra["steering"]
+            assert report["strength"] == 2 and report["steered_tokens"] > 0
+
+
+def test_sdk_stream_helper_and_plain_stream(client: openai.OpenAI) -> None:
+    with client.chat.completions.stream(
+        model=MODEL, messages=ALICE, response_format=Person, temperature=0, max_tokens=80
+    ) as stream:
+        events = [e.type for e in stream]
+        final = stream.get_final_completion()
+    assert "content.delta" in events and "content.done" in events
+    assert isinstance(final.choices[0].message.parsed, Person)
+
+    chunks = client.chat.completions.create(
+        model=MODEL, messages=ALICE, response_format=PERSON_FORMAT, temperature=0.8, seed=3, max_tokens=80,
+        stream=True,
+    )  # fmt: skip
+    pieces, finish = [], None
+    for chunk in chunks:
+        for c in chunk.choices:
+            pieces.append(c.delta.content or "")
+            finish = c.finish_reason or finish
+    assert finish == "stop" and sum(1 for p in pieces if p) > 5, pieces  # really streamed, in pieces
+    Person.model_validate_json("".join(pieces))
+
+
+def test_json_object(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model=MODEL, messages=ALICE, response_format={"type": "json_object"}, temperature=0, max_tokens=80
+    )
+    assert r.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+def test_structured_outputs_choice_and_regex(client: openai.OpenAI) -> None:
+    choices = ["no", "yes", "maybe not"]
+    question = [{"role": "user", "content": "Is Paris in Germany? Answer yes or no."}]
+    for temperature in (0, 1.5):
+        r = client.chat.completions.create(
+            model=MODEL, messages=question, temperature=temperature, seed=11, max_tokens=20,
+            extra_body={"structured_outputs": {"choice": choices}},
+        )  # fmt: skip
+        assert r.choices[0].message.content in choices, r.choices[0].message
+    pattern = r"[A-Z][a-z]+ is [0-9]{1,3} years old\."
+    r = client.chat.completions.create(
+        model=MODEL, messages=ALICE, temperature=0, max_tokens=30,
+        extra_body={"structured_outputs": {"regex": pattern}},
+    )  # fmt: skip
+    assert re.fullmatch(pattern, r.choices[0].message.content), r.choices[0].message.content
+
+
+def test_completions_with_a_json_schema(client: openai.OpenAI) -> None:
+    r = client.completions.create(
+        model=MODEL, prompt="Alice is 31 and lives in Paris. As JSON: ", temperature=0, max_tokens=80,
+        extra_body={"response_format": PERSON_FORMAT},
+    )  # fmt: skip
+    assert r.choices[0].finish_reason == "stop"
+    Person.model_validate_json(r.choices[0].text)
+
+
+def test_n_choices_with_seed_each_follow_the_schema(client: openai.OpenAI) -> None:
+    kw: dict[str, Any] = {"model": MODEL, "messages": ALICE, "response_format": Person, "max_tokens": 80}
+    r = client.chat.completions.parse(n=2, seed=7, temperature=1.0, **kw)
+    assert len(r.choices) == 2
+    assert all(isinstance(c.message.parsed, Person) for c in r.choices), r.choices
+    again = client.chat.completions.parse(n=2, seed=7, temperature=1.0, **kw)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in r.choices]
+
+
+def test_logit_bias_bans_and_forces_tokens(server: ServerProcess, client: openai.OpenAI) -> None:
+    greedy = first_tokens(client, CAPITAL)
+    first = token_id(server, greedy[0])
+    banned = first_tokens(client, CAPITAL, logit_bias={str(first): -100})
+    assert banned[0] != greedy[0], banned
+    hello = token_id(server, "Hello")
+    assert greedy[0] != "Hello"
+    assert first_tokens(client, CAPITAL, logit_bias={str(hello): 100}) == ["Hello"] * 3
+    # Under a grammar the constraint wins: a forced token the grammar forbids is never sampled.
+    r = client.chat.completions.create(
+        model=MODEL, messages=CAPITAL, temperature=0, max_tokens=10, logit_bias={str(hello): 100},
+        extra_body={"structured_outputs": {"choice": ["Paris", "Lyon"]}},
+    )  # fmt: skip
+    assert r.choices[0].message.content in ("Paris", "Lyon")
+
+
+def test_a_cut_answer_finishes_with_length(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model=MODEL, messages=ALICE, response_format=PERSON_FORMAT, temperature=0, max_tokens=5
+    )
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(r.choices[0].message.content)
+    with pytest.raises(openai.LengthFinishReasonError):  # what the SDK's parse makes of it
+        client.chat.completions.parse(
+            model=MODEL, messages=ALICE, response_format=Person, temperature=0, max_tokens=5
+        )
+
+
+def test_requests_with_different_constraints_share_a_batch(server: ServerProcess) -> None:
+    """Four rows in one batch (the server's --max-num-seqs 4), each with its own grammar or none: each
+    follows its own, and the unconstrained row is the same greedy text as alone (no mask leaked to it)."""
+    base = {"model": MODEL, "temperature": 0, "max_tokens": 40}
+    bodies = [
+        {**base, "messages": ALICE, "response_format": PERSON_FORMAT},
+        {**base, "messages": ALICE, "structured_outputs": {"choice": ["Paris", "Lyon"]}},
+        {**base, "messages": ALICE, "structured_outputs": {"regex": r"[0-9]{2}"}},
+        {**base, "messages": CAPITAL},
+    ]
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+            return await asyncio.gather(*(http.post("/v1/chat/completions", json=b) for b in bodies))
+
+    texts = []
+    for r in asyncio.run(run()):
+        assert r.status_code == 200, r.text
+        texts.append(r.json()["choices"][0]["message"]["content"])
+    Person.model_validate_json(texts[0])
+    assert texts[1] in ("Paris", "Lyon") and re.fullmatch(r"[0-9]{2}", texts[2]), texts
+    alone = httpx.post(server.url + "/v1/chat/completions", json=bodies[3], timeout=120).json()
+    assert texts[3] == alone["choices"][0]["message"]["content"]
+    assert "Paris" in texts[3] and texts[3] not in ("Paris", "Lyon"), texts[3]  # a sentence, unconstrained
+
+
+BAD = [
+    pytest.param(
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "y"}}}},
+        "response_format", "invalid_grammar", id="schema-unknown-type",
+    ),
+    pytest.param(
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/x"}}}},
+        "response_format", "invalid_grammar", id="schema-dangling-ref",
+    ),
+    pytest.param(
+        {"structured_outputs": {"regex": "a("}},
+        "structured_outputs", "invalid_grammar", id="regex",
+    ),
+    pytest.param(
+        {"structured_outputs": {"grammar": "start: foo"}}, "structured_outputs", "invalid_grammar", id="lark"
+    ),
+    pytest.param(
+        {"response_format": {"type": "json_object"}, "structured_outputs": {"choice": ["a"]}},
+        "structured_outputs", "invalid_value", id="both-constraints",
+    ),
+    pytest.param({"logit_bias": {"1": 100.5}}, "logit_bias", "invalid_value", id="bias-out-of-range"),
+    pytest.param(
+        {"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias", "invalid_value", id="bias-too-many"
+    ),
+    pytest.param({"logit_bias": {"-3": 1}}, "logit_bias", "invalid_value", id="bias-bad-key"),
+    pytest.param({"logit_bias": {"49152": 1}}, "logit_bias", "invalid_value", id="bias-past-vocab"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("extra", "param", "code"), BAD)
+def test_bad_constraints_are_400s_and_the_server_stays_healthy(
+    server: ServerProcess, client: openai.OpenAI, extra: dict, param: str, code: str
+) -> None:
+    """Through the SDK (extra_body carries them as a user's code would) and on both routes."""
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=ALICE, max_tokens=4, extra_body=extra)
+    assert e.value.status_code == 400
+    assert e.value.body["param"] == param and e.value.body["code"] == code, e.value.body
+    assert e.value.body["type"] == "invalid_request_error" and e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="Alice is", max_tokens=4, extra_body=extra)
+    assert e.value.body["param"] == param, e.value.body
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+    r = client.chat.completions.parse(
+        model=MODEL, messages=ALICE, response_format=Person, temperature=0, max_tokens=80
+    )
+    assert isinstance(r.choices[0].message.parsed, Person)
+
+
+def test_bad_requests_never_fail_a_concurrent_good_one(server: ServerProcess) -> None:
+    """Good constrained requests in flight while every bad body of BAD arrives: the bad ones are 400s,
+    the good ones finish as they do alone."""
+    good = {"model": MODEL, "messages": ALICE, "temperature": 0, "max_tokens": 80}
+    good["response_format"] = PERSON_FORMAT
+    bad = [{"model": MODEL, "messages": ALICE, "max_tokens": 4, **p.values[0]} for p in BAD]
+
+    async def run() -> tuple[list[httpx.Response], list[httpx.Response]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+            goods = [asyncio.create_task(http.post("/v1/chat/completions", json=good)) for _ in range(2)]
+            await asyncio.sleep(0.2)  # the good ones are admitted and decoding
+            bads = await asyncio.gather(*(http.post("/v1/chat/completions", json=b) for b in bad))
+            return list(await asyncio.gather(*goods)), list(bads)
+
+    goods, bads = asyncio.run(run())
+    assert [r.status_code for r in bads] == [400] * len(BAD), [r.text for r in bads]
+    alone = httpx.post(server.url + "/v1/chat/completions", json=good, timeout=120).json()
+    for r in goods:
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"] == alone["choices"][0]["message"]
+        Person.model_validate_json(r.json()["choices"][0]["message"]["content"])
