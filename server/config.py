@@ -33,6 +33,7 @@ from ctxsteer.server.flags import (
     share,
 )
 from ctxsteer.steering.indicator import MODES as INDICATOR_MODES
+from ctxsteer.steering.spec import ROLES
 
 MiB = 1024 * 1024
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -41,6 +42,20 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 PREPACK = ("auto", "off")
 ENGINES = ("local", "vllm")
 EXECUTORS = ("mp", "ray", "uni")
+TOOL_CALL_PARSERS = ("hermes", "llama3_json")
+
+
+def role_list(v: str) -> tuple[str, ...]:
+    """A comma-separated list of steering roles, e.g. "user,tool"."""
+    return tuple(r.strip() for r in v.split(",") if r.strip())
+
+
+def _roles(v: str) -> str | None:
+    roles = role_list(v)
+    if not roles:
+        return f"must name at least one role of {ROLES}"
+    bad = [r for r in roles if r not in ROLES]
+    return f"unknown role {bad[0]!r}; expected roles of {ROLES}, comma-separated" if bad else None
 
 
 def _speculative(v: str) -> str | None:
@@ -107,6 +122,26 @@ class ServerConfig:
         1.0,
         "steering strength for requests that give none (default 1 = off)",
         rule(lambda v: math.isfinite(v) and v >= 1.0, "must be finite and >= 1, got {v}"),
+    )
+    default_steering_targets: str = flag(
+        "--default-steering-targets",
+        "user",
+        "comma-separated roles whose messages are the steered context when a request names no targets "
+        "(default user, the paper's rule; user,tool also steers tool results)",
+        _roles,
+    )
+    chat_template: str | None = flag(
+        "--chat-template",
+        None,
+        "Jinja chat template file used instead of the model's (read at start; as vLLM's flag)",
+        rule(lambda v: Path(v).is_file(), "no such file: {v}"),
+    )
+    tool_call_parser: str | None = flag(
+        "--tool-call-parser",
+        None,
+        "how tool calls are read from the model's output: hermes or llama3_json (default: from the model)",
+        one_of(TOOL_CALL_PARSERS),
+        choices=TOOL_CALL_PARSERS,
     )
     head_profiles: str | None = flag(
         "--head-profiles",
@@ -297,6 +332,11 @@ class ServerConfig:
                 raise ValueError(f"{f.flag}: is a vLLM engine setting; add --engine vllm")
             if f.local_only and self.engine == "vllm":
                 raise ValueError(f"{f.flag}: is a local engine setting ({f.local_only})")
+
+    @property
+    def default_targets(self) -> tuple[str, ...]:
+        """`--default-steering-targets` as the roles `SteeringParams.to_spec` takes."""
+        return role_list(self.default_steering_targets)
 
     @property
     def speculative(self) -> NgramConfig | None:

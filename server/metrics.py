@@ -8,8 +8,8 @@ Each app gets its own CollectorRegistry: tests build several apps in one process
 registry would refuse the second set of names. Engine numbers arrive through `MetricsObserver` hooks on
 the engine thread; the running/waiting/KV gauges are read from `engine.stats()` at scrape time, so they
 are never stale; rejections come from the error translation path through `app.state.rejection_hook`;
-structured-output kinds and grammar compile times through the `ServingContext.on_*` hooks; HTTP
-responses are counted by `metrics_http.HttpMetricsMiddleware`.
+structured-output kinds, grammar compile times and tool calls through the `ServingContext.on_*` hooks;
+HTTP responses are counted by `metrics_http.HttpMetricsMiddleware`.
 """
 
 from __future__ import annotations
@@ -206,6 +206,7 @@ class Metrics:
         self.grammar_compile = self._histogram(
             "grammar_compile_seconds", "Grammar build + validation (llguidance).", COMPILE_BUCKETS
         ).labels(m)
+        self.tool_calls = self._counter("tool_calls", "Tool calls returned in responses.").labels(m)
 
     # ---- engine side (engine thread)
 
@@ -250,14 +251,12 @@ class Metrics:
 
     def record_rejection(self, reason: str) -> None:
         """`app.state.rejection_hook`: errors.report_rejection calls it with one of REJECT_REASONS."""
-        counter = self.rejected.get(reason)
-        if counter is not None:
+        if (counter := self.rejected.get(reason)) is not None:
             counter.inc()
 
     def record_structured(self, kind: str) -> None:
         """`ServingContext.on_structured_request`: once per accepted request that has a grammar."""
-        counter = self.structured.get(kind)
-        if counter is not None:
+        if (counter := self.structured.get(kind)) is not None:
             counter.inc()
 
     def record_grammar_compile(self, seconds: float) -> None:
@@ -335,6 +334,7 @@ def install_metrics(app: FastAPI, observer: MetricsObserver | None = None) -> Me
     app.state.rejection_hook = metrics.record_rejection
     ctx.on_structured_request = metrics.record_structured
     ctx.on_grammar_compiled = metrics.record_grammar_compile
+    ctx.on_tool_calls = metrics.tool_calls.inc  # ServingContext.on_tool_calls: calls per response
     app.add_api_route("/metrics", metrics.endpoint, methods=["GET"], include_in_schema=False)
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
     return metrics

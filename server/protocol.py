@@ -3,7 +3,7 @@
 
 Requests are strict (no "5" -> 5 coercion, no NaN/inf) so a wrong type is a 400 naming the parameter.
 Unknown fields are accepted and logged, as OpenAI clients send many we do not use; fields OpenAI defines
-but we cannot honour (tools, audio, ...) are rejected with `unsupported_parameter` rather than
+but we cannot honour (legacy functions, audio, ...) are rejected with `unsupported_parameter` rather than
 silently ignored, because ignoring them would change what the client gets.
 """
 
@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 from pydantic import (
+    ConfigDict,
     Field,
     PrivateAttr,
     ValidationInfo,
@@ -23,28 +24,41 @@ from pydantic_core import PydanticCustomError
 
 from ctxsteer.server.engine.request import Grammar, SamplingParams
 from ctxsteer.server.protocol_base import OpenAIBaseModel
+from ctxsteer.server.protocol_tools import (
+    LEGACY,
+    TOOL_CHOICE_RULE,
+    ChatMessage,
+    ChatTool,
+    ToolChoice,
+    check_tool_messages,
+    check_tool_request,
+    check_tools,
+    first_not_tool,
+    forced_tool,
+    tool_dicts,
+)
 from ctxsteer.server.responses import SpansGenerationInfo
 from ctxsteer.server.structured import ResponseFormat, StructuredOutputs, check_logit_bias, logit_bias_pairs
 from ctxsteer.steering.indicator import IndicatorMode
-from ctxsteer.steering.spec import MAX_STRENGTH, ROLES
+from ctxsteer.steering.spec import MAX_STRENGTH
 
 logger = logging.getLogger("ctxsteer.server.protocol")
 
 MAX_STOP = 4
 MAX_TOP_LOGPROBS = 20
 SEED_RANGE = (-(2**63), 2**63 - 1)
-_TOOLS = "is not supported (tool calling is not available)"
 _NOT = "is not supported by this server"
+_NO_MESSAGES = "is not supported on /v1/completions (tools need messages: use /v1/chat/completions)"
 # field -> (harmless values generic clients send anyway, why anything else is refused)
 UNSUPPORTED: dict[str, tuple[list[Any], str]] = {
-    "tools": ([[]], _TOOLS),
-    "tool_choice": (["none"], _TOOLS),
-    "functions": ([[]], _TOOLS),
-    "function_call": (["none"], _TOOLS),
+    "functions": ([[]], LEGACY),
+    "function_call": (["none"], LEGACY),
     "audio": ([], _NOT),
     "modalities": ([["text"]], "is not supported; only ['text'] is"),
     "prediction": ([], _NOT),
 }
+# only where messages are absent (chat takes them: server/protocol_tools.py)
+UNSUPPORTED |= {"tools": ([[]], _NO_MESSAGES), "tool_choice": (["none"], _NO_MESSAGES)}
 
 
 def _unsupported(name: str, why: str) -> PydanticCustomError:
@@ -55,48 +69,15 @@ def _invalid(message: str) -> PydanticCustomError:
     return PydanticCustomError("invalid_value", message)
 
 
+def _reject(name: str, v: Any) -> None:
+    """An UNSUPPORTED field: None or a harmless value passes (as None), anything else is a 400."""
+    allowed, why = UNSUPPORTED[name]
+    if v is not None and v not in allowed:
+        raise _unsupported(name, why)
+    return None
+
+
 # ---------------------------------------------------------------- requests
-
-
-class ContentPart(OpenAIBaseModel):
-    type: str
-    text: str | None = None
-
-    @model_validator(mode="after")
-    def _text_only(self) -> ContentPart:
-        if self.type != "text":
-            raise _invalid(f"content part type {self.type!r} is not supported; only 'text' parts are")
-        if self.text is None:
-            raise _invalid("a 'text' content part needs a 'text' string")
-        return self
-
-
-class ChatMessage(OpenAIBaseModel):
-    role: str
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
-    steer: bool | None = None  # ctxsteer: force this message in (True) or out (False) of the steered context
-
-    @field_validator("role")
-    @classmethod
-    def _role(cls, role: str) -> str:
-        if role == "developer":  # OpenAI's newer name for the system role
-            return "system"
-        if role in ("tool", "function"):
-            raise PydanticCustomError("unsupported_parameter", f"role {role!r} {_TOOLS}")
-        if role not in ROLES:
-            raise _invalid(f"unknown role {role!r}; expected one of {ROLES}")
-        return role
-
-    def text(self) -> str:
-        """Content as one string: text parts are joined with newlines."""
-        if isinstance(self.content, list):
-            return "\n".join(p.text or "" for p in self.content)
-        return self.content or ""
-
-    def to_render(self) -> dict[str, Any]:
-        """The dict `steering.spans.render_chat` expects."""
-        return {"role": self.role, "content": self.text(), "steer": self.steer}
 
 
 class StreamOptions(OpenAIBaseModel):
@@ -136,8 +117,6 @@ class _GenerationRequest(OpenAIBaseModel):
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None  # vLLM's extension (regex, choice, grammar, ...)
     # Known OpenAI fields we cannot honour: declared so that they are rejected, not ignored.
-    tools: Any = None
-    tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
     audio: Any = None
@@ -183,14 +162,10 @@ class _GenerationRequest(OpenAIBaseModel):
             raise _invalid("give either 'response_format' or 'structured_outputs', not both")
         return so
 
-    @field_validator(*UNSUPPORTED)
+    @field_validator("functions", "function_call", "audio", "modalities", "prediction")
     @classmethod
     def _reject_unsupported(cls, v: Any, info: ValidationInfo) -> None:
-        name = str(info.field_name)
-        allowed, why = UNSUPPORTED[name]
-        if v is not None and v not in allowed:
-            raise _unsupported(name, why)
-        return None
+        return _reject(str(info.field_name), v)
 
     # ------------------------------------------------------------ conversions
 
@@ -272,16 +247,19 @@ class _ChatTemplateOptions(OpenAIBaseModel):
 
 
 class ChatCompletionRequest(_ChatTemplateOptions, _GenerationRequest):
+    model_config = ConfigDict(json_schema_extra=TOOL_CHOICE_RULE)
     # steering.spans "auto", once resolved (server/api/auto_spans.py): reported in the response
     _auto_spans: tuple[list[str], SpansGenerationInfo] | None = PrivateAttr(None)
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, json_schema_extra=first_not_tool)
     max_completion_tokens: int | None = Field(None, ge=1)
     # the [IND] indicator of models tuned with it: append it to the last user turn ("on"), never ("off"),
     # or when the prompt's own attention on the context is above the server's threshold ("auto")
     context_indicator: IndicatorMode | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    parallel_tool_calls: bool | None = None  # harmless without tools
+    tools: list[ChatTool] | None = None
+    tool_choice: ToolChoice | None = None  # None = "auto" with tools, "none" without
+    parallel_tool_calls: bool | None = None  # None = true; harmless without tools
 
     @field_validator("top_logprobs")
     @classmethod
@@ -289,6 +267,29 @@ class ChatCompletionRequest(_ChatTemplateOptions, _GenerationRequest):
         if top and not info.data.get("logprobs"):
             raise _invalid("top_logprobs requires logprobs to be true")
         return top
+
+    @model_validator(mode="after")
+    def _tools_agree(self) -> ChatCompletionRequest:
+        formats = {"response_format": self.response_format, "structured_outputs": self.structured_outputs}
+        check_tool_request(type(self).__name__, self.tools, self.tool_choice, self.messages, formats)
+        return self
+
+    def tool_dicts(self) -> list[dict[str, Any]] | None:
+        """The request's tools as plain OpenAI-shaped dicts (None without tools)."""
+        return tool_dicts(self.tools)
+
+    def grammar(self) -> Grammar | None:
+        """A forced tool call ("required" or named tool_choice) constrains the output to calls."""
+        forced = forced_tool(self.tools, self.tool_choice)
+        if forced is None:
+            return super().grammar()
+        # The output side of tool calling (server/tools, imported here: it may import these schemas).
+        from ctxsteer.server.tools.constrain import tool_grammar
+
+        return tool_grammar(self.tool_dicts() or [], forced, self.parallel_tool_calls is not False)
+
+    def template_options(self) -> dict[str, Any]:
+        return {**super().template_options(), "tools": self.tool_dicts()}
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -306,6 +307,13 @@ class CompletionRequest(_GenerationRequest):
     echo: bool | None = None
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
+    tools: Any = None  # declared so that they are rejected (UNSUPPORTED), not ignored
+    tool_choice: Any = None
+
+    @field_validator("tools", "tool_choice")
+    @classmethod
+    def _no_tools(cls, v: Any, info: ValidationInfo) -> None:
+        return _reject(str(info.field_name), v)
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -346,13 +354,19 @@ class TokenizeRequest(_ChatTemplateOptions):
     """POST /tokenize: exactly one of `messages` (chat-rendered) or `prompt` (raw text)."""
 
     model: str | None = None
-    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    messages: list[ChatMessage] | None = Field(None, min_length=1, json_schema_extra=first_not_tool)
     prompt: str | None = None
     steering: dict[str, Any] | None = None
     return_token_strs: bool = False  # as vLLM's /tokenize: each token's vocabulary string too
+    tools: list[ChatTool] | None = None  # rendered as /v1/chat/completions renders them
 
     @model_validator(mode="after")
     def _exactly_one(self) -> TokenizeRequest:
         if (self.messages is None) == (self.prompt is None):
             raise _invalid("give exactly one of 'messages' or 'prompt'")
+        check_tools(type(self).__name__, self.tools)
+        check_tool_messages(type(self).__name__, self.messages or ())
         return self
+
+    def template_options(self) -> dict[str, Any]:
+        return {**super().template_options(), "tools": tool_dicts(self.tools)}

@@ -91,9 +91,21 @@ class ChoiceLogprobs(ResponseModel):
     content: list[TokenLogprobInfo] | None
 
 
+class FunctionCall(ResponseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(ResponseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(ResponseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # None (JSON null) when the answer is only tool calls
+    tool_calls: list[ToolCall] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ChatChoice(ResponseModel):
@@ -150,9 +162,24 @@ class ChatCompletionResponse(ResponseModel):
     context_indicator: ContextIndicatorInfo | None = Field(None, exclude_if=_omit_none)
 
 
+class DeltaFunctionCall(ResponseModel):
+    name: str | None = Field(None, exclude_if=_omit_none)
+    arguments: str | None = Field(None, exclude_if=_omit_none)
+
+
+class DeltaToolCall(ResponseModel):
+    """A piece of a streamed call: the first names it (id, type, name), the rest add argument text."""
+
+    index: int
+    id: str | None = Field(None, exclude_if=_omit_none)
+    type: Literal["function"] | None = Field(None, exclude_if=_omit_none)
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(ResponseModel):
     role: Literal["assistant"] | None = Field(None, exclude_if=_omit_none)
     content: str | None = Field(None, exclude_if=_omit_none)
+    tool_calls: list[DeltaToolCall] | None = Field(None, exclude_if=_omit_none)
 
 
 class ChatChunkChoice(ResponseModel):

@@ -326,9 +326,11 @@ class SteeringParams(BaseModel):
         *,
         head_profiles: Mapping[str, HeadMap] | None = None,
         default_strength: float = 1.0,
+        default_targets: Sequence[str] = DEFAULT_TARGETS,
         field: str = "steering",
     ) -> SteeringSpec:
-        """The spec for `model`: index ranges and profile names checked, defaults filled in."""
+        """The spec for `model`: index ranges and profile names checked, defaults filled in (the server's
+        default strength and targets apply where the request gives none)."""
         alpha, auto = self._alpha(default_strength)
         method = self.method or "attention"
         cad_beta = None
@@ -340,7 +342,7 @@ class SteeringParams(BaseModel):
             raise SteeringError(f"{field}.spans", '"auto" is only available on /v1/chat/completions')
         spans = tuple(self.spans or ())
         # With spans and no explicit targets, only the spans are steered (PASTA-style emphasis).
-        targets = self.targets if self.targets is not None else (() if spans else DEFAULT_TARGETS)
+        targets = self.targets if self.targets is not None else (() if spans else default_targets)
         layers = None
         if self.layers not in (None, "all"):
             layers = _in_range(self.layers, f"{field}.layers", model.num_layers, "layer")  # type: ignore[arg-type]
@@ -380,9 +382,13 @@ def parse_steering(
     num_heads: int,
     head_profiles: Mapping[str, HeadMap] | None = None,
     default_strength: float = 1.0,
+    default_targets: Sequence[str] = DEFAULT_TARGETS,
     field: str = "steering",
 ) -> SteeringSpec:
-    """Validate a request's `steering` object into a spec; None means the server default strength."""
+    """Validate a request's `steering` object into a spec; None means the server defaults."""
     params = SteeringParams() if obj is None else SteeringParams.parse(obj, field)
     shape = Shape(num_layers, num_heads)
-    return params.to_spec(shape, head_profiles=head_profiles, default_strength=default_strength, field=field)
+    return params.to_spec(
+        shape, head_profiles=head_profiles, default_strength=default_strength,
+        default_targets=default_targets, field=field,
+    )  # fmt: skip

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ctxsteer.steering.spec import SteeringError, SteeringSpec
+from ctxsteer.steering.tool_render import content_range, supports_tools, template_input
 
 Range = tuple[int, int]  # half-open [start, end)
 
@@ -59,24 +60,30 @@ _SENTINEL_RE = re.compile("\ue000ctxsteer(\\d+)\ue001")
 
 
 def _locate_with_sentinels(
-    tokenizer: Any, msgs: list[dict[str, str]], text: str, options: dict[str, bool]
+    tokenizer: Any, msgs: list[dict[str, Any]], text: str, options: dict[str, Any]
 ) -> list[Range] | None:
-    """Render once more with each content replaced by a sentinel; walk the real text piece by piece."""
-    skeleton_msgs = [{"role": m["role"], "content": _sentinel(i)} for i, m in enumerate(msgs)]
+    """Render once more with each content replaced by a sentinel; walk the real text piece by piece.
+
+    Empty contents stay empty (templates often render `if message.content` blocks, e.g. around tool calls):
+    they get an empty range where the previous content ended."""
+    skeleton_msgs = [{**m, "content": _sentinel(i) if m["content"] else ""} for i, m in enumerate(msgs)]
     try:
         skeleton = tokenizer.apply_chat_template(skeleton_msgs, tokenize=False, **options)
     except ValueError:
         return None
     found = [int(m.group(1)) for m in _SENTINEL_RE.finditer(skeleton)]
-    if found != list(range(len(msgs))):
+    if found != [i for i, m in enumerate(msgs) if m["content"]]:
         return None  # the template drops, repeats or reorders contents: fall back to searching
-    pieces = _SENTINEL_RE.split(skeleton)[::2]  # literal template text between contents
-    pos, spans = 0, []
-    if not text.startswith(pieces[0]):
+    pieces = iter(_SENTINEL_RE.split(skeleton)[::2])  # literal template text between contents
+    first = next(pieces)
+    if not text.startswith(first):
         return None
-    pos = len(pieces[0])
-    for i, m in enumerate(msgs):
-        nxt = pieces[i + 1]
+    pos, spans = len(first), []
+    for m in msgs:
+        if not m["content"]:
+            spans.append((pos, pos))
+            continue
+        nxt = next(pieces)
         for cand in (m["content"], m["content"].strip(), m["content"].lstrip(), m["content"].rstrip()):
             if text.startswith(cand + nxt, pos):
                 spans.append((pos, pos + len(cand)))
@@ -87,7 +94,7 @@ def _locate_with_sentinels(
     return spans if pos == len(text) else None
 
 
-def _locate_by_search(msgs: list[dict[str, str]], text: str) -> list[Range]:
+def _locate_by_search(msgs: list[dict[str, Any]], text: str) -> list[Range]:
     """Fallback: find each content in order, after the previous one."""
     cursor, spans = 0, []
     for m in msgs:
@@ -159,17 +166,8 @@ def char_to_token_range(offsets: Sequence[Range], start: int, end: int) -> Range
     return TokenIndex(offsets).token_range(start, end)
 
 
-def render_chat(
-    tokenizer: Any,
-    messages: Sequence[Mapping[str, Any]],
-    *,
-    add_generation_prompt: bool = True,
-    continue_final_message: bool = False,
-) -> RenderedPrompt:
-    """Render with the tokenizer's chat template and map every message's content to its tokens.
-
-    `continue_final_message` leaves the last message open (transformers cuts the rendering right after its
-    content), so generation continues it, e.g. an assistant answer prefix."""
+def _request_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Role and content string of each message, with its tool calls or the call it answers."""
     if not messages:
         raise SteeringError("messages", "must contain at least one message")
     msgs = []
@@ -177,19 +175,49 @@ def render_chat(
         role = m.get("role")
         if not isinstance(role, str):
             raise SteeringError(f"messages[{i}].role", "is required")
-        msgs.append({"role": role, "content": content_text(m.get("content"), f"messages[{i}].content")})
-    options = {"add_generation_prompt": add_generation_prompt}
+        msg = {"role": role, "content": content_text(m.get("content"), f"messages[{i}].content")}
+        for key in ("tool_calls", "tool_call_id"):
+            if m.get(key) is not None:
+                msg[key] = m[key]
+        msgs.append(msg)
+    return msgs
+
+
+def render_chat(
+    tokenizer: Any,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+) -> RenderedPrompt:
+    """Render with the tokenizer's chat template and map every message's content to its tokens.
+
+    `continue_final_message` leaves the last message open (transformers cuts the rendering right after its
+    content), so generation continues it, e.g. an assistant answer prefix. `tools` (OpenAI tool dicts),
+    assistant `tool_calls` and `tool` messages go to the template if it renders tools, else through the
+    hermes fallback of steering.tool_render; either way a message's span is its own content."""
+    msgs = _request_messages(messages)
+    inp = template_input(msgs, tools, supports_tools(tokenizer))
+    options: dict[str, Any] = {"add_generation_prompt": add_generation_prompt}
     if continue_final_message:
         if not msgs[-1]["content"].strip():
             raise SteeringError(
                 "messages", "continue_final_message needs a final message with text to continue"
             )
         options = {"add_generation_prompt": False, "continue_final_message": True}
+    if inp.tools:
+        options["tools"] = inp.tools
     try:
-        text = tokenizer.apply_chat_template(msgs, tokenize=False, **options)
+        text = tokenizer.apply_chat_template(inp.messages, tokenize=False, **options)
     except ValueError as e:  # e.g. the template drops part of the message to continue
         raise SteeringError("messages", f"the chat template cannot render these messages: {e}") from e
-    chars = _locate_with_sentinels(tokenizer, msgs, text, options) or _locate_by_search(msgs, text)
+    tmsgs = inp.messages
+    located = _locate_with_sentinels(tokenizer, tmsgs, text, options) or _locate_by_search(tmsgs, text)
+    chars = [
+        content_range(text, located[t], tmsgs[t]["content"], off, m["content"])
+        for m, t, off in zip(msgs, inp.owners, inp.offsets, strict=True)
+    ]
     ids, offsets = _tokenize(tokenizer, text, add_special_tokens=False)
     index = TokenIndex(offsets)
     spans = tuple(index.token_range(s, e) for s, e in chars)
@@ -218,7 +246,8 @@ def steered_ranges(
 ) -> tuple[Range, ...]:
     """Token ranges of the prompt that are the steered context (their keys keep full attention).
 
-    A message is steered if its `steer` flag says so, else if its role is in `spec.targets`. Every
+    A message is steered if its `steer` flag says so, else if its role is in `spec.targets`; an assistant
+    message with `tool_calls` never is (the model's own calls are not context). Every
     occurrence of each `spec.spans` substring inside any message content is steered as well.
     `messages=None` (raw completions) steers only spans.
     """
@@ -228,6 +257,8 @@ def steered_ranges(
             flag = m.get("steer")
             if flag is not None and not isinstance(flag, bool):
                 raise SteeringError(f"messages[{i}].steer", "must be a boolean")
+            if m.get("tool_calls"):
+                continue
             if flag if flag is not None else m.get("role") in spec.targets:
                 ranges.append(span)
     index = TokenIndex(rendered.offsets) if spec.spans else None

@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-Role = Literal["system", "user", "assistant"]
+# "tool": the results of tool calls (role "tool" messages), context the model should rely on like the user's.
+Role = Literal["system", "user", "assistant", "tool"]
 ROLES: tuple[str, ...] = get_args(Role)
-DEFAULT_TARGETS = ("user",)
+DEFAULT_TARGETS = ("user",)  # the paper's rule: the user's turns are the context (--default-steering-targets)
 Method = Literal["attention", "cad", "attention+cad"]
 METHODS: tuple[str, ...] = get_args(Method)
 CAD_METHODS = ("cad", "attention+cad")

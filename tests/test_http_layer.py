@@ -377,7 +377,8 @@ CHAT_BAD: list[tuple[str, dict[str, Any] | str, str | None]] = [
     ("unknown head profile", {"steering": {"head_profile": "nope"}}, "steering.head_profile"),
     ("unknown steering field", {"steering": {"bogus": 1}}, "steering.bogus"),
     ("unknown role", {"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
-    ("tool role", {"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+    ("tool role without id", {"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
+    ("function role", {"messages": [{"role": "function", "content": "x"}]}, "messages[0].role"),
     ("content number", {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
     (
         "image part",
@@ -397,8 +398,9 @@ CHAT_BAD: list[tuple[str, dict[str, Any] | str, str | None]] = [
     ("n zero", {"n": 0}, "n"),
     ("seed string", {"seed": "x"}, "seed"),
     ("stream bool string", {"stream": "true"}, "stream"),
-    ("tools", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ("tool_choice", {"tool_choice": "auto"}, "tool_choice"),
+    ("tool without type", {"tools": [{"function": {"name": "f"}}]}, "tools[0].type"),
+    ("tool_choice without tools", {"tool_choice": "auto"}, "tool_choice"),
+    ("legacy functions", {"functions": [{"name": "f"}]}, "functions"),
     ("response_format unknown type", {"response_format": {"type": "xml"}}, "response_format.type"),
     ("json_schema without schema object", {"response_format": {"type": "json_schema"}}, "response_format"),
     (
@@ -468,6 +470,8 @@ COMPLETION_BAD: list[tuple[str, dict[str, Any], str | None]] = [
     ("targets", {"prompt": "abc", "steering": {"spans": ["a"], "targets": ["user"]}}, "steering.targets"),
     ("logprobs 50", {"prompt": "x", "logprobs": 50}, "logprobs"),
     ("suffix", {"prompt": "x", "suffix": "y"}, "suffix"),
+    ("tools", {"prompt": "x", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("tool_choice", {"prompt": "x", "tool_choice": "auto"}, "tool_choice"),
 ]
 
 

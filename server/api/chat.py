@@ -8,6 +8,7 @@ stream responses put it on their last chunk.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -22,7 +23,13 @@ from ctxsteer.server.api.generation import (
     serve_generation,
     sse_body,
 )
-from ctxsteer.server.api.serving import Prepared, ServingContext, prepare_generation, render_with_indicator
+from ctxsteer.server.api.serving import (
+    Prepared,
+    ServingContext,
+    get_context,
+    prepare_generation,
+    render_with_indicator,
+)
 from ctxsteer.server.engine.request import TokenLogprob
 from ctxsteer.server.errors import bad_request
 from ctxsteer.server.protocol import ChatCompletionRequest
@@ -34,9 +41,13 @@ from ctxsteer.server.responses import (
     ChatCompletionResponse,
     ChoiceLogprobs,
     DeltaMessage,
+    DeltaToolCall,
     TokenLogprobInfo,
     TopLogprob,
 )
+from ctxsteer.server.tools.constrain import constrained_parser
+from ctxsteer.server.tools.output import ToolStream, call_deltas, finish_reason, parse_output, tool_calls
+from ctxsteer.server.tools.parsers import ToolCallParser, pick_parser
 
 router = APIRouter()
 
@@ -70,9 +81,33 @@ def _prepare(ctx: ServingContext, req: ChatCompletionRequest, response_id: str) 
 
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(request: Request) -> Response:
+    ctx = get_context(request)
+    stream, collect = partial(_stream, ctx), partial(_collect, ctx)
     return await serve_generation(
-        request, ChatCompletionRequest, "chatcmpl", _prepare, _stream, _collect, resolve_auto_spans
+        request, ChatCompletionRequest, "chatcmpl", _prepare, stream, collect, resolve_auto_spans
     )
+
+
+def _tool_parser(ctx: ServingContext, req: ChatCompletionRequest) -> ToolCallParser | None:
+    """How this request's output becomes tool calls; None when it cannot call any (no tools, or
+    tool_choice "none"). A forced call (named, "required") was constrained to JSON; "auto" is free text
+    in the model's own format (--tool-call-parser, else guessed from the chat template)."""
+    choice = req.tool_choice or "auto"  # OpenAI's default with tools
+    if not req.tools or choice == "none":
+        return None
+    forced = constrained_parser(choice if isinstance(choice, str) else choice.model_dump(exclude_none=True))
+    if forced is not None:
+        return forced
+    return pick_parser(ctx.config.tool_call_parser, ctx.engine.tokenizer)
+
+
+def _parallel(req: ChatCompletionRequest) -> bool:
+    return req.parallel_tool_calls is not False  # OpenAI's default: allowed
+
+
+def _count_calls(ctx: ServingContext, n: int) -> None:
+    if n and ctx.on_tool_calls is not None:
+        ctx.on_tool_calls(n)
 
 
 def chat_logprobs(logprobs: Sequence[TokenLogprob], top_n: int) -> list[TokenLogprobInfo]:
@@ -91,7 +126,7 @@ def chat_logprobs(logprobs: Sequence[TokenLogprob], top_n: int) -> list[TokenLog
 
 
 async def _collect(
-    base: dict[str, Any], req: ChatCompletionRequest, gen: Generation
+    ctx: ServingContext, base: dict[str, Any], req: ChatCompletionRequest, gen: Generation
 ) -> ChatCompletionResponse:
     n = req.num_choices
     logprobs: list[list[TokenLogprobInfo]] = [[] for _ in range(n)]
@@ -102,41 +137,72 @@ async def _collect(
             logprobs[i].extend(chat_logprobs(out.logprobs, top_n))
 
     texts, finish = await collect_choices(gen, n, on_output)
-    choices = [
-        ChatChoice(
-            index=i,
-            message=AssistantMessage(content=texts[i]),
-            logprobs=ChoiceLogprobs(content=logprobs[i]) if req.logprobs else None,
-            finish_reason=finish[i],
-        )
-        for i in range(n)
-    ]
+    parser, parallel = _tool_parser(ctx, req), _parallel(req)
+    choices = []
+    for i in range(n):
+        message, reason = AssistantMessage(content=texts[i]), finish[i]
+        if parser is not None:
+            content, calls = parse_output(parser, texts[i], parallel)
+            if calls:
+                message = AssistantMessage(content=content, tool_calls=tool_calls(calls))
+                reason = finish_reason(reason, calls)
+                _count_calls(ctx, len(calls))
+        logs = ChoiceLogprobs(content=logprobs[i]) if req.logprobs else None
+        choices.append(ChatChoice(index=i, message=message, logprobs=logs, finish_reason=reason))
     return ChatCompletionResponse(**base, choices=choices, usage=gen.usage(), **gen.extras())
 
 
+def _chunk_choices(
+    i: int, text: str, logprobs: ChoiceLogprobs | None, calls: list[DeltaToolCall], finish: str | None
+) -> list[ChatChunkChoice]:
+    """One engine output of choice `i` as chunk choices: its content (and logprobs), then one chunk per
+    call delta; the last carries the finish reason. None of them when there is nothing to say."""
+    deltas = [DeltaMessage(tool_calls=[d]) for d in calls]
+    if text or logprobs is not None or not deltas:
+        deltas.insert(0, DeltaMessage(content=text or None))
+    if not (text or logprobs is not None or calls or finish is not None):
+        return []
+    return [
+        ChatChunkChoice(
+            index=i,
+            delta=delta,
+            logprobs=logprobs if k == 0 else None,
+            finish_reason=finish if k == len(deltas) - 1 else None,
+        )
+        for k, delta in enumerate(deltas)
+    ]
+
+
 def _stream(
+    ctx: ServingContext,
     base: dict[str, Any],
     req: ChatCompletionRequest,
     gen: Generation,
     first: tuple[int, Any],
 ) -> AsyncIterator[bytes]:
     """SSE frames: a role chunk per choice, content chunks, finish chunks, optional usage chunk, [DONE].
-    The `steering` object rides on the last chunk before [DONE]."""
+    The `steering` object rides on the last chunk before [DONE]. With tools, each choice's text goes
+    through a `ToolStream`: content while it cannot be a call, then the calls' deltas before the finish."""
+    parser = _tool_parser(ctx, req)
+    streams = [ToolStream(parser, _parallel(req)) for _ in range(req.num_choices)] if parser else None
 
     def chunk(choices: list[ChatChunkChoice], **extra: Any) -> bytes:
         return sse.frame(ChatCompletionChunk(**base, choices=choices, **extra))
 
     def frame_for(i: int, out: Any, last: bool) -> bytes | None:
         lps = chat_logprobs(out.logprobs, req.top_logprobs or 0) if req.logprobs else None
-        if not (out.text or lps or out.finish_reason is not None):
-            return None
-        choice = ChatChunkChoice(
-            index=i,
-            delta=DeltaMessage(content=out.text or None),
-            logprobs=ChoiceLogprobs(content=lps) if lps else None,
-            finish_reason=None if out.finish_reason is None else str(out.finish_reason),
+        text, finish = out.text, None if out.finish_reason is None else str(out.finish_reason)
+        calls: list[DeltaToolCall] = []
+        if streams is not None:
+            text = streams[i].feed(out.text)
+            if finish is not None:
+                rest, parsed = streams[i].finish()
+                text, finish, calls = text + rest, finish_reason(finish, parsed), call_deltas(parsed)
+                _count_calls(ctx, len(parsed))
+        pieces = _chunk_choices(i, text, ChoiceLogprobs(content=lps) if lps else None, calls, finish)
+        return (
+            b"".join(chunk([p], **(gen.extras() if last and p is pieces[-1] else {})) for p in pieces) or None
         )
-        return chunk([choice], **(gen.extras() if last else {}))
 
     roles = [
         chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
@@ -54,6 +55,19 @@ class ServingContext:
     # whose output controls were accepted (once per request, not per choice).
     on_grammar_compiled: Callable[[float], None] | None = None
     on_structured_request: Callable[[str], None] | None = None
+    on_tool_calls: Callable[[int], None] | None = None  # the tool calls in a response (server/tools)
+
+    def __post_init__(self) -> None:
+        """--chat-template replaces the template of the server's one tokenizer, read once here at start, so
+        every render (chat, /tokenize, spans "auto") uses it; an unreadable file is a ValueError (exit 2)."""
+        if (path := self.config.chat_template) is not None:
+            try:
+                template = Path(path).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"--chat-template: cannot read {path}: {e}") from None
+            if not template.strip():
+                raise ValueError(f"--chat-template: {path} is empty")
+            self.engine.tokenizer.chat_template = template
 
     @property
     def max_model_len(self) -> int:
@@ -82,6 +96,7 @@ class ServingContext:
             self.engine.info,
             head_profiles=self.head_profiles,
             default_strength=self.config.default_steering_strength,
+            default_targets=self.config.default_targets,
         )
         for feature in spec.features:
             require(self.engine.info, feature, spec.method)

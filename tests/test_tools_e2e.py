@@ -1,0 +1,147 @@
+"""Tool calling end to end: `ctxsteer serve` on the embedded SmolLM2 (a real uvicorn subprocess) driven by
+the official openai SDK the way agents use it: a forced call ("required", a named function) whose
+arguments validate against the tool's schema, the call's result sent back as a `tool` message and
+steered (`targets: ["user", "tool"]`) for the final answer, and the same round trip streamed with the
+SDK reassembling the call from its deltas."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from server_process import ServerProcess, serve
+
+pytestmark = pytest.mark.slow
+
+MODEL = "SmolLM2-135M-Instruct"
+CITIES = ["Paris", "London", "Rome"]
+WEATHER_TOOL: Any = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather of a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "enum": CITIES, "maxLength": 10}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME_TOOL: Any = {
+    "type": "function",
+    "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
+}
+TOOLS = [WEATHER_TOOL, TIME_TOOL]
+ASK: Any = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+STEER = {"steering": {"targets": ["user", "tool"], "strength": 2}}
+RESULT = "Sunny, 24 degrees Celsius, light wind."
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    with serve(None, "--max-num-seqs", "4", log_dir=tmp_path_factory.mktemp("tools")) as sp:
+        yield sp
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def assert_weather_call(call: Any) -> None:
+    """A get_weather call whose arguments are exactly what its schema allows."""
+    assert call.type == "function" and call.id.startswith("call_") and len(call.id) == 29
+    assert call.function.name == "get_weather"
+    args = json.loads(call.function.arguments)
+    assert set(args) == {"city"} and args["city"] in CITIES
+
+
+def answer_with_result(messages: list[Any], message: Any) -> list[Any]:
+    """The conversation as an agent continues it: the assistant's calls, then one result per call."""
+    calls = [c.model_dump(include={"id", "type", "function"}) for c in message.tool_calls]
+    results = [{"role": "tool", "tool_call_id": c["id"], "content": RESULT} for c in calls]
+    return [*messages, {"role": "assistant", "content": message.content, "tool_calls": calls}, *results]
+
+
+def test_required_call_then_a_steered_answer_from_the_result(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
+        max_tokens=60, temperature=0,
+    )  # fmt: skip
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    assert choice.message.content is None and len(choice.message.tool_calls) == 1
+    call = choice.message.tool_calls[0]
+    if call.function.name == "get_weather":
+        assert_weather_call(call)
+    else:
+        assert (call.function.name, json.loads(call.function.arguments)) == ("get_time", {})
+    messages = answer_with_result(ASK, choice.message)
+    for tool_choice in ("none", "auto"):
+        final = client.chat.completions.create(
+            model=MODEL, messages=messages, tools=TOOLS, tool_choice=tool_choice, max_tokens=40,
+            temperature=0, extra_body=STEER,
+        )  # fmt: skip
+        out = final.choices[0]
+        if tool_choice == "none" or not out.message.tool_calls:
+            assert out.message.tool_calls is None and out.message.content
+            assert out.finish_reason in ("stop", "length")
+        steering = final.model_extra["steering"]
+        assert steering["strength"] == 2 and steering["steered_tokens"] > 0
+
+
+def test_named_function_gives_that_function(client: openai.OpenAI) -> None:
+    named: Any = {"type": "function", "function": {"name": "get_weather"}}
+    r = client.chat.completions.create(
+        model=MODEL, messages=ASK, tools=TOOLS, tool_choice=named, max_tokens=40, temperature=0
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert_weather_call(call)
+
+
+def test_streamed_round_trip_reassembled_by_the_sdk(client: openai.OpenAI) -> None:
+    named: Any = {"type": "function", "function": {"name": "get_weather"}}
+    whole = client.chat.completions.create(
+        model=MODEL, messages=ASK, tools=TOOLS, tool_choice=named, max_tokens=40, temperature=0
+    )
+    with client.chat.completions.stream(
+        model=MODEL, messages=ASK, tools=TOOLS, tool_choice=named, max_tokens=40, temperature=0
+    ) as stream:
+        events = [e.type for e in stream]
+        streamed = stream.get_final_completion().choices[0]
+    assert "tool_calls.function.arguments.done" in events
+    assert streamed.finish_reason == "tool_calls"
+    [call] = streamed.message.tool_calls
+    assert_weather_call(call)
+    assert call.function.arguments == whole.choices[0].message.tool_calls[0].function.arguments  # greedy
+    messages = answer_with_result(ASK, streamed.message)
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=messages, tools=TOOLS, tool_choice="none", max_tokens=30,
+            temperature=0, stream=True, extra_body=STEER,
+        )
+    )  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text and not any(c.choices and c.choices[0].delta.tool_calls for c in chunks)
+    assert chunks[-1].model_extra["steering"]["steered_tokens"] > 0
+
+
+def test_tool_calls_are_counted(server: ServerProcess, client: openai.OpenAI) -> None:
+    def counted() -> float:
+        text = httpx.get(server.url + "/metrics", timeout=30).text
+        line = next((x for x in text.splitlines() if x.startswith("ctxsteer_tool_calls_total{")), None)
+        return float(line.rsplit(" ", 1)[1]) if line else 0.0
+
+    before = counted()
+    client.chat.completions.create(
+        model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
+        max_tokens=60, temperature=0,
+    )  # fmt: skip
+    assert counted() == before + 1
