@@ -20,7 +20,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ctxsteer.server.api import chat, completions, meta, ui
+from ctxsteer.server.api import chat, completions, meta, responses, ui
 from ctxsteer.server.api.openapi import install_openapi
 from ctxsteer.server.api.serving import ServingContext
 from ctxsteer.server.config import ServerConfig
@@ -81,7 +81,7 @@ def build_app(
         )
     install_exception_handlers(app)
     install_openapi(app, engine.info, auth=bool(config.api_keys), profiles=sorted(head_profiles or {}))
-    for module in (meta, chat, completions):
+    for module in (meta, chat, completions, responses):
         app.include_router(module.router)
     if config.ui:
         ui.install(app)

@@ -92,7 +92,7 @@ def test_openapi_document_holds_under_schemathesis(served: Live) -> None:
     """No 5xx, documented statuses, content types and headers, response bodies (and SSE events) valid
     against the published schemas, schema-invalid data rejected, auth enforced, unsupported methods 405."""
     text = run_schemathesis(served.url, max_examples=ST_EXAMPLES, seed=1)
-    assert "No issues found" in text and "8 selected / 8 total" in text, text[-3000:]
+    assert "No issues found" in text and "9 selected / 9 total" in text, text[-3000:]
 
 
 # ---- hypothesis: hostile bodies ------------------------------------------------------------------------

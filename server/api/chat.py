@@ -52,7 +52,7 @@ from ctxsteer.server.tools.parsers import ToolCallParser, pick_parser
 router = APIRouter()
 
 
-def _prepare(ctx: ServingContext, req: ChatCompletionRequest, response_id: str) -> Prepared:
+def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest, response_id: str) -> Prepared:
     """Tokenizer-bound work, run in a worker thread: render with the chat template, then the shared steps."""
     spec = ctx.parse_spec(req.steering_object())
     mode = ctx.indicator_mode(req.context_indicator)
@@ -84,11 +84,11 @@ async def create_chat_completion(request: Request) -> Response:
     ctx = get_context(request)
     stream, collect = partial(_stream, ctx), partial(_collect, ctx)
     return await serve_generation(
-        request, ChatCompletionRequest, "chatcmpl", _prepare, stream, collect, resolve_auto_spans
+        request, ChatCompletionRequest, "chatcmpl", prepare_chat, stream, collect, resolve_auto_spans
     )
 
 
-def _tool_parser(ctx: ServingContext, req: ChatCompletionRequest) -> ToolCallParser | None:
+def tool_parser(ctx: ServingContext, req: ChatCompletionRequest) -> ToolCallParser | None:
     """How this request's output becomes tool calls; None when it cannot call any (no tools, or
     tool_choice "none"). A forced call (named, "required") was constrained to JSON; "auto" is free text
     in the model's own format (--tool-call-parser, else guessed from the chat template)."""
@@ -105,7 +105,7 @@ def _parallel(req: ChatCompletionRequest) -> bool:
     return req.parallel_tool_calls is not False  # OpenAI's default: allowed
 
 
-def _count_calls(ctx: ServingContext, n: int) -> None:
+def count_calls(ctx: ServingContext, n: int) -> None:
     if n and ctx.on_tool_calls is not None:
         ctx.on_tool_calls(n)
 
@@ -137,7 +137,7 @@ async def _collect(
             logprobs[i].extend(chat_logprobs(out.logprobs, top_n))
 
     texts, finish = await collect_choices(gen, n, on_output)
-    parser, parallel = _tool_parser(ctx, req), _parallel(req)
+    parser, parallel = tool_parser(ctx, req), _parallel(req)
     choices = []
     for i in range(n):
         message, reason = AssistantMessage(content=texts[i]), finish[i]
@@ -146,7 +146,7 @@ async def _collect(
             if calls:
                 message = AssistantMessage(content=content, tool_calls=tool_calls(calls))
                 reason = finish_reason(reason, calls)
-                _count_calls(ctx, len(calls))
+                count_calls(ctx, len(calls))
         logs = ChoiceLogprobs(content=logprobs[i]) if req.logprobs else None
         choices.append(ChatChoice(index=i, message=message, logprobs=logs, finish_reason=reason))
     return ChatCompletionResponse(**base, choices=choices, usage=gen.usage(), **gen.extras())
@@ -183,7 +183,7 @@ def _stream(
     """SSE frames: a role chunk per choice, content chunks, finish chunks, optional usage chunk, [DONE].
     The `steering` object rides on the last chunk before [DONE]. With tools, each choice's text goes
     through a `ToolStream`: content while it cannot be a call, then the calls' deltas before the finish."""
-    parser = _tool_parser(ctx, req)
+    parser = tool_parser(ctx, req)
     streams = [ToolStream(parser, _parallel(req)) for _ in range(req.num_choices)] if parser else None
 
     def chunk(choices: list[ChatChunkChoice], **extra: Any) -> bytes:
@@ -198,7 +198,7 @@ def _stream(
             if finish is not None:
                 rest, parsed = streams[i].finish()
                 text, finish, calls = text + rest, finish_reason(finish, parsed), call_deltas(parsed)
-                _count_calls(ctx, len(parsed))
+                count_calls(ctx, len(parsed))
         pieces = _chunk_choices(i, text, ChoiceLogprobs(content=lps) if lps else None, calls, finish)
         return (
             b"".join(chunk([p], **(gen.extras() if last and p is pieces[-1] else {})) for p in pieces) or None

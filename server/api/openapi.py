@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from ctxsteer.server.engine.interface import ModelInfo
 from ctxsteer.server.protocol import UNSUPPORTED, ChatCompletionRequest, CompletionRequest, TokenizeRequest
+from ctxsteer.server.protocol_responses import ResponsesRequest
 from ctxsteer.server.responses import (
     ChatCompletionResponse,
     CompletionResponse,
@@ -25,6 +26,7 @@ from ctxsteer.server.responses import (
     ModelList,
     TokenizeResponse,
 )
+from ctxsteer.server.responses_api import ResponseObject
 from ctxsteer.steering.schema import if_given, not_both, nullable, steering_json_schema
 from ctxsteer.steering.spec import ROLES
 
@@ -67,6 +69,7 @@ _VERSION = {
 OPS: dict[tuple[str, str], _Op] = {
     ("post", "/v1/chat/completions"): _Op(ChatCompletionRequest, ChatCompletionResponse, _GENERATE, True),
     ("post", "/v1/completions"): _Op(CompletionRequest, CompletionResponse, _GENERATE, True),
+    ("post", "/v1/responses"): _Op(ResponsesRequest, ResponseObject, _GENERATE, True),
     ("post", "/tokenize"): _Op(TokenizeRequest, TokenizeResponse, (400, 401, 404, 413, 415)),
     ("get", "/v1/models"): _Op(None, ModelList, (401,)),
     ("get", "/v1/models/{model_id}"): _Op(None, ModelCard, (401, 404)),
@@ -129,10 +132,14 @@ def build_document(app: FastAPI, info: ModelInfo, *, auth: bool, profiles: list[
 
 
 def _models() -> list[tuple[type[BaseModel], str]]:
-    reqs = [(m, "validation") for m in (ChatCompletionRequest, CompletionRequest, TokenizeRequest)]
+    reqs = [
+        (m, "validation")
+        for m in (ChatCompletionRequest, CompletionRequest, TokenizeRequest, ResponsesRequest)
+    ]
     resps = [
         ChatCompletionResponse,
         CompletionResponse,
+        ResponseObject,
         TokenizeResponse,
         ModelList,
         ModelCard,
@@ -189,6 +196,24 @@ def _tighten_requests(schemas: dict[str, Any], info: ModelInfo, profiles: list[s
         )
     )
     _tighten_bodies(schemas)
+    _tighten_responses(
+        schemas, steering_json_schema(info.num_layers, info.num_heads, profiles, auto_spans=True)
+    )
+
+
+def _tighten_responses(schemas: dict[str, Any], steering: dict[str, Any]) -> None:
+    """/v1/responses: chat's steering object, and no value that would need server-side state."""
+    model = schemas["ResponsesRequest"]
+    props = model["properties"]
+    props["steering"] = nullable(steering)
+    stateless = "Not implemented: this server stores no responses."
+    for field in ("store", "background"):
+        props[field] = {"enum": [False, None], "description": stateless}
+    props["previous_response_id"] = {"type": "null", "description": stateless}
+    model.setdefault("allOf", []).append(not_both("steering", "steering_strength"))
+    fmt = schemas["TextFormat"]
+    fmt["if"] = {"properties": {"type": {"const": "json_schema"}}, "required": ["type"]}
+    fmt["then"] = {"required": ["name"], "properties": {"name": {"type": "string"}}}
 
 
 def _tighten_bodies(schemas: dict[str, Any]) -> None:
