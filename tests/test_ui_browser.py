@@ -3,12 +3,15 @@
 
 Checks what a user sees: the key field (a missing or wrong key shows the server's message), a compare
 run whose two answers equal what the API returns for the same requests, the steered spans highlighted
-exactly where /tokenize puts them, and an API error shown as the server's message. A screenshot of the
+exactly where /tokenize puts them, an API error shown as the server's message, and the optional "Output
+format" box (a JSON schema sent as `response_format`, the answer pretty-printed; an unparsable schema is an
+inline error and sends nothing; a schema the server cannot compile is its 400). A screenshot of the
 compare view is saved to build/test-artifacts/ui-compare.png (the README's picture comes from it).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -202,3 +205,72 @@ def test_api_error_is_shown(page: Any, server: ServerProcess) -> None:
     page.wait_for_selector("#error:not([hidden])", timeout=60_000)
     text = page.inner_text("#error")
     assert text.startswith("400: ") and "layer" in text.lower(), text
+
+
+# The "Output format" box's schema: an object with a bounded string and an integer, nothing else.
+SCHEMA = {
+    "type": "object",
+    "properties": {"day": {"type": "string", "maxLength": 20}, "room": {"type": "integer"}},
+    "required": ["day", "room"],
+    "additionalProperties": False,
+}
+
+
+def _chat_requests(page: Any) -> list[Any]:
+    """Every /v1/chat/completions request the page sends from now on (the page's network events)."""
+    sent: list[Any] = []
+    page.on("request", lambda r: sent.append(r) if r.url.endswith("/v1/chat/completions") else None)
+    return sent
+
+
+def _fill_schema(page: Any, text: str) -> None:
+    page.click("#output-format summary")  # the section starts collapsed
+    page.fill("#schema", text)
+
+
+def test_json_schema_box_sends_response_format(page: Any, server: ServerProcess) -> None:
+    """A filled schema box sends `response_format` json_schema; the answer shows as pretty-printed JSON
+    with the schema's keys."""
+    _fill(page, server)
+    assert not page.is_visible("#schema")  # collapsed: the page looks as before until opened
+    sent = _chat_requests(page)
+    _fill_schema(page, json.dumps(SCHEMA))
+    page.fill("#max-tokens", "64")
+    page.click("#run")
+    page.wait_for_selector("#run:not([disabled])", timeout=120_000)
+    assert page.is_hidden("#error"), page.inner_text("#error")
+    assert page.is_hidden("#schema-error")
+
+    assert len(sent) == 1
+    fmt = json.loads(sent[0].post_data)["response_format"]
+    assert fmt == {"type": "json_schema", "json_schema": {"name": "ui_schema", "schema": SCHEMA}}
+    text = page.text_content("#text-steered")
+    answer = json.loads(text)
+    assert set(answer) == {"day", "room"}, text
+    assert isinstance(answer["day"], str) and len(answer["day"]) <= 20
+    assert isinstance(answer["room"], int) and not isinstance(answer["room"], bool)
+    assert text == json.dumps(answer, indent=2, ensure_ascii=False)  # pretty-printed as JSON.stringify does
+    assert "finish: stop" in page.inner_text("#meta-steered")
+
+
+def test_invalid_schema_is_an_inline_error_and_sends_nothing(page: Any, server: ServerProcess) -> None:
+    """Unparsable JSON in the schema box: an inline error under it, no request; a parsable schema the
+    server cannot compile is its 400, shown as every API error is."""
+    _fill(page, server)
+    sent = _chat_requests(page)
+    _fill_schema(page, '{"type": "object", "properties": {')
+    page.click("#run")
+    page.wait_for_selector("#schema-error:not([hidden])")
+    assert page.inner_text("#schema-error").startswith("Not valid JSON"), page.inner_text("#schema-error")
+    page.click("#compare")
+    page.wait_for_timeout(500)  # a request would have left by now
+    assert sent == [] and page.is_hidden("#error")
+    assert not page.is_disabled("#run") and not page.is_disabled("#compare")
+
+    page.fill("#schema", json.dumps({"type": "nonsense"}))
+    assert page.is_hidden("#schema-error")  # editing clears it
+    page.click("#run")
+    page.wait_for_selector("#error:not([hidden])", timeout=60_000)
+    text = page.inner_text("#error")
+    assert text.startswith("400: ") and len(sent) == 1, text
+    assert page.is_hidden("#schema-error")

@@ -89,7 +89,56 @@ function steering(strength) {
   return s;
 }
 
-function request(strength) {
+// The "Output format" box as a `response_format`: null when empty (free text), json_schema when the schema
+// box is filled, json_object when only the box is ticked. A schema that is not a JSON object shows an inline
+// error under the box and returns {error}: nothing is sent.
+function responseFormat() {
+  const box = $("schema");
+  const err = $("schema-error");
+  err.hidden = true;
+  err.textContent = "";
+  box.classList.remove("invalid");
+  const text = box.value.trim();
+  if (!text) return $("json-object").checked ? { format: { type: "json_object" } } : { format: null };
+  let schema, problem = null;
+  try {
+    schema = JSON.parse(text);
+    if (schema === null || typeof schema !== "object" || Array.isArray(schema)) {
+      problem = "The schema must be a JSON object, like {\"type\": \"object\", …}.";
+    }
+  } catch (e) {
+    problem = "Not valid JSON: " + e.message;
+  }
+  if (problem !== null) {
+    err.textContent = problem;
+    err.hidden = false;
+    box.classList.add("invalid");
+    $("output-format").open = true;
+    return { error: problem };
+  }
+  return { format: { type: "json_schema", json_schema: { name: "ui_schema", schema: schema } } };
+}
+
+// A JSON answer pretty-printed; any other text as it is.
+function prettyJson(text) {
+  try {
+    return JSON.stringify(JSON.parse(text), null, 2);
+  } catch (_) {
+    return text;
+  }
+}
+
+// Under a JSON output format: show the answer pretty-printed when it parses, say so when it does not.
+function showJson(res, textEl, metaEl) {
+  const shown = prettyJson(res.text);
+  if (shown !== res.text) textEl.textContent = shown;
+  else {
+    try { JSON.parse(res.text); } catch (_) { metaEl.textContent += " · not valid JSON"; }
+  }
+  return shown;
+}
+
+function request(strength, format) {
   const body = {
     model: $("model").value || undefined,
     messages: messages(),
@@ -99,6 +148,7 @@ function request(strength) {
     stream_options: { include_usage: true },
     steering: steering(strength),
   };
+  if (format) body.response_format = format;
   if (measureRefused === null) {
     // Where it looked: per-token attention on the context, labelled with the tokens (logprobs).
     body.report = { context_attention: true };
@@ -238,12 +288,15 @@ function busy(on) {
 }
 
 async function run() {
+  const { format, error } = responseFormat();
+  if (error !== undefined) return;
   clearError();
   busy(true);
   $("answer-base").hidden = true;
   $("title-steered").textContent = strengthTitle();
   try {
-    const res = await stream(request(strength()), $("text-steered"), $("meta-steered"));
+    const res = await stream(request(strength(), format), $("text-steered"), $("meta-steered"));
+    if (format) showJson(res, $("text-steered"), $("meta-steered"));
     showLooked([[strengthTitle(), res]]);
   } catch (e) {
     if (e.name !== "AbortError") showError(e.message);
@@ -253,6 +306,8 @@ async function run() {
 }
 
 async function compare() {
+  const { format, error } = responseFormat();
+  if (error !== undefined) return;
   clearError();
   busy(true);
   $("answer-base").hidden = false;
@@ -260,12 +315,17 @@ async function compare() {
   try {
     // Both at once: the server batches them, and one failing must not hide the other's answer.
     const [base, steered] = await Promise.allSettled([
-      stream(request(1), $("text-base"), $("meta-base")),
-      stream(request(strength()), $("text-steered"), $("meta-steered")),
+      stream(request(1, format), $("text-base"), $("meta-base")),
+      stream(request(strength(), format), $("text-steered"), $("meta-steered")),
     ]);
     const failed = [base, steered].find((r) => r.status === "rejected");
     if (failed) throw failed.reason;
-    const [[wa, ka], [wb, kb]] = diffWords(base.value.text, steered.value.text);
+    let [ta, tb] = [base.value.text, steered.value.text];
+    if (format) {
+      ta = showJson(base.value, $("text-base"), $("meta-base"));
+      tb = showJson(steered.value, $("text-steered"), $("meta-steered"));
+    }
+    const [[wa, ka], [wb, kb]] = diffWords(ta, tb);
     renderDiff($("text-base"), wa, ka);
     renderDiff($("text-steered"), wb, kb);
     const same = base.value.text === steered.value.text;
@@ -378,6 +438,10 @@ function init() {
       doc.value = (doc.value.trim() ? doc.value.trimEnd() + "\n\n" : "") + text;
     }
     ev.target.value = "";
+  });
+  $("schema").addEventListener("input", () => {
+    $("schema-error").hidden = true;
+    $("schema").classList.remove("invalid");
   });
   $("run").addEventListener("click", run);
   $("compare").addEventListener("click", compare);
