@@ -9,9 +9,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ctxsteer.server.bench.grammar_compile import SCHEMAS, compile_stats, compile_times_ms
 from ctxsteer.server.bench.launch import free_port, started, wait_ready
 from ctxsteer.server.bench.load import StreamResult, ratio_range, rotation, summarize
 from ctxsteer.server.bench.server import add_ratios
+from ctxsteer.server.bench.structured import EXTRACTION_SCHEMA, extraction_messages, structured_ratios
+from ctxsteer.server.engine.grammar import _compiled, to_llguidance
 
 
 def test_rotation_gives_every_contender_every_position():
@@ -82,6 +85,62 @@ def test_no_same_dtype_keys_without_that_peer():
     add_ratios(doc, 8)
     assert doc["vs_transformers_serve_8"] == pytest.approx(3.0)
     assert not any(k.endswith("_same_dtype") for k in doc)
+
+
+# ---------------------------------------------------------------- structured outputs: ratio, compile time
+
+
+def test_structured_ratio_is_aggregate_over_aggregate_with_per_round_range():
+    constrained = summarize(8, False, [_wave([40, 40], 1.0), _wave([30, 30], 2.0), _wave([50, 50], 1.0)])
+    free = summarize(8, False, [_wave([50, 50], 1.0), _wave([30, 30], 1.5), _wave([50, 50], 1.0)])
+    out = structured_ratios(constrained, free)
+    assert out["structured_throughput_ratio"] == pytest.approx((240 / 4.0) / (260 / 3.5))
+    r = out["structured_throughput_ratio_range"]
+    assert (r["min"], r["median"], r["max"], r["rounds"]) == pytest.approx((0.75, 0.8, 1.0, 3))
+
+
+def test_summarize_counts_how_the_streams_ended():
+    batch, wall = _wave([5, 7, 9], 1.0)
+    batch[0].finish, batch[1].finish = "stop", "length"
+    assert summarize(3, False, [(batch, wall)])["finish_reasons"] == {"stop": 1, "length": 1, "unknown": 1}
+
+
+def test_extraction_prompts_cycle_through_the_documents_and_name_every_field():
+    first, again = extraction_messages(256, 0), extraction_messages(0, 8)
+    assert first == again  # the same prompt for the same index, whatever --prompt-tokens says
+    assert extraction_messages(0, 1) != first
+    assert all(name in first[0]["content"] for name in EXTRACTION_SCHEMA["properties"])
+
+
+def test_compile_times_are_first_compiles_against_the_vocabulary(monkeypatch: pytest.MonkeyPatch):
+    import llguidance
+
+    from ctxsteer.server.bench import grammar_compile
+
+    hits: list[int] = []
+
+    def counted(grammar):
+        text = to_llguidance(grammar)
+        hits.append(_compiled.cache_info().hits)
+        return text
+
+    monkeypatch.setattr(grammar_compile, "to_llguidance", counted)
+    table = llguidance.LLTokenizer("byte")  # the served model's table in the bench; tiny here
+    times = compile_times_ms(SCHEMAS[:3], table, runs=2)
+    assert len(times) == 6 and all(t >= 0 for row in times for t in row)
+    assert hits == [0] * 6, "every compile is a first one: the cache is cleared before each run"
+    stats = compile_stats(times)
+    totals = sorted(b + m for b, m, _ in times)
+    assert stats["grammar_compile_ms_max"] == totals[-1]
+    assert totals[0] <= stats["grammar_compile_ms_p50"] <= stats["grammar_compile_ms_p90"] <= totals[-1]
+    assert stats["grammar_compile_samples"] == 6
+
+
+def test_compile_stats_percentiles():
+    times = [(float(i), 0.5, 0.1) for i in range(10)]  # totals 0.5 .. 9.5
+    stats = compile_stats(times)
+    assert (stats["grammar_compile_ms_p50"], stats["grammar_compile_ms_p90"]) == (5.0, 8.5)
+    assert (stats["grammar_matcher_ms_p50"], stats["grammar_first_mask_ms_p50"]) == (0.5, 0.1)
 
 
 # ---------------------------------------------------------------- launch: start a server, wait until ready

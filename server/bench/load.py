@@ -9,6 +9,8 @@ import asyncio
 import json
 import statistics
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -32,6 +34,7 @@ class StreamResult:
     itls: list[float] = field(default_factory=list)
     tokens: int = 0
     error: str | None = None
+    finish: str | None = None  # the choice's finish_reason: "stop" (ended by itself) or "length"
 
 
 def build_messages(prompt_tokens: int, i: int) -> list[dict]:
@@ -47,9 +50,15 @@ def build_messages(prompt_tokens: int, i: int) -> list[dict]:
 
 
 async def one_stream(
-    client: httpx.AsyncClient, model: str, msgs: list[dict], max_tokens: int, steering: dict | None
+    client: httpx.AsyncClient,
+    model: str,
+    msgs: list[dict],
+    max_tokens: int,
+    steering: dict | None,
+    extra: dict | None = None,
 ):
-    body: dict = {
+    """One streaming request (`extra`: more body fields, e.g. a response_format); what the client saw."""
+    body: dict = (extra or {}) | {
         "model": model,
         "messages": msgs,
         "max_tokens": max_tokens,
@@ -74,6 +83,7 @@ async def one_stream(
             if data.get("usage"):
                 res.tokens = data["usage"]["completion_tokens"]
             for choice in data.get("choices") or []:
+                res.finish = choice.get("finish_reason") or res.finish
                 if (choice.get("delta") or {}).get("content"):
                     now = time.perf_counter()
                     if last is None:
@@ -91,10 +101,12 @@ def _steering(i: int, steered: bool) -> dict | None:
 
 
 Wave = tuple[list[StreamResult], float]  # the streams of one wave, its wall time
+Messages = Callable[[int, int], list[dict]]  # (prompt tokens, prompt index) -> the chat messages
 
 
 async def _wave(client: httpx.AsyncClient, model: str, concurrency: int, index: int, prompt_tokens: int,
-                max_tokens: int, steered: bool) -> Wave:  # fmt: skip
+                max_tokens: int, steered: bool, messages: Messages = build_messages,
+                extra: dict | None = None) -> Wave:  # fmt: skip
     """`concurrency` simultaneous streams; wave `index` always sends the same prompts."""
     t0 = time.perf_counter()
     batch = await asyncio.gather(
@@ -102,9 +114,10 @@ async def _wave(client: httpx.AsyncClient, model: str, concurrency: int, index: 
             one_stream(
                 client,
                 model,
-                build_messages(prompt_tokens, index * concurrency + i),
+                messages(prompt_tokens, index * concurrency + i),
                 max_tokens,
                 _steering(i, steered),
+                extra,
             )  # fmt: skip
             for i in range(concurrency)
         )
@@ -129,6 +142,7 @@ def summarize(concurrency: int, steered: bool, waves: list[Wave]) -> dict:
         "itl_p50_s": statistics.median(itls) if itls else None,
         "completion_tokens": tokens,
         "requests": len(results),
+        "finish_reasons": dict(Counter(r.finish or "unknown" for r in results)),
     }
 
 
@@ -145,10 +159,16 @@ async def load(url: str, model: str, concurrency: int, rounds: int, prompt_token
 
 @dataclass(frozen=True, slots=True)
 class Contender:
+    """One side of a side-by-side run: a server and what it is sent (by default the retell prompts at the
+    bench's --max-tokens; `extra` adds body fields, e.g. a response_format)."""
+
     name: str
     url: str
     model: str
     steered: bool
+    messages: Messages = build_messages
+    max_tokens: int | None = None
+    extra: dict | None = field(default=None, compare=False)
 
 
 def rotation(items: list, rnd: int) -> list:
@@ -168,10 +188,10 @@ def side_by_side(
         waves: dict[str, list[Wave]] = {c.name: [] for c in contenders}
         for rnd in range(rounds):
             for c in rotation(contenders, rnd):
+                max_tokens = c.max_tokens or args.max_tokens
                 async with httpx.AsyncClient(base_url=c.url, timeout=600) as client:
-                    wave = await _wave(
-                        client, c.model, concurrency, rnd, args.prompt_tokens, args.max_tokens, c.steered
-                    )
+                    wave = await _wave(client, c.model, concurrency, rnd, args.prompt_tokens, max_tokens,
+                                       c.steered, c.messages, c.extra)  # fmt: skip
                 waves[c.name].append(wave)
         return waves
 

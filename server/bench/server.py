@@ -9,7 +9,10 @@ Measures (streaming chat completions, same prompts for every case):
   n-gram speculation, all up at once and measured wave by wave in rotating order (ratios with their
   per-round range); then, alone: RSS after warm-up and, with nothing running, after 4 concurrent
   ~5,000-token prompts; ITL p50/p99 of 4 running streams while new 512-token requests keep arriving, with
-  whole prefill chunks (the default) and on a second server with `--prefill-stall-share 0.75`.
+  whole prefill chunks (the default) and on a second server with `--prefill-stall-share 0.75`;
+- structured outputs (`--structured`, local engine): json_schema-constrained vs free requests at the top
+  concurrency on the same server in rotating rounds, and the grammar compile time in-process
+  (server/bench/structured.py, server/bench/grammar_compile.py).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from ctxsteer.server.bench.load import (
     side_by_side,
     warmup,
 )
+from ctxsteer.server.bench.structured import run_structured
 
 
 def _rounds(concurrency: int, args: argparse.Namespace) -> int:
@@ -96,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         "--dtype", default=None, help="server --dtype (default: auto; float32 with --engine vllm)"
     )
     ap.add_argument("--threads", type=int, default=None, help="torch threads for the servers started here")
+    ap.add_argument(
+        "--structured",
+        choices=("on", "off", "only"),
+        default="on",
+        help="local engine: json_schema-constrained vs free throughput at the top concurrency, side by side "
+        "on the same server, and grammar compile time in-process (only: nothing else is measured)",
+    )
     args = ap.parse_args(argv)
     top = max(args.concurrency)
     doc: dict = {"model": args.model, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens}
@@ -105,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.engine == "vllm":
         doc |= run_vllm_comparison(args, top)
     else:
-        doc |= run_local(args, top)
+        doc |= run_local_engine(args, top)
+    if args.structured == "only" and not args.url and args.engine == "local":
+        return _report(doc, args)
     by_c = add_ratios(doc, top)
 
     if args.engine == "vllm" and not args.url:
@@ -113,12 +126,33 @@ def main(argv: list[str] | None = None) -> int:
         doc["vllm_steered_throughput_ratio"] = doc.pop("steered_throughput_ratio", None)
         doc[f"vllm_vs_local_{top}"] = steered / _top_tok_s(doc["local"], top)
         doc[f"vllm_vs_plain_vllm_{top}"] = steered / _top_tok_s(doc["plain_vllm"], top)
+    return _report(doc, args)
+
+
+def _report(doc: dict, args: argparse.Namespace) -> int:
     summary = {k: v for k, v in doc.items() if not isinstance(v, dict | list) or k.endswith("_range")}
     print(json.dumps(summary, indent=2))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=2)
     return 0
+
+
+def run_local_engine(args: argparse.Namespace, top: int) -> dict:
+    """The local engine's run: the grammar compile time first (in-process, on a quiet machine) unless
+    --structured off, then everything (`run_local`) or, with --structured only, the structured throughput
+    alone on one server."""
+    doc: dict = {}
+    if args.structured != "off":
+        from ctxsteer.server.bench.grammar_compile import grammar_compile_timing
+
+        doc |= grammar_compile_timing()
+    if args.structured != "only":
+        return doc | run_local(args, top)
+    with serving(args, top) as (url, _):
+        version = httpx.get(url + "/version").json()
+        doc["device"], doc["dtype"] = version.get("device", "unknown"), version.get("dtype")
+        return doc | run_structured(url, args.model, top, args)
 
 
 def add_ratios(doc: dict, top: int) -> dict[int, dict]:
@@ -231,6 +265,8 @@ def run_side_by_side(args: argparse.Namespace, top: int) -> dict:
         for c in args.concurrency:
             contenders = _contenders(args.model, c, top, url, plain, peer, twin)
             _record_round(doc, side_by_side(contenders, c, _rounds(c, args), args), c, runs)
+        if args.structured == "on":  # on the same server, its peers idle
+            doc |= run_structured(url, args.model, top, args)
         if peer is not None:
             doc["peer"] = {"server": PEER_SERVER, "dtype": "float32", "concurrent": runs["peer"]}
         if twin is not None:
