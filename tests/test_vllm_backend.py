@@ -381,3 +381,106 @@ def test_grammar_only_llguidance_knows_is_served_or_a_400(vllm_url: str) -> None
         assert r.status_code == 200, r.text
         assert isinstance(json.loads(r.json()["choices"][0]["message"]["content"]), dict)
     assert tokens(chat(vllm_url, PROMPTS[0], max_tokens=4))  # still serving
+
+
+# Tool calling on vLLM: a forced call ("required", a named function) is a JSON-schema grammar that vLLM's
+# structured-outputs backend compiles (server/tools/constrain.py); the tool's result is rendered by the
+# same fallback block on both engines and steered as a `tool` message. Under the grammar the engines agree
+# on the call, not on its tokens: where the grammar fixes text (a function's name) llguidance allows only
+# the tokenizer's own tokenization of it while vLLM's backend (xgrammar) also allows others (measured:
+# "get" vs "g", "et"), and vLLM's logprobs are taken after its grammar mask, the local engine's before.
+# The turn after the call is unconstrained, so there greedy tokens and logprobs must be equal.
+
+CITIES = ("Paris", "London", "Rome")
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather of a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "enum": list(CITIES)}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+TOOLS = [WEATHER_TOOL, TIME_TOOL]
+WEATHER_ASK = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+WEATHER_RESULT = "Sunny, 24 degrees Celsius, light wind."
+
+
+class WeatherArgs(BaseModel, extra="forbid"):
+    """get_weather's parameters schema as a model: arguments that validate against it parse."""
+
+    city: Literal["Paris", "London", "Rome"]
+
+
+def sdk_chat(url: str, **kw) -> dict:
+    """A greedy chat completion through the openai SDK, as a dict (`steering` and logprobs included)."""
+    r = sdk(url).chat.completions.create(model="SmolLM2-135M-Instruct", temperature=0, logprobs=True, **kw)
+    return r.model_dump()
+
+
+def assert_valid_call(call: dict) -> None:
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    name, args = call["function"]["name"], call["function"]["arguments"]
+    if name == "get_weather":
+        WeatherArgs.model_validate_json(args)
+    else:
+        assert name == "get_time" and isinstance(json.loads(args), dict), call
+
+
+def calls_of(resp: dict) -> list[tuple[str, str]]:
+    """(name, arguments) of each call: what two engines must agree on (ids are random)."""
+    return [
+        (c["function"]["name"], c["function"]["arguments"])
+        for c in resp["choices"][0]["message"]["tool_calls"]
+    ]
+
+
+def test_tool_choice_required_then_a_steered_answer_equal_local_engine(vllm_url: str, local_url: str) -> None:
+    kw = {"messages": WEATHER_ASK, "tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False}
+    a, b = (sdk_chat(url, max_tokens=60, **kw) for url in (vllm_url, local_url))
+    choice = a["choices"][0]
+    assert choice["finish_reason"] == "tool_calls", choice
+    assert choice["message"]["content"] is None and len(choice["message"]["tool_calls"]) == 1
+    assert_valid_call(choice["message"]["tool_calls"][0])
+    assert calls_of(a) == calls_of(b)
+    # the second turn: the call and its result in the history, the result steered with the user's words
+    [call] = choice["message"]["tool_calls"]
+    history = [
+        *WEATHER_ASK,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{k: call[k] for k in ("id", "type", "function")}],
+        },
+        {"role": "tool", "tool_call_id": call["id"], "content": WEATHER_RESULT},
+    ]
+    answers = []
+    for targets in (["user", "tool"], ["user"]):
+        steering = {"steering": {"targets": targets, "strength": 2}}
+        kw = {"messages": history, "tools": TOOLS, "tool_choice": "none", "extra_body": steering}
+        answers.append([sdk_chat(url, max_tokens=24, **kw) for url in (vllm_url, local_url)])
+    (a, b), (user_only, user_only_local) = answers
+    assert_same_greedy(user_only, user_only_local)
+    out = a["choices"][0]
+    assert out["message"]["content"] and out["message"]["tool_calls"] is None, out
+    assert out["finish_reason"] in ("stop", "length")
+    assert a["steering"] == b["steering"]  # the same spans marked on both engines
+    assert a["steering"]["steered_tokens"] > user_only["steering"]["steered_tokens"], "the result not steered"
+    assert_same_greedy(a, b)
+
+
+def test_named_tool_choice_gives_that_function_equal_local_engine(vllm_url: str, local_url: str) -> None:
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    kw = {"messages": WEATHER_ASK, "tools": TOOLS, "tool_choice": named, "max_tokens": 40}
+    a, b = (sdk_chat(url, **kw) for url in (vllm_url, local_url))
+    choice = a["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None, choice
+    [call] = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather"
+    assert_valid_call(call)
+    assert calls_of(a) == calls_of(b)
