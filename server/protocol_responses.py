@@ -17,7 +17,7 @@ from pydantic_core import PydanticCustomError
 
 from ctxsteer.server.protocol import ChatCompletionRequest, ReportOptions
 from ctxsteer.server.protocol_base import OpenAIBaseModel
-from ctxsteer.server.protocol_tools import TOOL_CHOICE_RULE, located
+from ctxsteer.server.protocol_tools import TOOL_CHOICE_RULE, FunctionDef, located
 from ctxsteer.steering.spec import MAX_STRENGTH
 
 NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
@@ -80,14 +80,10 @@ InputItem = Annotated[
 ]
 
 
-class FunctionTool(OpenAIBaseModel):
-    """A function tool in the Responses shape (flat: no nested `function` object)."""
+class FunctionTool(FunctionDef):
+    """A function tool in the Responses shape: chat's function definition, flat (no nested `function`)."""
 
     type: Literal["function"]
-    name: str = Field(pattern=NAME_PATTERN)
-    description: str | None = None
-    parameters: dict[str, Any] | None = None  # JSON schema of the arguments object
-    strict: bool | None = None
 
 
 class FunctionToolChoice(OpenAIBaseModel):

@@ -11,14 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import httpx
 import openai
 import pytest
 from pydantic import BaseModel, Field
-from server_process import ServerProcess, serve
+from server_process import ServerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -41,36 +40,27 @@ PERSON_FORMAT = {
 }
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    with serve(None, "--max-num-seqs", "4", log_dir=tmp_path_factory.mktemp("structured")) as sp:
-        yield sp
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
-
-
-def token_id(server: ServerProcess, text: str) -> int:
+def token_id(smollm2_server: ServerProcess, text: str) -> int:
     """The id of `text`, which must be one token (found through the server's own /tokenize)."""
-    r = httpx.post(server.url + "/tokenize", json={"prompt": text, "return_token_strs": True}, timeout=30)
+    r = httpx.post(
+        smollm2_server.url + "/tokenize", json={"prompt": text, "return_token_strs": True}, timeout=30
+    )
     assert r.status_code == 200, r.text
     ids = r.json()["tokens"]
     assert len(ids) == 1, (text, r.json())
     return ids[0]
 
 
-def first_tokens(client: openai.OpenAI, messages: list[dict], n: int = 3, **kw: Any) -> list[str]:
-    r = client.chat.completions.create(
+def first_tokens(smollm2_sdk: openai.OpenAI, messages: list[dict], n: int = 3, **kw: Any) -> list[str]:
+    r = smollm2_sdk.chat.completions.create(
         model=MODEL, messages=messages, max_tokens=n, temperature=0, logprobs=True, **kw
     )
     return [t.token for t in r.choices[0].logprobs.content]
 
 
-def test_sdk_parse_returns_the_model_unsteered_and_steered(client: openai.OpenAI) -> None:
+def test_sdk_parse_returns_the_model_unsteered_and_steered(smollm2_sdk: openai.OpenAI) -> None:
     for extra in (None, {"steering": {"strength": 2}}):
-        r = client.chat.completions.parse(
+        r = smollm2_sdk.chat.completions.parse(
             model=MODEL,
             messages=ALICE,
             response_format=Person,
@@ -88,8 +78,8 @@ def test_sdk_parse_returns_the_model_unsteered_and_steered(client: openai.OpenAI
             assert report["strength"] == 2 and report["steered_tokens"] > 0
 
 
-def test_sdk_stream_helper_and_plain_stream(client: openai.OpenAI) -> None:
-    with client.chat.completions.stream(
+def test_sdk_stream_helper_and_plain_stream(smollm2_sdk: openai.OpenAI) -> None:
+    with smollm2_sdk.chat.completions.stream(
         model=MODEL, messages=ALICE, response_format=Person, temperature=0, max_tokens=80
     ) as stream:
         events = [e.type for e in stream]
@@ -97,7 +87,7 @@ def test_sdk_stream_helper_and_plain_stream(client: openai.OpenAI) -> None:
     assert "content.delta" in events and "content.done" in events
     assert isinstance(final.choices[0].message.parsed, Person)
 
-    chunks = client.chat.completions.create(
+    chunks = smollm2_sdk.chat.completions.create(
         model=MODEL, messages=ALICE, response_format=PERSON_FORMAT, temperature=0.8, seed=3, max_tokens=80,
         stream=True,
     )  # fmt: skip
@@ -110,33 +100,33 @@ def test_sdk_stream_helper_and_plain_stream(client: openai.OpenAI) -> None:
     Person.model_validate_json("".join(pieces))
 
 
-def test_json_object(client: openai.OpenAI) -> None:
-    r = client.chat.completions.create(
+def test_json_object(smollm2_sdk: openai.OpenAI) -> None:
+    r = smollm2_sdk.chat.completions.create(
         model=MODEL, messages=ALICE, response_format={"type": "json_object"}, temperature=0, max_tokens=80
     )
     assert r.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(r.choices[0].message.content), dict)
 
 
-def test_structured_outputs_choice_and_regex(client: openai.OpenAI) -> None:
+def test_structured_outputs_choice_and_regex(smollm2_sdk: openai.OpenAI) -> None:
     choices = ["no", "yes", "maybe not"]
     question = [{"role": "user", "content": "Is Paris in Germany? Answer yes or no."}]
     for temperature in (0, 1.5):
-        r = client.chat.completions.create(
+        r = smollm2_sdk.chat.completions.create(
             model=MODEL, messages=question, temperature=temperature, seed=11, max_tokens=20,
             extra_body={"structured_outputs": {"choice": choices}},
         )  # fmt: skip
         assert r.choices[0].message.content in choices, r.choices[0].message
     pattern = r"[A-Z][a-z]+ is [0-9]{1,3} years old\."
-    r = client.chat.completions.create(
+    r = smollm2_sdk.chat.completions.create(
         model=MODEL, messages=ALICE, temperature=0, max_tokens=30,
         extra_body={"structured_outputs": {"regex": pattern}},
     )  # fmt: skip
     assert re.fullmatch(pattern, r.choices[0].message.content), r.choices[0].message.content
 
 
-def test_completions_with_a_json_schema(client: openai.OpenAI) -> None:
-    r = client.completions.create(
+def test_completions_with_a_json_schema(smollm2_sdk: openai.OpenAI) -> None:
+    r = smollm2_sdk.completions.create(
         model=MODEL, prompt="Alice is 31 and lives in Paris. As JSON: ", temperature=0, max_tokens=80,
         extra_body={"response_format": PERSON_FORMAT},
     )  # fmt: skip
@@ -144,45 +134,45 @@ def test_completions_with_a_json_schema(client: openai.OpenAI) -> None:
     Person.model_validate_json(r.choices[0].text)
 
 
-def test_n_choices_with_seed_each_follow_the_schema(client: openai.OpenAI) -> None:
+def test_n_choices_with_seed_each_follow_the_schema(smollm2_sdk: openai.OpenAI) -> None:
     kw: dict[str, Any] = {"model": MODEL, "messages": ALICE, "response_format": Person, "max_tokens": 80}
-    r = client.chat.completions.parse(n=2, seed=7, temperature=1.0, **kw)
+    r = smollm2_sdk.chat.completions.parse(n=2, seed=7, temperature=1.0, **kw)
     assert len(r.choices) == 2
     assert all(isinstance(c.message.parsed, Person) for c in r.choices), r.choices
-    again = client.chat.completions.parse(n=2, seed=7, temperature=1.0, **kw)
+    again = smollm2_sdk.chat.completions.parse(n=2, seed=7, temperature=1.0, **kw)
     assert [c.message.content for c in again.choices] == [c.message.content for c in r.choices]
 
 
-def test_logit_bias_bans_and_forces_tokens(server: ServerProcess, client: openai.OpenAI) -> None:
-    greedy = first_tokens(client, CAPITAL)
-    first = token_id(server, greedy[0])
-    banned = first_tokens(client, CAPITAL, logit_bias={str(first): -100})
+def test_logit_bias_bans_and_forces_tokens(smollm2_server: ServerProcess, smollm2_sdk: openai.OpenAI) -> None:
+    greedy = first_tokens(smollm2_sdk, CAPITAL)
+    first = token_id(smollm2_server, greedy[0])
+    banned = first_tokens(smollm2_sdk, CAPITAL, logit_bias={str(first): -100})
     assert banned[0] != greedy[0], banned
-    hello = token_id(server, "Hello")
+    hello = token_id(smollm2_server, "Hello")
     assert greedy[0] != "Hello"
-    assert first_tokens(client, CAPITAL, logit_bias={str(hello): 100}) == ["Hello"] * 3
+    assert first_tokens(smollm2_sdk, CAPITAL, logit_bias={str(hello): 100}) == ["Hello"] * 3
     # Under a grammar the constraint wins: a forced token the grammar forbids is never sampled.
-    r = client.chat.completions.create(
+    r = smollm2_sdk.chat.completions.create(
         model=MODEL, messages=CAPITAL, temperature=0, max_tokens=10, logit_bias={str(hello): 100},
         extra_body={"structured_outputs": {"choice": ["Paris", "Lyon"]}},
     )  # fmt: skip
     assert r.choices[0].message.content in ("Paris", "Lyon")
 
 
-def test_a_cut_answer_finishes_with_length(client: openai.OpenAI) -> None:
-    r = client.chat.completions.create(
+def test_a_cut_answer_finishes_with_length(smollm2_sdk: openai.OpenAI) -> None:
+    r = smollm2_sdk.chat.completions.create(
         model=MODEL, messages=ALICE, response_format=PERSON_FORMAT, temperature=0, max_tokens=5
     )
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
     with pytest.raises(json.JSONDecodeError):
         json.loads(r.choices[0].message.content)
     with pytest.raises(openai.LengthFinishReasonError):  # what the SDK's parse makes of it
-        client.chat.completions.parse(
+        smollm2_sdk.chat.completions.parse(
             model=MODEL, messages=ALICE, response_format=Person, temperature=0, max_tokens=5
         )
 
 
-def test_requests_with_different_constraints_share_a_batch(server: ServerProcess) -> None:
+def test_requests_with_different_constraints_share_a_batch(smollm2_server: ServerProcess) -> None:
     """Four rows in one batch (the server's --max-num-seqs 4), each with its own grammar or none: each
     follows its own, and the unconstrained row is the same greedy text as alone (no mask leaked to it)."""
     base = {"model": MODEL, "temperature": 0, "max_tokens": 40}
@@ -194,7 +184,7 @@ def test_requests_with_different_constraints_share_a_batch(server: ServerProcess
     ]
 
     async def run() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+        async with httpx.AsyncClient(base_url=smollm2_server.url, timeout=120) as http:
             return await asyncio.gather(*(http.post("/v1/chat/completions", json=b) for b in bodies))
 
     texts = []
@@ -203,7 +193,7 @@ def test_requests_with_different_constraints_share_a_batch(server: ServerProcess
         texts.append(r.json()["choices"][0]["message"]["content"])
     Person.model_validate_json(texts[0])
     assert texts[1] in ("Paris", "Lyon") and re.fullmatch(r"[0-9]{2}", texts[2]), texts
-    alone = httpx.post(server.url + "/v1/chat/completions", json=bodies[3], timeout=120).json()
+    alone = httpx.post(smollm2_server.url + "/v1/chat/completions", json=bodies[3], timeout=120).json()
     assert texts[3] == alone["choices"][0]["message"]["content"]
     assert "Paris" in texts[3] and texts[3] not in ("Paris", "Lyon"), texts[3]  # a sentence, unconstrained
 
@@ -239,25 +229,25 @@ BAD = [
 
 @pytest.mark.parametrize(("extra", "param", "code"), BAD)
 def test_bad_constraints_are_400s_and_the_server_stays_healthy(
-    server: ServerProcess, client: openai.OpenAI, extra: dict, param: str, code: str
+    smollm2_server: ServerProcess, smollm2_sdk: openai.OpenAI, extra: dict, param: str, code: str
 ) -> None:
     """Through the SDK (extra_body carries them as a user's code would) and on both routes."""
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=MODEL, messages=ALICE, max_tokens=4, extra_body=extra)
+        smollm2_sdk.chat.completions.create(model=MODEL, messages=ALICE, max_tokens=4, extra_body=extra)
     assert e.value.status_code == 400
     assert e.value.body["param"] == param and e.value.body["code"] == code, e.value.body
     assert e.value.body["type"] == "invalid_request_error" and e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model=MODEL, prompt="Alice is", max_tokens=4, extra_body=extra)
+        smollm2_sdk.completions.create(model=MODEL, prompt="Alice is", max_tokens=4, extra_body=extra)
     assert e.value.body["param"] == param, e.value.body
-    assert httpx.get(server.url + "/health", timeout=10).status_code == 200
-    r = client.chat.completions.parse(
+    assert httpx.get(smollm2_server.url + "/health", timeout=10).status_code == 200
+    r = smollm2_sdk.chat.completions.parse(
         model=MODEL, messages=ALICE, response_format=Person, temperature=0, max_tokens=80
     )
     assert isinstance(r.choices[0].message.parsed, Person)
 
 
-def test_bad_requests_never_fail_a_concurrent_good_one(server: ServerProcess) -> None:
+def test_bad_requests_never_fail_a_concurrent_good_one(smollm2_server: ServerProcess) -> None:
     """Good constrained requests in flight while every bad body of BAD arrives: the bad ones are 400s,
     the good ones finish as they do alone."""
     good = {"model": MODEL, "messages": ALICE, "temperature": 0, "max_tokens": 80}
@@ -265,7 +255,7 @@ def test_bad_requests_never_fail_a_concurrent_good_one(server: ServerProcess) ->
     bad = [{"model": MODEL, "messages": ALICE, "max_tokens": 4, **p.values[0]} for p in BAD]
 
     async def run() -> tuple[list[httpx.Response], list[httpx.Response]]:
-        async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+        async with httpx.AsyncClient(base_url=smollm2_server.url, timeout=120) as http:
             goods = [asyncio.create_task(http.post("/v1/chat/completions", json=good)) for _ in range(2)]
             await asyncio.sleep(0.2)  # the good ones are admitted and decoding
             bads = await asyncio.gather(*(http.post("/v1/chat/completions", json=b) for b in bad))
@@ -273,7 +263,7 @@ def test_bad_requests_never_fail_a_concurrent_good_one(server: ServerProcess) ->
 
     goods, bads = asyncio.run(run())
     assert [r.status_code for r in bads] == [400] * len(BAD), [r.text for r in bads]
-    alone = httpx.post(server.url + "/v1/chat/completions", json=good, timeout=120).json()
+    alone = httpx.post(smollm2_server.url + "/v1/chat/completions", json=good, timeout=120).json()
     for r in goods:
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["message"] == alone["choices"][0]["message"]

@@ -7,50 +7,20 @@ SDK reassembling the call from its deltas."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from server_process import ServerProcess, serve
+from server_process import ServerProcess
+from tools_data import CITIES, TOOLS
 
 pytestmark = pytest.mark.slow
 
 MODEL = "SmolLM2-135M-Instruct"
-CITIES = ["Paris", "London", "Rome"]
-WEATHER_TOOL: Any = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The current weather of a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "enum": CITIES, "maxLength": 10}},
-            "required": ["city"],
-            "additionalProperties": False,
-        },
-    },
-}
-TIME_TOOL: Any = {
-    "type": "function",
-    "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
-}
-TOOLS = [WEATHER_TOOL, TIME_TOOL]
 ASK: Any = [{"role": "user", "content": "What is the weather like in Paris today?"}]
 STEER = {"steering": {"targets": ["user", "tool"], "strength": 2}}
 RESULT = "Sunny, 24 degrees Celsius, light wind."
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    with serve(None, "--max-num-seqs", "4", log_dir=tmp_path_factory.mktemp("tools")) as sp:
-        yield sp
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
 
 
 def assert_weather_call(call: Any) -> None:
@@ -68,8 +38,8 @@ def answer_with_result(messages: list[Any], message: Any) -> list[Any]:
     return [*messages, {"role": "assistant", "content": message.content, "tool_calls": calls}, *results]
 
 
-def test_required_call_then_a_steered_answer_from_the_result(client: openai.OpenAI) -> None:
-    r = client.chat.completions.create(
+def test_required_call_then_a_steered_answer_from_the_result(smollm2_sdk: openai.OpenAI) -> None:
+    r = smollm2_sdk.chat.completions.create(
         model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
         max_tokens=60, temperature=0,
     )  # fmt: skip
@@ -83,7 +53,7 @@ def test_required_call_then_a_steered_answer_from_the_result(client: openai.Open
         assert (call.function.name, json.loads(call.function.arguments)) == ("get_time", {})
     messages = answer_with_result(ASK, choice.message)
     for tool_choice in ("none", "auto"):
-        final = client.chat.completions.create(
+        final = smollm2_sdk.chat.completions.create(
             model=MODEL, messages=messages, tools=TOOLS, tool_choice=tool_choice, max_tokens=40,
             temperature=0, extra_body=STEER,
         )  # fmt: skip
@@ -95,9 +65,9 @@ def test_required_call_then_a_steered_answer_from_the_result(client: openai.Open
         assert steering["strength"] == 2 and steering["steered_tokens"] > 0
 
 
-def test_named_function_gives_that_function(client: openai.OpenAI) -> None:
+def test_named_function_gives_that_function(smollm2_sdk: openai.OpenAI) -> None:
     named: Any = {"type": "function", "function": {"name": "get_weather"}}
-    r = client.chat.completions.create(
+    r = smollm2_sdk.chat.completions.create(
         model=MODEL, messages=ASK, tools=TOOLS, tool_choice=named, max_tokens=40, temperature=0
     )
     choice = r.choices[0]
@@ -106,12 +76,12 @@ def test_named_function_gives_that_function(client: openai.OpenAI) -> None:
     assert_weather_call(call)
 
 
-def test_streamed_round_trip_reassembled_by_the_sdk(client: openai.OpenAI) -> None:
+def test_streamed_round_trip_reassembled_by_the_sdk(smollm2_sdk: openai.OpenAI) -> None:
     named: Any = {"type": "function", "function": {"name": "get_weather"}}
-    whole = client.chat.completions.create(
+    whole = smollm2_sdk.chat.completions.create(
         model=MODEL, messages=ASK, tools=TOOLS, tool_choice=named, max_tokens=40, temperature=0
     )
-    with client.chat.completions.stream(
+    with smollm2_sdk.chat.completions.stream(
         model=MODEL, messages=ASK, tools=TOOLS, tool_choice=named, max_tokens=40, temperature=0
     ) as stream:
         events = [e.type for e in stream]
@@ -123,7 +93,7 @@ def test_streamed_round_trip_reassembled_by_the_sdk(client: openai.OpenAI) -> No
     assert call.function.arguments == whole.choices[0].message.tool_calls[0].function.arguments  # greedy
     messages = answer_with_result(ASK, streamed.message)
     chunks = list(
-        client.chat.completions.create(
+        smollm2_sdk.chat.completions.create(
             model=MODEL, messages=messages, tools=TOOLS, tool_choice="none", max_tokens=30,
             temperature=0, stream=True, extra_body=STEER,
         )
@@ -133,14 +103,14 @@ def test_streamed_round_trip_reassembled_by_the_sdk(client: openai.OpenAI) -> No
     assert chunks[-1].model_extra["steering"]["steered_tokens"] > 0
 
 
-def test_tool_calls_are_counted(server: ServerProcess, client: openai.OpenAI) -> None:
+def test_tool_calls_are_counted(smollm2_server: ServerProcess, smollm2_sdk: openai.OpenAI) -> None:
     def counted() -> float:
-        text = httpx.get(server.url + "/metrics", timeout=30).text
+        text = httpx.get(smollm2_server.url + "/metrics", timeout=30).text
         line = next((x for x in text.splitlines() if x.startswith("ctxsteer_tool_calls_total{")), None)
         return float(line.rsplit(" ", 1)[1]) if line else 0.0
 
     before = counted()
-    client.chat.completions.create(
+    smollm2_sdk.chat.completions.create(
         model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
         max_tokens=60, temperature=0,
     )  # fmt: skip

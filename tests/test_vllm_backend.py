@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field
 
 from tests.server_metrics import finished_requests
 from tests.server_process import serve
+from tests.tools_data import TOOLS
 from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -391,22 +392,7 @@ def test_grammar_only_llguidance_knows_is_served_or_a_400(vllm_url: str) -> None
 # "get" vs "g", "et"), and vLLM's logprobs are taken after its grammar mask, the local engine's before.
 # The turn after the call is unconstrained, so there greedy tokens and logprobs must be equal.
 
-CITIES = ("Paris", "London", "Rome")
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The current weather of a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "enum": list(CITIES)}},
-            "required": ["city"],
-            "additionalProperties": False,
-        },
-    },
-}
-TIME_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
-TOOLS = [WEATHER_TOOL, TIME_TOOL]
+
 WEATHER_ASK = [{"role": "user", "content": "What is the weather like in Paris today?"}]
 WEATHER_RESULT = "Sunny, 24 degrees Celsius, light wind."
 
