@@ -51,22 +51,24 @@ class Penalties:
         pass  # the counts live on the row
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class LogitBias:
-    """OpenAI's `logit_bias`: a fixed amount added to given tokens' logits (-100 bans, +100 forces)."""
+    """OpenAI's `logit_bias`: a fixed amount added to given tokens' logits (-100 bans, +100 forces).
+    The id and bias tensors are built once per row, not at every step."""
 
-    ids: tuple[int, ...]
-    biases: tuple[float, ...]
+    ids: torch.Tensor  # [K] long
+    biases: torch.Tensor  # [K] float32
 
     @classmethod
     def of(cls, pairs: tuple[tuple[int, float], ...]) -> LogitBias:
-        return cls(tuple(i for i, _ in pairs), tuple(b for _, b in pairs))
+        ids = torch.tensor([i for i, _ in pairs], dtype=torch.long)
+        return cls(ids, torch.tensor([b for _, b in pairs], dtype=torch.float32))
 
     def apply(self, row: RowSampler, logits: torch.Tensor) -> torch.Tensor:
         x = logits.clone()
-        ids = torch.tensor(self.ids, dtype=torch.long, device=logits.device)
+        ids, biases = self.ids.to(x.device), self.biases.to(x.device, x.dtype)
         keep = ids < x.shape[-1]  # ids past the model's logits (a tokenizer larger than the head): none
-        x[ids[keep]] += torch.tensor(self.biases, dtype=x.dtype, device=x.device)[keep]
+        x[ids[keep]] += biases[keep]
         return x
 
     def accept(self, token: int) -> None:
