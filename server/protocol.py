@@ -192,8 +192,11 @@ class _GenerationRequest(OpenAIBaseModel):
     def _logprob_params(self) -> tuple[bool, int]:
         return False, 0
 
-    def to_sampling_params(self, *, max_tokens: int, choice: int = 0) -> SamplingParams:
-        """Engine params of choice `choice`; seeded requests give choice i the seed `seed + i`."""
+    def to_sampling_params(
+        self, *, max_tokens: int, grammar: Grammar | None, choice: int = 0
+    ) -> SamplingParams:
+        """Engine params of choice `choice`; seeded requests give choice i the seed `seed + i`. `grammar` is
+        this request's `grammar()`, built and checked once per request (`check_output_controls`)."""
         seed = None if self.seed is None else _wrap_seed(self.seed + choice)
         logprobs, top = self._logprob_params()
         return SamplingParams(
@@ -209,7 +212,7 @@ class _GenerationRequest(OpenAIBaseModel):
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             logit_bias=logit_bias_pairs(self.logit_bias),
-            grammar=self.grammar(),
+            grammar=grammar,
         )
 
     def grammar(self) -> Grammar | None:

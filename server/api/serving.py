@@ -23,7 +23,7 @@ from ctxsteer.server.api.capabilities import CONTEXT_REPORT, INDICATOR_AUTO, req
 from ctxsteer.server.config import ServerConfig
 from ctxsteer.server.engine.grammar import to_llguidance
 from ctxsteer.server.engine.interface import AsyncEngine, Capability
-from ctxsteer.server.engine.request import GenerationRequest, SteerRow
+from ctxsteer.server.engine.request import GenerationRequest, Grammar, SteerRow
 from ctxsteer.server.errors import bad_request, context_too_long, model_not_found
 from ctxsteer.server.responses import SpansGenerationInfo, SteeringInfo, steering_info
 from ctxsteer.steering.cad import CadPlan, context_free_ids
@@ -235,7 +235,7 @@ def prepare_generation(
         longest, req.requested_max_tokens(), ctx.max_model_len, default=default_max_tokens,
         prompt_param=prompt_param,
     )  # fmt: skip
-    check_output_controls(ctx, req)
+    grammar = check_output_controls(ctx, req)
     steered = steered_ranges(rendered, messages, spec)
     row = steer_row(spec, steered)
     plan = None
@@ -259,7 +259,7 @@ def prepare_generation(
         GenerationRequest(
             request_id=f"{response_id}-{i}",
             prompt_ids=rendered.ids,
-            sampling=req.to_sampling_params(max_tokens=max_tokens, choice=i),
+            sampling=req.to_sampling_params(max_tokens=max_tokens, grammar=grammar, choice=i),
             steer=row,
             watch_context=watch,
             indicator=plan,
@@ -271,10 +271,10 @@ def prepare_generation(
     return Prepared(requests, spec, steered, n_prompt, auto_spans, indicator_mode)
 
 
-def check_output_controls(ctx: ServingContext, req: Any) -> None:
-    """The grammar compiles (GrammarError: a 400 naming its field) and biased tokens exist. Reports the
-    compile time (failed compiles too: a slow bad schema costs as much) and, once all is accepted, the
-    grammar's kind to the metrics hooks."""
+def check_output_controls(ctx: ServingContext, req: Any) -> Grammar | None:
+    """The request's grammar, once it compiles (GrammarError: a 400 naming its field), after checking that
+    biased tokens exist. Reports the compile time (failed compiles too: a slow bad schema costs as much)
+    and, once all is accepted, the grammar's kind to the metrics hooks."""
     if (grammar := req.grammar()) is not None:
         start = time.perf_counter()
         try:
@@ -292,6 +292,7 @@ def check_output_controls(ctx: ServingContext, req: Any) -> None:
             )
     if grammar is not None and ctx.on_structured_request is not None:
         ctx.on_structured_request(grammar.kind)
+    return grammar
 
 
 def steer_row(spec: SteeringSpec, steered: Sequence[Range]) -> SteerRow:
