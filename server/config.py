@@ -310,9 +310,8 @@ class ServerConfig:
     enable_prefix_caching: bool | None = flag(
         "--enable-prefix-caching",
         None,
-        "vLLM: reuse KV blocks of identical prefixes (on by default; steered requests only share with "
-        "identically steered ones)",
-        vllm_only=True,
+        "reuse the KV of a request's longest cached prompt prefix (on by default; steered requests only "
+        "reuse what was computed under the same steering)",
         negatable=True,
     )
 

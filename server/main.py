@@ -80,6 +80,7 @@ def _build_local_engine(config: ServerConfig, observer: EngineObserver | None) -
         prefill_stall_share=config.prefill_stall_share,
         speculative=config.speculative,
         observer=observer,
+        enable_prefix_caching=config.enable_prefix_caching is not False,
     )
 
 

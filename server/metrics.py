@@ -15,26 +15,29 @@ HTTP responses are counted by `metrics_http.HttpMetricsMiddleware`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any, get_args
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, ProcessCollector
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from ctxsteer.server.engine.interface import AsyncEngine, EngineObserver
 from ctxsteer.server.engine.request import FinishReason, GenerationOutput, GenerationRequest, GrammarKind
+from ctxsteer.server.metrics_collectors import (
+    MODEL_LABEL,
+    NAMESPACE,
+    PREFIX,
+    EngineGauges,
+    WithModelName,
+    WithoutCreated,
+)
 from ctxsteer.server.metrics_http import HttpMetricsMiddleware
 from ctxsteer.steering.spec import alpha_to_strength
 
 log = logging.getLogger("ctxsteer.server.metrics")
 
-NAMESPACE = "ctxsteer"
-PREFIX = NAMESPACE + "_"
-MODEL_LABEL = "model_name"
 FINISH_REASONS: tuple[str, ...] = tuple(r.value for r in FinishReason)
 REJECT_REASONS = ("queue_full", "too_long", "invalid", "unauthorized")
 STRUCTURED_KINDS: tuple[str, ...] = get_args(GrammarKind)  # json_schema, json_object, regex, choice, grammar
@@ -97,9 +100,9 @@ class Metrics:
         served.labels(model_name).info(
             {"model": model_name, "device": info.device, "dtype": info.dtype, "version": version}
         )
-        self.registry.register(_EngineGauges(engine, model_name))
+        self.registry.register(EngineGauges(engine, model_name))
         self.registry.register(
-            _WithModelName(ProcessCollector(namespace=NAMESPACE, registry=None), model_name)
+            WithModelName(ProcessCollector(namespace=NAMESPACE, registry=None), model_name)
         )
 
     def _counter(self, name: str, doc: str, *labels: str) -> Counter:
@@ -148,6 +151,9 @@ class Metrics:
         self.batch_size = self._histogram(
             "batch_size", "Rows decoded together per engine step.", batch_buckets(max_num_seqs)
         ).labels(m)
+        lookup = "Prompt tokens looked up in the prefix cache.", "Prompt tokens served by the prefix cache."
+        self.cache_queries = self._counter("prefix_cache_queries", lookup[0]).labels(m)
+        self.cache_hits = self._counter("prefix_cache_hits", lookup[1]).labels(m)
 
     def _add_steering_metrics(self) -> None:
         """ctxsteer's own series: how often and how hard requests are steered, and how much the
@@ -235,6 +241,9 @@ class Metrics:
         self.e2e.observe(e2e_s)
         self.request_prompt.observe(out.prompt_tokens)
         self.request_generation.observe(out.completion_tokens)
+        if out.cached_tokens is not None:  # an engine with prefix caching on (tokens, as vLLM counts)
+            self.cache_queries.inc(out.prompt_tokens)
+            self.cache_hits.inc(out.cached_tokens)
         if out.context_ratio is not None:
             self.context_attention.observe(out.context_ratio)
         row = request.steer
@@ -271,7 +280,7 @@ class Metrics:
         """GET /metrics. Sync on purpose: it runs in the threadpool, so waiting for the engine lock in
         `engine.stats()` never stalls the event loop. OpenMetrics when the scraper asks for it."""
         encoder, content_type = choose_encoder(request.headers.get("accept", ""))
-        return Response(encoder(_WithoutCreated(self.registry)), headers={"Content-Type": content_type})
+        return Response(encoder(WithoutCreated(self.registry)), headers={"Content-Type": content_type})
 
 
 class MetricsObserver(EngineObserver):
@@ -338,62 +347,3 @@ def install_metrics(app: FastAPI, observer: MetricsObserver | None = None) -> Me
     app.add_api_route("/metrics", metrics.endpoint, methods=["GET"], include_in_schema=False)
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
     return metrics
-
-
-class _EngineGauges(Collector):
-    """Running/waiting/KV usage straight from the engine at scrape time: never stale, no update path."""
-
-    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
-        self.engine = engine
-        self.model_name = model_name
-
-    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
-        def gauge(name: str, doc: str) -> GaugeMetricFamily:
-            return GaugeMetricFamily(PREFIX + name, doc, labels=[MODEL_LABEL])
-
-        return (
-            gauge("num_requests_running", "Requests in the running batch (prefilling or decoding)."),
-            gauge("num_requests_waiting", "Requests waiting for a batch slot."),
-            gauge(
-                "kv_cache_usage_perc", "Fraction (0-1) of the KV/token budget reserved by admitted requests."
-            ),
-        )
-
-    def describe(self) -> Iterable[Metric]:
-        return self._families()
-
-    def collect(self) -> Iterator[Metric]:
-        stats = self.engine.stats()
-        for family, value in zip(
-            self._families(), (stats.running, stats.waiting, stats.kv_usage), strict=True
-        ):
-            family.add_metric([self.model_name], float(value))
-            yield family
-
-
-class _WithModelName(Collector):
-    """Adds `model_name` to another collector's series (ProcessCollector has no labels of its own)."""
-
-    def __init__(self, inner: Collector, model_name: str) -> None:
-        self.inner = inner
-        self.model_name = model_name
-
-    def collect(self) -> Iterator[Metric]:
-        for family in self.inner.collect():
-            family.samples = [
-                s._replace(labels={**s.labels, MODEL_LABEL: self.model_name}) for s in family.samples
-            ]
-            yield family
-
-
-class _WithoutCreated(Collector):
-    """The registry minus prometheus_client's `*_created` samples, which the text format exposes as one
-    extra gauge series per counter/histogram (a per-instance setting; the library's switch is global)."""
-
-    def __init__(self, inner: Collector) -> None:
-        self.inner = inner
-
-    def collect(self) -> Iterator[Metric]:
-        for family in self.inner.collect():
-            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
-            yield family

@@ -105,7 +105,8 @@ def test_auto_picks_reports_and_equals_that_fixed_strength(server: ServerProcess
     assert info["auto"]["predicted_ratio"] >= target and info["auto"]["target_ratio"] == target
     fixed = _chat(server, {"strength": info["strength"]})
     assert auto["choices"][0]["message"]["content"] == fixed["choices"][0]["message"]["content"]
-    assert auto["usage"] == fixed["usage"]
+    drop = "prompt_tokens_details"  # the prefix cache served the later request more of its prompt
+    assert {**auto["usage"], drop: None} == {**fixed["usage"], drop: None}
 
 
 def test_auto_stays_off_when_the_prompt_already_reads_its_context(server: ServerProcess) -> None:

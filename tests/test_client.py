@@ -87,7 +87,11 @@ def test_stream_equals_non_stream_and_keeps_totals(client: Client) -> None:
     with client.stream_chat(MSGS, {"strength": 3}, **kwargs) as stream:
         deltas = [chunk.text for chunk in stream]
     assert "".join(deltas) == stream.text == whole.text
-    assert stream.usage == whole.usage and stream.steering == whole.steering
+    assert stream.steering == whole.steering
+    assert stream.usage is not None and whole.usage is not None
+    # the prefix cache served the later request part of its prompt: the totals match, not the details
+    drop = {"prompt_tokens_details"}
+    assert stream.usage.model_dump(exclude=drop) == whole.usage.model_dump(exclude=drop)
     assert stream.finish_reason == "length"
 
 

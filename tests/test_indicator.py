@@ -147,7 +147,8 @@ def test_on_off_and_auto_applied_equals_on(ind_server: ServerProcess) -> None:
     assert 0.0 < info["ratio"] <= 1.0
     # the row continued from the plain prompt's KV with the marked suffix: same as marking from the start
     assert auto["choices"][0]["message"]["content"] == auto_on["choices"][0]["message"]["content"]
-    assert auto["usage"] == auto_on["usage"]
+    drop = "prompt_tokens_details"  # the prefix cache served the later request more of its prompt
+    assert {**auto["usage"], drop: None} == {**auto_on["usage"], drop: None}
     assert len(auto["context_attention"]["choices"][0]["per_token"]) == auto["usage"]["completion_tokens"]
 
 

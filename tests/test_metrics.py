@@ -22,6 +22,7 @@ from uvicorn_thread import in_thread
 
 from ctxsteer.server.app import build_app
 from ctxsteer.server.config import ServerConfig
+from ctxsteer.server.engine.local.prefix_cache import BLOCK, PREFIX_CACHE_SHARE
 from ctxsteer.server.engine.request import FinishReason, GenerationOutput, GenerationRequest, SamplingParams
 from ctxsteer.server.main import _metrics_app_kwargs, _metrics_observer, build_engine, create_app
 from ctxsteer.server.metrics import MetricsObserver, install_metrics
@@ -41,6 +42,8 @@ COUNTERS = (
     "requests_rejected_total",
     "steered_requests_total",
     "steered_prompt_tokens_total",
+    "prefix_cache_queries_total",
+    "prefix_cache_hits_total",
     "http_requests_total",
     "process_cpu_seconds_total",
 )
@@ -224,13 +227,26 @@ def test_token_counts_and_latencies(served: tuple[Live, dict[str, Any]]) -> None
     assert generated - accepted - 2 * 3 <= steps <= generated - accepted - 3
     assert m.value("ctxsteer_batch_size_sum") == steps
     assert m.value("ctxsteer_num_requests_running") == 0 and m.value("ctxsteer_num_requests_waiting") == 0
-    assert m.value("ctxsteer_kv_cache_usage_perc") == 0
+    # idle, only the prefix cache's blocks count: whole blocks, within its share of the budget
+    cached = m.value("ctxsteer_kv_cache_usage_perc") * LONG
+    assert cached == pytest.approx(round(cached)) and 0 < cached <= PREFIX_CACHE_SHARE * LONG
+    assert round(cached) % BLOCK == 0
     busy = facts["busy"]  # scraped while the long request held the only slot
     assert (
         busy.value("ctxsteer_num_requests_running") == 1 and busy.value("ctxsteer_num_requests_waiting") == 0
     )
     reserved = facts["prompt_tokens"] + LONG_TOKENS
-    assert busy.value("ctxsteer_kv_cache_usage_perc") == pytest.approx(reserved / LONG)
+    assert busy.value("ctxsteer_kv_cache_usage_perc") == pytest.approx((reserved + cached) / LONG)
+
+
+def test_prefix_cache_counts_tokens(served: tuple[Live, dict[str, Any]]) -> None:
+    """The same chat three times: steered (cold), unsteered (no reuse of the steered KV), unsteered again
+    (every full block before the last prompt position reused)."""
+    s, facts = served
+    m = scrape(s.http)
+    p = facts["prompt_tokens"]
+    assert m.value("ctxsteer_prefix_cache_queries_total") == 3 * p
+    assert m.value("ctxsteer_prefix_cache_hits_total") == (p - 1) // BLOCK * BLOCK > 0
 
 
 def test_steering_metrics(served: tuple[Live, dict[str, Any]]) -> None:

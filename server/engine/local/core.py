@@ -77,6 +77,8 @@ class EngineCore:
             row.prefill = None
             self.finalize(row, FinishReason.ABORT, "", None, None)
         self._start(plan.admitted)
+        if (prefix := self.runner.prefix) is not None:  # after their lookups: the newcomers need the room
+            prefix.fit(self.sched.kv_room())
         prefill_tokens, joined = 0, list[Row]()
         if plan.prefill is not None:
             prefill_tokens, joined = self._prefill(plan.prefill, plan.prefill_tokens)
@@ -132,6 +134,8 @@ class EngineCore:
         assert state is not None
         if state.context is not None and row.request.watch_context:
             row.context.append(state.context)
+        if self.runner.prefix is not None:
+            row.cached_tokens = state.cached
         with self.lock:
             slot = self.sched.prefilled(row)
         joined = [row]

@@ -37,6 +37,7 @@ from ctxsteer.server.engine.local.hooks import PrefillHooks
 from ctxsteer.server.engine.local.logits import LogitsPipeline
 from ctxsteer.server.engine.local.ngram import NgramConfig
 from ctxsteer.server.engine.local.output import OutputBook, eos_ids
+from ctxsteer.server.engine.local.prefix_cache import PREFIX_CACHE_SHARE, PrefixCache
 from ctxsteer.server.engine.local.row import Row, cad_twin
 from ctxsteer.server.engine.local.runner import ModelRunner
 from ctxsteer.server.engine.local.scheduler import PrefillBudget, Scheduler
@@ -59,12 +60,15 @@ class LocalEngine(AsyncEngine):
         prefill_stall_share: float = 0.0,
         speculative: NgramConfig | None = None,
         observer: EngineObserver | None = None,
+        enable_prefix_caching: bool = True,
+        prefix_cache_share: float = PREFIX_CACHE_SHARE,
     ) -> None:
         # CAD needs two rows of the batch per request
         info = dataclasses.replace(info, context_attention=True, cad=max_num_seqs >= 2)
         self.info, self.tokenizer = info, tokenizer
-        self.runner = ModelRunner(model, max_rows=max_num_seqs)
         budget = kv_budget_tokens or max_num_seqs * info.max_model_len
+        prefix = PrefixCache(int(budget * prefix_cache_share)) if enable_prefix_caching else None
+        self.runner = ModelRunner(model, max_rows=max_num_seqs, prefix=prefix)
         self.budget = PrefillBudget(prefill_chunk, share=prefill_stall_share)
         self.sched = Scheduler(
             max_num_seqs=max_num_seqs, max_queue=max_queue, kv_budget_tokens=budget, budget=self.budget
@@ -147,7 +151,9 @@ class LocalEngine(AsyncEngine):
     def stats(self) -> EngineStats:
         with self._lock:
             return EngineStats(
-                running=self.sched.active, waiting=len(self.sched.waiting), kv_usage=self.sched.kv_usage()
+                running=self.sched.active,
+                waiting=len(self.sched.waiting),
+                kv_usage=self.sched.kv_usage(self.runner.prefix.tokens if self.runner.prefix else 0),
             )
 
     async def start(self) -> None:

@@ -87,6 +87,7 @@ class OutputBook:
             finish_reason=reason,
             prompt_tokens=len(row.prompt_ids),
             completion_tokens=len(row.generated),
+            cached_tokens=row.cached_tokens,
             context_attention=(row.context[-1],) if fresh else (),
             indicator=row.indicator,
             auto_strength=row.auto_strength,

@@ -47,6 +47,7 @@ class Row:
     steer: SteerRow = field(init=False)
     served: GenerationRequest = field(init=False)  # the request with them, for the observer's hooks
     generated: list[int] = field(default_factory=list)
+    cached_tokens: int | None = None  # prompt tokens served from the prefix cache (None: caching off)
     # With `request.watch_context`: one (as served, as if unsteered) context attention per generated token
     context: list[tuple[float, float]] = field(default_factory=list)
     indicator: tuple[bool, float] | None = None  # the "auto" decision: (applied, measured ratio)

@@ -14,6 +14,7 @@ import torch
 from transformers import DynamicCache
 
 from ctxsteer.server.engine.local.kv_cache import SlotKVCache, release_free_heap
+from ctxsteer.server.engine.local.prefix_cache import PrefixCache
 from ctxsteer.steering.attention import STEER_KWARG
 from ctxsteer.steering.bias import SteerBatch, fill_row_bias, make_gates
 from ctxsteer.steering.reliance import WATCH_KWARG, ContextWatch, context_mask
@@ -30,6 +31,7 @@ class PrefillState:
     steer: SteerRow
     watch: bool = False  # measure the context attention of the last prompt position (the first token's)
     done: int = 0
+    cached: int = 0  # leading prompt tokens whose KV came from the prefix cache
     cache: DynamicCache = field(default_factory=DynamicCache)
     batch: SteerBatch | None = None
     context: ContextValue | None = None  # set with `watch` once the prompt is done
@@ -43,8 +45,9 @@ class DecodeResult:
 
 
 class ModelRunner:
-    def __init__(self, model: Any, *, max_rows: int) -> None:
+    def __init__(self, model: Any, *, max_rows: int, prefix: PrefixCache | None = None) -> None:
         self.model = model
+        self.prefix = prefix  # None: no prefix caching
         cfg = model.config.get_text_config()
         self.num_layers = cfg.num_hidden_layers
         self.num_heads = cfg.num_attention_heads
@@ -63,17 +66,38 @@ class ModelRunner:
     def start_prefill(self, ids: list[int], steer: SteerRow, watch: bool = False) -> PrefillState:
         st = PrefillState(ids, steer, watch)
         st.batch = self._prefill_gates(steer, len(ids))
+        self._load_prefix(st)
         return st
+
+    def _load_prefix(self, st: PrefillState) -> None:
+        """Start `st` after its longest cached prefix (if any)."""
+        if self.prefix is None:
+            return
+        n, layers = self.prefix.load(st.ids, st.steer)
+        if n:
+            st.cache = DynamicCache()
+            for i, (k, v) in enumerate(layers):
+                st.cache.update(k, v, i)
+            st.done = st.cached = n
+
+    def _store_prefix(self, st: PrefillState) -> None:
+        if self.prefix is not None and st.done == len(st.ids):
+            self.prefix.store(st.ids, st.steer, [(layer.keys, layer.values) for layer in st.cache.layers])
 
     def restart_prefill(self, st: PrefillState, ids: Sequence[int], steer: SteerRow, keep: int) -> None:
         """Continue `st` with other prompt ids that share its first `keep` tokens (e.g. the prompt with the
         context indicator inserted at `keep`): that KV is kept, the rest is prefilled again."""
         if keep > st.done or list(ids[:keep]) != st.ids[:keep]:
             raise ValueError("restart_prefill: the new prompt does not share the kept prefix")
+        self._store_prefix(st)  # e.g. auto-strength's unsteered measuring prefill: the next one may reuse it
         if st.done > keep:
             st.cache.crop(keep - st.done)  # a negative count removes that many tokens from the end
         st.ids, st.steer, st.done, st.context, st.context_heads = list(ids), steer, keep, None, None
+        st.cached = min(st.cached, keep)
         st.batch = self._prefill_gates(steer, len(st.ids))
+        if keep == 0:  # another steering from the first position: its KV may be cached too
+            st.cache = DynamicCache()
+            self._load_prefix(st)
 
     def _prefill_gates(self, steer: SteerRow, n: int) -> SteerBatch | None:
         if not steer.active:
@@ -108,8 +132,8 @@ class ModelRunner:
 
     def admit(self, st: PrefillState, slot: int) -> None:
         """Move a finished prefill into KV slot `slot` (the scheduler's choice: the next free one)."""
-        layers = [(layer.keys, layer.values) for layer in st.cache.layers]
-        self.kv.insert(slot, layers)
+        self._store_prefix(st)
+        self.kv.insert(slot, [(layer.keys, layer.values) for layer in st.cache.layers])
         self._ensure_bias_capacity()
         fill_row_bias(self.bias[slot], st.steer, len(st.ids))
         self.live_rows = max(self.live_rows, slot + 1)

@@ -212,5 +212,10 @@ class Scheduler:
         yield from self.prefilling
         yield from (s for s in self.running if not s.is_twin)
 
-    def kv_usage(self) -> float:
-        return min(1.0, self.reserved / self.kv_budget) if self.kv_budget else 0.0
+    def kv_room(self) -> int:
+        """KV tokens of the budget that no admitted sequence reserved (the prefix cache may hold them)."""
+        return max(0, self.kv_budget - self.reserved)
+
+    def kv_usage(self, cached: int = 0) -> float:
+        """Reserved (and `cached`: prefix-cache) tokens over the budget."""
+        return min(1.0, (self.reserved + cached) / self.kv_budget) if self.kv_budget else 0.0
