@@ -230,6 +230,25 @@ def test_smol_function_call_then_a_steered_answer(smol: openai.OpenAI) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "name": "get_weather"}])
+def test_smol_forced_call_streams_its_arguments_as_generated(smol: openai.OpenAI, tool_choice: Any) -> None:
+    ask: Any = {
+        "model": SMOL, "input": "What is the weather like in Paris today?", "tools": [WEATHER],
+        "tool_choice": tool_choice, "max_output_tokens": 60, "temperature": 0,
+    }  # fmt: skip
+    [whole] = smol.responses.create(**ask).output
+    events = list(smol.responses.create(**ask, stream=True))
+    kinds = [e.type for e in events]
+    deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    assert kinds.index("response.output_item.added") < kinds.index("response.function_call_arguments.delta")
+    assert len(deltas) > 1  # a few tokens each, not the whole arguments at the end
+    [done] = [e for e in events if e.type == "response.function_call_arguments.done"]
+    [call] = events[-1].response.output
+    assert "".join(deltas) == done.arguments == call.arguments == whole.arguments  # greedy: the same call
+    assert call.name == whole.name == "get_weather" and json.loads(call.arguments)["city"] in CITIES
+
+
+@pytest.mark.slow
 def test_smol_stored_state_is_refused(smol: openai.OpenAI) -> None:
     for extra, param in (
         ({"store": True}, "store"),

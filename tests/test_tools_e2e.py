@@ -2,7 +2,7 @@
 the official openai SDK the way agents use it: a forced call ("required", a named function) whose
 arguments validate against the tool's schema, the call's result sent back as a `tool` message and
 steered (`targets: ["user", "tool"]`) for the final answer, and the same round trip streamed with the
-SDK reassembling the call from its deltas."""
+SDK reassembling the call from its deltas, which arrive as the call is generated."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import httpx
 import openai
 import pytest
 from server_process import ServerProcess
-from tools_data import CITIES, TOOLS
+from test_tools_stream import streamed_calls
+from tools_data import CITIES, TOOLS, WEATHER_TOOL
 
 pytestmark = pytest.mark.slow
 
@@ -115,3 +116,27 @@ def test_tool_calls_are_counted(smollm2_server: ServerProcess, smollm2_sdk: open
         max_tokens=60, temperature=0,
     )  # fmt: skip
     assert counted() == before + 1
+
+
+@pytest.mark.parametrize(
+    "tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}]
+)
+def test_forced_calls_stream_as_they_are_generated(smollm2_sdk: openai.OpenAI, tool_choice: Any) -> None:
+    """Header first, then the arguments a few tokens at a time while the output is still being generated
+    (before the last token's chunk), reassembling to the non-streamed answer of the same greedy request."""
+    ask: Any = {
+        "model": MODEL, "messages": ASK, "tools": [WEATHER_TOOL], "tool_choice": tool_choice,
+        "parallel_tool_calls": False, "max_tokens": 60, "temperature": 0, "seed": 0,
+    }  # fmt: skip
+    whole = smollm2_sdk.chat.completions.create(**ask).choices[0]
+    assert whole.finish_reason == "tool_calls"
+    assert_weather_call(whole.message.tool_calls[0])
+    chunks = list(smollm2_sdk.chat.completions.create(**ask, stream=True, logprobs=True))
+    [call], last_token = streamed_calls(chunks)
+    assert (call["name"], call["arguments"]) == (
+        "get_weather",
+        whole.message.tool_calls[0].function.arguments,
+    )
+    assert call["header"] < call["fragments"][0] and len(call["fragments"]) > 1
+    assert call["header"] < last_token
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"

@@ -1,29 +1,29 @@
 """Tool calling, the output side (server/tools), without a model: the grammars that force a call (checked
 with llguidance on a byte tokenizer: they accept exactly the calls they should), the constrained output
-turned back into calls, the hermes and llama3_json parsers, OpenAI's tool_calls and the streamed deltas."""
+turned back into calls, the hermes and llama3_json parsers, OpenAI's tool_calls and the streamed deltas.
+Streaming forced calls as they are generated, and the routes on a scripted engine: test_tools_stream.py."""
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import llguidance
-import openai
 import pytest
-import uvicorn
-from fake_engine import FakeEngine, make_byte_tokenizer
-from uvicorn_thread import in_thread
+from fake_engine import make_byte_tokenizer
 
-from ctxsteer.server.app import build_app
-from ctxsteer.server.config import ServerConfig
 from ctxsteer.server.engine.grammar import GrammarError, to_llguidance
-from ctxsteer.server.engine.request import GenerationRequest, Grammar
-from ctxsteer.server.metrics import Metrics, install_metrics
+from ctxsteer.server.engine.request import Grammar
 from ctxsteer.server.tools.constrain import ConstrainedCalls, constrained_parser, tool_grammar
-from ctxsteer.server.tools.output import ToolStream, call_deltas, finish_reason, parse_output, tool_calls
+from ctxsteer.server.tools.output import (
+    ToolStream,
+    call_deltas,
+    call_pieces,
+    finish_reason,
+    parse_output,
+    tool_calls,
+)
 from ctxsteer.server.tools.parsers import PARSERS, ParsedCall, pick_parser
 
 WEATHER = {
@@ -124,14 +124,15 @@ def test_constrained_output_round_trips_to_calls() -> None:
     named = constrained_parser(NAMED)
     assert named is not None
     assert named.parse('{ "city" :\n "Rome" }') == (None, calls(("get_weather", {"city": "Rome"})))
-    assert named.parse('{"city": "Ro') == (None, [ParsedCall("get_weather", '{"city": "Ro')])  # cut
+    assert named.parse('{"city": "Ro') == (None, [ParsedCall("get_weather", '{"city":"Ro')])  # cut
     required = constrained_parser("required")
     text = '[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "now", "arguments": {}}]'
     assert required is not None and required.parse(text) == (
         None,
         calls(("get_weather", {"city": "Paris"}), ("now", {})),
     )
-    assert required.parse('[{"name": "now", "para') == ('[{"name": "now", "para', [])  # cut: content
+    assert required.parse('[{"name": "now", "para') == (None, [ParsedCall("now", "")])  # cut: as written
+    assert required.parse('[{"name": "no') == ('[{"name": "no', [])  # cut before any name: content
     assert required.parse("[]") == ("[]", [])
     assert ConstrainedCalls(None).streamable("[{") == 0
     assert parse_output(required, text, parallel=False)[1] == calls(("get_weather", {"city": "Paris"}))
@@ -252,8 +253,9 @@ def test_call_deltas_name_first_then_fragments_that_concatenate() -> None:
 def _stream(parser: Any, pieces: list[str], parallel: bool = True) -> tuple[list[str], str, list[ParsedCall]]:
     stream = ToolStream(parser, parallel)
     sent = [stream.feed(p) for p in pieces]
-    rest, found = stream.finish()
-    return sent, rest, found
+    rest, whole, found = stream.finish()
+    assert all(not calls for _, calls in sent) and whole == call_pieces(found)  # free text: calls at the end
+    return [text for text, _ in sent], rest, found
 
 
 def test_stream_hermes_sends_text_until_a_call_could_start() -> None:
@@ -286,110 +288,3 @@ def test_stream_without_parallel_keeps_the_first_call() -> None:
     two = "".join(f'<tool_call>{{"name": "{n}", "arguments": {{}}}}</tool_call>' for n in "ab")
     assert _stream(HERMES, [two], parallel=False)[2] == calls(("a", {}))
     assert _stream(HERMES, [two])[2] == calls(("a", {}), ("b", {}))
-
-
-# ---- the chat route with tools, on a scripted engine (the HTTP layer, the openai SDK)
-
-
-class ScriptedEngine(FakeEngine):
-    """Emits `script` one byte token at a time, whatever the prompt (finish "stop" unless max_tokens cuts)."""
-
-    def __init__(self) -> None:
-        super().__init__(TOKENIZER, name=MODEL, max_model_len=8192)
-        self.script = ""
-
-    def echo_ids(self, request: GenerationRequest) -> list[int]:
-        return TOKENIZER.encode(self.script, add_special_tokens=False)
-
-
-@pytest.fixture(scope="module")
-def scripted() -> Iterator[tuple[ScriptedEngine, str, Metrics]]:
-    engine = ScriptedEngine()
-    app = build_app(ServerConfig(), engine, metrics_router=install_metrics)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-    )
-    with in_thread(server, start_timeout_s=10, stop_timeout_s=5) as port:
-        yield engine, f"http://127.0.0.1:{port}", app.state.metrics
-
-
-def _sdk(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=10)
-
-
-MODEL = "fake"
-ASK = [{"role": "user", "content": "Weather in Rome?"}]
-HERMES_REPLY = 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
-
-
-def _calls_counted(metrics: Metrics) -> float:
-    return metrics.registry.get_sample_value("ctxsteer_tool_calls_total", {"model_name": MODEL}) or 0.0
-
-
-def test_route_auto_returns_tool_calls_whole_and_streamed(scripted: Any) -> None:
-    engine, url, metrics = scripted
-    engine.script, client, before = HERMES_REPLY, _sdk(url), _calls_counted(metrics)
-    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=500)
-    choice = r.choices[0]
-    assert choice.finish_reason == "tool_calls" and choice.message.content == "Checking.\n"
-    [call] = choice.message.tool_calls
-    assert call.type == "function" and re.fullmatch(r"call_[0-9a-f]{24}", call.id)
-    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Rome"})
-    with client.chat.completions.stream(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=500) as s:
-        chunks = list(s)
-        final = s.get_final_completion()
-    streamed = final.choices[0]
-    assert streamed.finish_reason == "tool_calls" and streamed.message.content == "Checking.\n"
-    [call] = streamed.message.tool_calls
-    assert (call.function.name, call.function.arguments) == ("get_weather", '{"city":"Rome"}')
-    assert any(c.type == "tool_calls.function.arguments.done" for c in chunks)
-    assert _calls_counted(metrics) == before + 2
-
-
-def test_route_plain_text_and_none_are_unchanged(scripted: Any) -> None:
-    engine, url, _ = scripted
-    client = _sdk(url)
-    engine.script = "It is sunny."
-    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=500)
-    assert r.choices[0].message.content == "It is sunny." and r.choices[0].message.tool_calls is None
-    assert r.choices[0].finish_reason == "stop"
-    engine.script = HERMES_REPLY
-    r = client.chat.completions.create(
-        model=MODEL, messages=ASK, tools=TOOLS, tool_choice="none", max_tokens=500
-    )
-    assert r.choices[0].message.content == HERMES_REPLY and r.choices[0].finish_reason == "stop"
-    raw = httpx.post(url + "/v1/chat/completions", json={"messages": ASK, "max_tokens": 500}, timeout=10)
-    assert "tool_calls" not in raw.json()["choices"][0]["message"]
-
-
-def test_route_required_and_named_parse_the_constrained_output(scripted: Any) -> None:
-    engine, url, _ = scripted
-    client = _sdk(url)
-    engine.script = (
-        '[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "now", "arguments": {}}]'
-    )
-    r = client.chat.completions.create(
-        model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=500
-    )
-    assert [(c.function.name, c.function.arguments) for c in r.choices[0].message.tool_calls] == [
-        ("get_weather", '{"city":"Paris"}'),
-        ("now", "{}"),
-    ]
-    assert r.choices[0].message.content is None and r.choices[0].finish_reason == "tool_calls"
-    engine.script = '{"city": "Rome"}'
-    named = {"type": "function", "function": {"name": "get_weather"}}
-    chunks = list(
-        client.chat.completions.create(
-            model=MODEL, messages=ASK, tools=TOOLS, tool_choice=named, max_tokens=500, stream=True
-        )
-    )
-    deltas = [d for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
-    assert deltas[0].id.startswith("call_") and deltas[0].function.name == "get_weather"
-    assert "".join(d.function.arguments for d in deltas) == '{"city":"Rome"}'
-    assert chunks[-1].choices[0].finish_reason == "tool_calls"
-    assert all(c.choices[0].delta.content in (None, "") for c in chunks)
-    r = client.chat.completions.create(  # cut by max_tokens: the call as written, finish "length"
-        model=MODEL, messages=ASK, tools=TOOLS, tool_choice=named, max_tokens=5
-    )
-    assert r.choices[0].finish_reason == "length"
-    assert r.choices[0].message.tool_calls[0].function.arguments == '{"cit'

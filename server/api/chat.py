@@ -46,7 +46,7 @@ from ctxsteer.server.responses import (
     TopLogprob,
 )
 from ctxsteer.server.tools.constrain import constrained_parser
-from ctxsteer.server.tools.output import ToolStream, call_deltas, finish_reason, parse_output, tool_calls
+from ctxsteer.server.tools.output import ToolStream, finish_reason, parse_output, piece_deltas, tool_calls
 from ctxsteer.server.tools.parsers import ToolCallParser, pick_parser
 
 router = APIRouter()
@@ -182,7 +182,8 @@ def _stream(
 ) -> AsyncIterator[bytes]:
     """SSE frames: a role chunk per choice, content chunks, finish chunks, optional usage chunk, [DONE].
     The `steering` object rides on the last chunk before [DONE]. With tools, each choice's text goes
-    through a `ToolStream`: content while it cannot be a call, then the calls' deltas before the finish."""
+    through a `ToolStream`: a forced call's deltas as it is generated; free text as content while it
+    cannot be a call, then the calls' deltas before the finish."""
     parser = tool_parser(ctx, req)
     streams = [ToolStream(parser, _parallel(req)) for _ in range(req.num_choices)] if parser else None
 
@@ -194,11 +195,12 @@ def _stream(
         text, finish = out.text, None if out.finish_reason is None else str(out.finish_reason)
         calls: list[DeltaToolCall] = []
         if streams is not None:
-            text = streams[i].feed(out.text)
+            text, parts = streams[i].feed(out.text)
             if finish is not None:
-                rest, parsed = streams[i].finish()
-                text, finish, calls = text + rest, finish_reason(finish, parsed), call_deltas(parsed)
+                rest, more, parsed = streams[i].finish()
+                text, parts, finish = text + rest, parts + more, finish_reason(finish, parsed)
                 count_calls(ctx, len(parsed))
+            calls = piece_deltas(parts)
         pieces = _chunk_choices(i, text, ChoiceLogprobs(content=lps) if lps else None, calls, finish)
         return (
             b"".join(chunk([p], **(gen.extras() if last and p is pieces[-1] else {})) for p in pieces) or None

@@ -34,8 +34,9 @@ from ctxsteer.server.responses_api import (
     Status,
     new_item_id,
 )
-from ctxsteer.server.tools.output import FRAGMENT_CHARS, ToolStream, new_call_id, parse_output
+from ctxsteer.server.tools.output import ToolStream, new_call_id, parse_output
 from ctxsteer.server.tools.parsers import ParsedCall
+from ctxsteer.server.tools.stream import CallPiece
 
 router = APIRouter()
 # chat's parameter names in errors raised while preparing -> the Responses request's own
@@ -134,6 +135,7 @@ class _Events:
         self.seq = 0
         self.output: list[OutputItem] = []
         self.message: OutputMessage | None = None  # the open message item
+        self.call: OutputFunctionCall | None = None  # the open function call item
         self.text = ""
 
     def emit(self, kind: str, **payload: Any) -> bytes:
@@ -165,22 +167,35 @@ class _Events:
             self.emit("response.output_item.done", output_index=at["output_index"], item=done),
         ]
 
-    def call(self, call: ParsedCall) -> list[bytes]:
-        """One call's item: added with empty arguments, the arguments in fragments, done."""
-        index, item = len(self.output), _call(call)
-        self.output.append(item)
-        at = {"item_id": item.id, "output_index": index}
-        opened = item.model_copy(update={"arguments": "", "status": "in_progress"})
-        frames = [self.emit("response.output_item.added", output_index=index, item=opened)]
-        for k in range(0, len(call.arguments), FRAGMENT_CHARS):
-            piece = call.arguments[k : k + FRAGMENT_CHARS]
-            frames.append(self.emit("response.function_call_arguments.delta", **at, delta=piece))
-        args = call.arguments
-        frames.append(
-            self.emit("response.function_call_arguments.done", **at, name=call.name, arguments=args)
-        )
-        frames.append(self.emit("response.output_item.done", output_index=index, item=item))
-        return frames
+    def call_piece(self, piece: CallPiece) -> list[bytes]:
+        """A call's item added with empty arguments on its header (the previous call's closed), then
+        each argument fragment as a delta."""
+        if piece.name is not None:
+            frames = self.close_call()
+            self.call = _call(ParsedCall(piece.name, "")).model_copy(update={"status": "in_progress"})
+            self.output.append(self.call)
+            return [
+                *frames,
+                self.emit("response.output_item.added", output_index=len(self.output) - 1, item=self.call),
+            ]
+        assert self.call is not None
+        self.call.arguments += piece.arguments
+        at = {"item_id": self.call.id, "output_index": self.output.index(self.call)}
+        return [self.emit("response.function_call_arguments.delta", **at, delta=piece.arguments)]
+
+    def close_call(self) -> list[bytes]:
+        """The open call's item done, its arguments as streamed (cut ones too, as `_collect` has them)."""
+        if self.call is None:
+            return []
+        index, done = self.output.index(self.call), self.call.model_copy(update={"status": "completed"})
+        self.output[index], self.call = done, None
+        at = {"item_id": done.id, "output_index": index}
+        return [
+            self.emit(
+                "response.function_call_arguments.done", **at, name=done.name, arguments=done.arguments
+            ),
+            self.emit("response.output_item.done", output_index=index, item=done),
+        ]
 
     def open_empty(self) -> list[bytes]:
         return self._open_message()
@@ -207,8 +222,9 @@ def _stream(
     ctx: ServingContext, base: dict[str, Any], turn: Turn, gen: Generation, first: tuple[int, Any]
 ) -> AsyncIterator[bytes]:
     """response.created / in_progress, the message's text as deltas (with tools, only what cannot be a
-    call), at the end the calls' items, then the final response. Errors after the headers are sent as
-    chat's `{"error": ...}` frame, which the SDK raises as an APIError."""
+    call), the calls' items (a forced call's as it is generated, parsed ones at the end), then the final
+    response. Errors after the headers are sent as chat's `{"error": ...}` frame, which the SDK raises as
+    an APIError."""
     parser = chat.tool_parser(ctx, turn.chat)
     tools = ToolStream(parser, _parallel(turn)) if parser is not None else None
     events = _Events()
@@ -219,19 +235,24 @@ def _stream(
 
     def frame_for(i: int, out: Any, last: bool) -> bytes | None:
         finish = None if out.finish_reason is None else str(out.finish_reason)
-        text, calls = (tools.feed(out.text) if tools is not None else out.text), []
-        if finish is not None and tools is not None:
-            rest, calls = tools.finish()
-            text += rest
-            chat.count_calls(ctx, len(calls))
+        text, pieces, calls = out.text, [], []  # pieces: CallPiece; calls: ParsedCall
+        if tools is not None:
+            text, pieces = tools.feed(out.text)
+            if finish is not None:
+                rest, more, calls = tools.finish()
+                text, pieces = text + rest, pieces + more
+                chat.count_calls(ctx, len(calls))
+        cut: Status = "incomplete" if finish == "length" else "completed"
         frames = events.text_delta(text) if text else []
+        if pieces:
+            frames += events.close_message(cut)
+        for piece in pieces:
+            frames += events.call_piece(piece)
         if finish is None:
             return b"".join(frames) or None
         if events.message is None and not calls and not events.output:
             frames += events.open_empty()
-        frames += events.close_message("incomplete" if finish == "length" else "completed")
-        for call in calls:
-            frames += events.call(call)
+        frames += events.close_message(cut) + events.close_call()
         final = _response(base, turn, events.output, finish, gen)
         frames.append(events.emit(f"response.{final.status}", response=final))
         return b"".join(frames)

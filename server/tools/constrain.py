@@ -2,7 +2,7 @@
 write a valid call, so no parser has to guess. A named function's output IS its arguments (its
 parameters schema); "required" writes `[{"name": ..., "arguments": {...}}, ...]` (vLLM says "parameters";
 "arguments" is the key the hermes prompt block teaches), one item unless parallel calls are allowed.
-`ConstrainedCalls` turns that output back into calls.
+`ConstrainedCalls` turns that output back into calls (server/tools/stream.py streams it).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from typing import Any
 
 from ctxsteer.server.engine.grammar import GrammarError
 from ctxsteer.server.engine.request import Grammar
-from ctxsteer.server.tools.parsers import ParsedCall, call_from, compact
+from ctxsteer.server.tools.parsers import ParsedCall
+from ctxsteer.server.tools.stream import CallScanner
 
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
@@ -83,24 +84,25 @@ def _calls_schema(functions: dict[str, dict[str, Any]], parallel: bool) -> dict[
 
 
 class ConstrainedCalls:
-    """The parser of a forced call's output (the `ToolCallParser` protocol). Output cut by max_tokens is
-    not valid JSON: a named function still gets its call (the arguments as written, finish_reason
-    "length", as OpenAI does); a cut "required" array is left as content."""
+    """The parser of a forced call's output (the `ToolCallParser` protocol), read by the same
+    `CallScanner` that streams it, so both answers agree: arguments as written, less the whitespace
+    outside strings. Output cut by max_tokens is not valid JSON: a named function still gets its call
+    (the arguments as written, finish_reason "length", as OpenAI does); a cut "required" array gives the
+    calls whose name was written (the last one's arguments as far as they go), since a stream has sent
+    them already, and is left as content only when no name was."""
 
     def __init__(self, name: str | None) -> None:
         self.name = name  # None: "required"
 
+    def scanner(self, parallel: bool = True) -> CallScanner:
+        """A fresh reader of one choice's output, for streaming it as `parse` reads it."""
+        return CallScanner(self.name, parallel)
+
     def parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
-        try:
-            value = json.loads(text)
-        except ValueError:
-            value = None
-        if self.name is not None:
-            return None, [ParsedCall(self.name, text if value is None else compact(value))]
-        calls = [call_from(item, "arguments") for item in value] if isinstance(value, list) else []
-        if not calls or None in calls:
-            return (text or None), []
-        return None, [c for c in calls if c is not None]
+        scanner = self.scanner()
+        scanner.feed(text)
+        calls = scanner.calls()
+        return (None, calls) if calls else ((text or None), [])
 
     def streamable(self, text: str) -> int:
         return 0  # all of it is the call

@@ -1,8 +1,8 @@
-"""OpenAI's `tool_calls` from parsed calls: whole (`message.tool_calls`) or streamed. Free text (tool_choice
-"auto") must be parsed before a call can be sent, so `ToolStream` streams a choice's text as content only
-while it cannot be the start of a call and holds the rest; at the end the calls go out as deltas the
-openai SDK reassembles: per call, one delta with its index, id, type and name, then the arguments in
-fragments."""
+"""OpenAI's `tool_calls` from parsed calls: whole (`message.tool_calls`) or streamed, as deltas the openai
+SDK reassembles: per call, one delta with its index, id, type and name, then the arguments in fragments.
+A forced call (named, "required") is streamed as it is generated (`CallScanner`). Free text (tool_choice
+"auto") must be parsed before a call can be sent, so `ToolStream` streams it as content only while it
+cannot be the start of a call and holds the rest; its calls go out at the end."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import secrets
 from collections.abc import Sequence
 
 from ctxsteer.server.responses import DeltaFunctionCall, DeltaToolCall, FunctionCall, ToolCall
+from ctxsteer.server.tools.constrain import ConstrainedCalls
 from ctxsteer.server.tools.parsers import ParsedCall, ToolCallParser
+from ctxsteer.server.tools.stream import CallPiece
 
 FRAGMENT_CHARS = 16  # argument text per streamed delta
 
@@ -40,37 +42,66 @@ def parse_output(parser: ToolCallParser, text: str, parallel: bool) -> tuple[str
     return content, calls if parallel else calls[:1]
 
 
-def call_deltas(calls: Sequence[ParsedCall], fragment: int = FRAGMENT_CHARS) -> list[DeltaToolCall]:
-    """The stream deltas of `calls`, one per chunk, in order."""
-    out: list[DeltaToolCall] = []
+def call_pieces(calls: Sequence[ParsedCall], fragment: int = FRAGMENT_CHARS) -> list[CallPiece]:
+    """Whole calls as stream pieces: per call its header, then its arguments in `fragment` characters."""
+    out: list[CallPiece] = []
     for i, call in enumerate(calls):
-        named = DeltaFunctionCall(name=call.name, arguments="")
-        out.append(DeltaToolCall(index=i, id=new_call_id(), type="function", function=named))
-        for at in range(0, len(call.arguments), fragment):
-            piece = DeltaFunctionCall(arguments=call.arguments[at : at + fragment])
-            out.append(DeltaToolCall(index=i, function=piece))
+        out.append(CallPiece(i, call.name))
+        out += [
+            CallPiece(i, None, call.arguments[k : k + fragment])
+            for k in range(0, len(call.arguments), fragment)
+        ]
     return out
 
 
+def piece_deltas(pieces: Sequence[CallPiece]) -> list[DeltaToolCall]:
+    """The chat stream's deltas of `pieces`, one per chunk: a header gets the call's new id."""
+    return [
+        DeltaToolCall(
+            index=p.index,
+            id=new_call_id(),
+            type="function",
+            function=DeltaFunctionCall(name=p.name, arguments=""),
+        )
+        if p.name is not None
+        else DeltaToolCall(index=p.index, function=DeltaFunctionCall(arguments=p.arguments))
+        for p in pieces
+    ]
+
+
+def call_deltas(calls: Sequence[ParsedCall], fragment: int = FRAGMENT_CHARS) -> list[DeltaToolCall]:
+    """The stream deltas of whole `calls`, one per chunk, in order."""
+    return piece_deltas(call_pieces(calls, fragment))
+
+
 class ToolStream:
-    """One choice's text while streaming with tools: `feed` returns the content that can be sent now,
-    `finish` the content still to send and the calls."""
+    """One choice's text while streaming with tools: `feed` returns the content and call pieces that can
+    be sent now, `finish` the content and pieces still to send and the calls."""
 
     def __init__(self, parser: ToolCallParser, parallel: bool) -> None:
         self.parser, self.parallel = parser, parallel
+        self.scanner = parser.scanner(parallel) if isinstance(parser, ConstrainedCalls) else None
         self.text = ""
         self.sent = 0  # characters of `text` already streamed as content
 
-    def feed(self, delta: str) -> str:
+    def feed(self, delta: str) -> tuple[str, list[CallPiece]]:
         self.text += delta
+        if self.scanner is not None:
+            return "", self.scanner.feed(delta)
         ready = self.parser.streamable(self.text)
         if ready <= self.sent:
-            return ""
+            return "", []
         out, self.sent = self.text[self.sent : ready], ready
-        return out
+        return out, []
 
-    def finish(self) -> tuple[str, list[ParsedCall]]:
+    def finish(self) -> tuple[str, list[CallPiece], list[ParsedCall]]:
+        """A forced call's output has streamed already (or, not a call at all, is content now); free
+        text is parsed here, its calls sent whole."""
+        if self.scanner is not None:
+            calls = self.scanner.calls()
+            return ("" if calls else self.text), [], calls
         content, calls = parse_output(self.parser, self.text, self.parallel)
         content = content or ""
         streamed = self.text[: self.sent]
-        return (content[self.sent :] if content.startswith(streamed) else ""), calls
+        rest = content[self.sent :] if content.startswith(streamed) else ""
+        return rest, call_pieces(calls), calls
