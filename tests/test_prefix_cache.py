@@ -126,6 +126,10 @@ def _same(on: list[GenerationOutput], off: list[GenerationOutput]) -> None:
     lp_off = [lp.logprob for o in off for lp in o.logprobs]
     assert len(lp_on) == len(lp_off) > 0
     assert max(abs(a - b) for a, b in zip(lp_on, lp_off, strict=True)) < TOL
+    ctx_on = [v for o in on for pair in o.context_attention for v in pair]
+    ctx_off = [v for o in off for pair in o.context_attention for v in pair]
+    assert len(ctx_on) == len(ctx_off)
+    assert all(abs(a - b) < TOL for a, b in zip(ctx_on, ctx_off, strict=True))
 
 
 def _cached(outs: list[GenerationOutput]) -> int:
@@ -161,10 +165,11 @@ def test_multi_turn_reuses_the_previous_prompt_exactly(arch: str) -> None:
     first, second, s1, s2 = _turns()
     reqs = [
         [GenerationRequest("t1", first, GREEDY, s1)],
-        [GenerationRequest("t1-again", first, GREEDY, s1)],
-        [GenerationRequest("t2", second, GREEDY, s2)],
+        [GenerationRequest("t1-again", first, GREEDY, s1, watch_context=True)],
+        [GenerationRequest("t2", second, GREEDY, s2, watch_context=True)],
     ]
     on = _compare(model, reqs)
+    assert on[2][-1].context_attention  # measured rows report the same values with and without a hit
     assert _cached(on[0]) == 0
     assert _cached(on[1]) == (len(first) - 1) // BLOCK * BLOCK
     assert _cached(on[2]) == len(first) // BLOCK * BLOCK  # the first turn's prompt, not its answer
