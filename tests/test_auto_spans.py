@@ -12,6 +12,7 @@ import pytest
 from server_process import ServerProcess, greedy_chat, serve
 from tiny import save_tiny_model
 
+from ctxsteer.server.api.auto_spans import quote_sources
 from ctxsteer.steering.auto_spans import (
     MAX_AUTO_SPANS,
     QUOTE_SYSTEM,
@@ -66,6 +67,28 @@ def test_quote_prompt() -> None:
     ]
 
 
+# A tool turn: the question in the user's message, the evidence in the tool's result (agentic RAG).
+SEARCH = {
+    "type": "function",
+    "function": {"name": "search", "parameters": {"type": "object", "properties": {}}},
+}
+CALL = {"id": "call_1", "type": "function", "function": {"name": "search", "arguments": "{}"}}
+TOOL_TURN = [
+    {"role": "user", "content": "When does it open?"},
+    {"role": "assistant", "content": None, "tool_calls": [CALL]},
+    {"role": "tool", "tool_call_id": "call_1", "content": SOURCE},
+]
+
+
+def test_tool_results_are_quoted_with_the_users_messages() -> None:
+    system = {"role": "system", "content": "Answer from the search results."}
+    assert quote_sources([system, *TOOL_TURN]) == ["When does it open?", SOURCE]  # no call, in order
+    # every located span is real text of the user's or the tool's message
+    assert locate_quotes("The south gate never opens.", quote_sources(TOOL_TURN)) == [
+        "The south gate never opens."
+    ]
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     model_dir = save_tiny_model(tmp_path_factory.mktemp("m") / "qwen2", "qwen2")
@@ -102,3 +125,20 @@ def test_auto_spans_elsewhere_is_a_400(server: ServerProcess) -> None:
     assert r.status_code == 400 and r.json()["error"]["param"] == "steering.spans"
     r = httpx.post(f"{server.url}/tokenize", json={"prompt": "hi", "steering": {"spans": "auto"}}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "steering.spans"
+
+
+def test_served_auto_spans_read_the_tool_result(server: ServerProcess) -> None:
+    """The quoting prompt holds the tool's result (it was the user's question alone: nothing of the
+    retrieved text could be quoted), and the spans are located in it; the request with those spans given
+    explicitly is the same."""
+    auto = greedy_chat(server, TOOL_TURN, 4, tools=[SEARCH], steering={"strength": 3, "spans": "auto"})
+    assert auto.status_code == 200, auto.text
+    info = auto.json()["steering"]
+    prompt = quote_messages([{"role": "user", "content": t} for t in quote_sources(TOOL_TURN)])
+    r = httpx.post(f"{server.url}/tokenize", json={"messages": prompt}, timeout=30)
+    assert info["spans_generation"]["prompt_tokens"] == r.json()["count"]
+    assert info["spans"] == locate_quotes(info["spans_generation"]["quote"], ["When does it open?", SOURCE])
+    explicit = {"strength": 3, "spans": info["spans"]} if info["spans"] else {"strength": 3}
+    same = greedy_chat(server, TOOL_TURN, 4, tools=[SEARCH], steering=explicit)
+    assert auto.json()["choices"][0]["message"] == same.json()["choices"][0]["message"]
+    assert info["steered_tokens"] == same.json()["steering"]["steered_tokens"]

@@ -11,27 +11,22 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from typing import Any, Literal
+import time
+import uuid
+from typing import Any
 
 import httpx
 import openai
 import pytest
-from pydantic import BaseModel, Field
 from server_process import ServerProcess
+from structured_data import ALICE, Person, ref_chain
+from tools_data import WEATHER_TOOL
 
 pytestmark = pytest.mark.slow
 
 MODEL = "SmolLM2-135M-Instruct"
-ALICE = [{"role": "user", "content": "Alice is 31 and lives in Paris. Give her name, age and city as JSON."}]
+Timed = tuple[httpx.Response, float]
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-class Person(BaseModel):
-    """Terminates under any sampling: bounded string, bounded integer, an enum."""
-
-    name: str = Field(max_length=20)
-    age: int = Field(ge=0, le=150)
-    city: Literal["Paris", "London", "Rome", "Berlin"]
 
 
 PERSON_FORMAT = {
@@ -247,24 +242,90 @@ def test_bad_constraints_are_400s_and_the_server_stays_healthy(
     assert isinstance(r.choices[0].message.parsed, Person)
 
 
-def test_bad_requests_never_fail_a_concurrent_good_one(smollm2_server: ServerProcess) -> None:
-    """Good constrained requests in flight while every bad body of BAD arrives: the bad ones are 400s,
-    the good ones finish as they do alone."""
-    good = {"model": MODEL, "messages": ALICE, "temperature": 0, "max_tokens": 80}
-    good["response_format"] = PERSON_FORMAT
-    bad = [{"model": MODEL, "messages": ALICE, "max_tokens": 4, **p.values[0]} for p in BAD]
+async def _beside_good(url: str, good: dict, bad: list[dict]) -> tuple[list[httpx.Response], list[Timed]]:
+    """Two `good` requests decoding while every `bad` body arrives (each timed from its send)."""
+    async with httpx.AsyncClient(base_url=url, timeout=120) as http:
 
-    async def run() -> tuple[list[httpx.Response], list[httpx.Response]]:
-        async with httpx.AsyncClient(base_url=smollm2_server.url, timeout=120) as http:
-            goods = [asyncio.create_task(http.post("/v1/chat/completions", json=good)) for _ in range(2)]
-            await asyncio.sleep(0.2)  # the good ones are admitted and decoding
-            bads = await asyncio.gather(*(http.post("/v1/chat/completions", json=b) for b in bad))
-            return list(await asyncio.gather(*goods)), list(bads)
+        async def timed(body: dict) -> Timed:
+            start = time.perf_counter()
+            r = await http.post("/v1/chat/completions", json=body)
+            return r, time.perf_counter() - start
 
-    goods, bads = asyncio.run(run())
-    assert [r.status_code for r in bads] == [400] * len(BAD), [r.text for r in bads]
+        goods = [asyncio.create_task(http.post("/v1/chat/completions", json=good)) for _ in range(2)]
+        await asyncio.sleep(0.2)  # the good ones are admitted and decoding
+        bads = await asyncio.gather(*(timed(b) for b in bad))
+        return list(await asyncio.gather(*goods)), list(bads)
+
+
+def _assert_as_alone(smollm2_server: ServerProcess, good: dict, goods: list[httpx.Response]) -> None:
     alone = httpx.post(smollm2_server.url + "/v1/chat/completions", json=good, timeout=120).json()
     for r in goods:
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["message"] == alone["choices"][0]["message"]
         Person.model_validate_json(r.json()["choices"][0]["message"]["content"])
+
+
+GOOD = {
+    "model": MODEL,
+    "messages": ALICE,
+    "temperature": 0,
+    "max_tokens": 80,
+    "response_format": PERSON_FORMAT,
+}
+
+
+def test_bad_requests_never_fail_a_concurrent_good_one(smollm2_server: ServerProcess) -> None:
+    """Good constrained requests in flight while every bad body of BAD arrives: the bad ones are 400s,
+    the good ones finish as they do alone."""
+    bad = [{"model": MODEL, "messages": ALICE, "max_tokens": 4, **p.values[0]} for p in BAD]
+    goods, bads = asyncio.run(_beside_good(smollm2_server.url, GOOD, bad))
+    assert [r.status_code for r, _ in bads] == [400] * len(BAD), [r.text for r, _ in bads]
+    _assert_as_alone(smollm2_server, GOOD, goods)
+
+
+def _slow_schema() -> dict[str, Any]:
+    """A 2 MB, 150k-way alternation: llguidance takes ~3 s on the 2-core EPYC to refuse it (its lexer is
+    too big), past COMPILE_TIMEOUT_S (1 s). New each time: a grammar that ran out of time is remembered."""
+    words = "|".join(f"w{i}x{i * 7}" for i in range(150_000))
+    return {"type": "string", "pattern": f"^({words})-{uuid.uuid4().hex}$"}
+
+
+def _json_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+
+
+def _deep_tool(tool_choice: Any) -> dict[str, Any]:
+    deep = {"type": "function", "function": {"name": "deep", "parameters": ref_chain(50)}}
+    return {"tools": [WEATHER_TOOL, deep], "tool_choice": tool_choice}
+
+
+LARK_CHAIN = "start: r0\n" + "".join(f'r{i}: "x" r{i + 1}\n' for i in range(3000)) + 'r3000: "y"\n'
+PAST_BOUNDS = [  # (extra body, param, what the message says)
+    (_json_schema(ref_chain(1500)), "response_format", "nests deeper than 128"),  # killed the process
+    ({"structured_outputs": {"json": ref_chain(1500)}}, "structured_outputs", "nests deeper than 128"),
+    ({"structured_outputs": {"grammar": LARK_CHAIN}}, "structured_outputs", "3002 rules"),  # killed it too
+    (_deep_tool("required"), "tools[1].function.parameters", "nests deeper than 128"),
+    (_deep_tool({"type": "function", "function": {"name": "deep"}}), "tools[1].function.parameters", "nests"),
+]
+
+
+def test_grammars_past_the_bounds_are_fast_400s_beside_a_good_request(smollm2_server: ServerProcess) -> None:
+    """server/engine/grammar.py's bounds: too deep a schema or Lark grammar (which overflowed llguidance's
+    stack: the server process died), and one whose compile runs past COMPILE_TIMEOUT_S, are 400s naming
+    the field (a forced tool call's: the tool), in seconds, while good requests decode undisturbed."""
+    cases = [*PAST_BOUNDS, (_json_schema(_slow_schema()), "response_format", "longer than 1 s to compile")]
+    bad = [{"model": MODEL, "messages": ALICE, "max_tokens": 4, **extra} for extra, _, _ in cases]
+    goods, bads = asyncio.run(_beside_good(smollm2_server.url, GOOD, bad))
+    for (r, seconds), (_, param, says) in zip(bads, cases, strict=True):
+        assert r.status_code == 400, r.text[:500]
+        error = r.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}, error
+        assert (error["param"], error["code"], error["type"]) == (
+            param,
+            "invalid_grammar",
+            "invalid_request_error",
+        )
+        assert says in error["message"], error
+        assert seconds < 4, f"{param}: {seconds:.1f} s"
+    _assert_as_alone(smollm2_server, GOOD, goods)
+    assert httpx.get(smollm2_server.url + "/health", timeout=10).status_code == 200

@@ -18,15 +18,15 @@ import os
 import subprocess
 import uuid
 from pathlib import Path
-from typing import Literal
 
 import httpx
 import openai
 import pytest
-from pydantic import BaseModel, Field
 
+from tests import responses_checks
 from tests.server_metrics import finished_requests
 from tests.server_process import serve
+from tests.structured_data import ALICE, Person, WeatherArgs, ref_chain
 from tests.tools_data import TOOLS
 from tests.waiting import wait_for
 
@@ -294,17 +294,6 @@ def test_client_disconnect_aborts_in_vllm(vllm_url: str) -> None:
 # StructuredOutputsParams and logit_bias (server/engine/vllm/engine.py), checked through the openai SDK.
 
 
-class Person(BaseModel):
-    """Terminates under any sampling: bounded string, bounded integer, an enum."""
-
-    name: str = Field(max_length=20)
-    age: int = Field(ge=0, le=150)
-    city: Literal["Paris", "London", "Rome", "Berlin"]
-
-
-ALICE = [{"role": "user", "content": "Alice is 31 and lives in Paris. Give her name, age and city as JSON."}]
-
-
 def sdk(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
 
@@ -350,15 +339,18 @@ def test_logit_bias_bans_the_greedy_first_token(vllm_url: str, local_url: str) -
 
 
 def test_uncompilable_schema_is_a_400(vllm_url: str) -> None:
-    schema = {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "y"}}}}
-    body = {
-        "messages": PROMPTS[0],
-        "max_tokens": 4,
-        "response_format": {"type": "json_schema", "json_schema": schema},
-    }
-    r = httpx.post(vllm_url + "/v1/chat/completions", json=body, timeout=60)
-    assert r.status_code == 400, r.text
-    assert r.json()["error"]["param"] == "response_format" and r.json()["error"]["code"] == "invalid_grammar"
+    """An unknown type, and a schema nested past the bounds (which killed the server: the HTTP side's
+    llguidance overflowed its stack), are 400s before vLLM sees them."""
+    for schema in ({"type": "object", "properties": {"a": {"type": "y"}}}, ref_chain(1500)):
+        body = {
+            "messages": PROMPTS[0],
+            "max_tokens": 4,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+        }
+        r = httpx.post(vllm_url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "response_format" and error["code"] == "invalid_grammar", error
     assert tokens(chat(vllm_url, PROMPTS[0], max_tokens=4))  # still serving
 
 
@@ -395,12 +387,6 @@ def test_grammar_only_llguidance_knows_is_served_or_a_400(vllm_url: str) -> None
 
 WEATHER_ASK = [{"role": "user", "content": "What is the weather like in Paris today?"}]
 WEATHER_RESULT = "Sunny, 24 degrees Celsius, light wind."
-
-
-class WeatherArgs(BaseModel, extra="forbid"):
-    """get_weather's parameters schema as a model: arguments that validate against it parse."""
-
-    city: Literal["Paris", "London", "Rome"]
 
 
 def sdk_chat(url: str, **kw) -> dict:
@@ -470,3 +456,31 @@ def test_named_tool_choice_gives_that_function_equal_local_engine(vllm_url: str,
     assert call["function"]["name"] == "get_weather"
     assert_valid_call(call)
     assert calls_of(a) == calls_of(b)
+
+
+# The Responses API and LangChain on vLLM: the checks the local engine passes (tests/responses_checks.py,
+# tests/langchain_checks.py), through the same clients, here; where the output is unconstrained greedy
+# text, and for the forced call, the two engines must agree.
+
+
+def test_responses_text_json_schema_and_function_call(vllm_url: str, local_url: str) -> None:
+    """client.responses.create, whole and streamed: text, text.format json_schema, a function tool (forced),
+    then the call's result sent back, steered."""
+    vllm, local = sdk(vllm_url), sdk(local_url)
+    assert responses_checks.text(vllm) == responses_checks.text(local)
+    responses_checks.json_schema(vllm)
+    call = responses_checks.function_call(vllm)
+    other = responses_checks.function_call(local)
+    assert (call.name, call.arguments) == (other.name, other.arguments)
+    a, b = (responses_checks.steered_answer(client, call) for client in (vllm, local))
+    assert a.output_text == b.output_text and a.model_extra["steering"] == b.model_extra["steering"]
+
+
+def test_langchain_structured_output_and_bind_tools(vllm_url: str) -> None:
+    """ChatOpenAI(base_url=...).with_structured_output(Model, method="json_schema") and
+    .bind_tools([fn], tool_choice=...) (a named function, "required", "any"), then a steered tool turn."""
+    langchain = pytest.importorskip("tests.langchain_checks", reason="langchain-openai is not installed")
+    langchain.structured_output(vllm_url)
+    for tool_choice in ("get_weather", "required", "any"):
+        langchain.bound_call(vllm_url, tool_choice)
+    langchain.tool_round_trip(vllm_url)

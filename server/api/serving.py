@@ -7,6 +7,7 @@ Running them and answering (JSON or SSE) is generation.py's job.
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import time
 import uuid
@@ -21,7 +22,7 @@ from fastapi import Request
 
 from ctxsteer.server.api.capabilities import CONTEXT_REPORT, INDICATOR_AUTO, require
 from ctxsteer.server.config import ServerConfig
-from ctxsteer.server.engine.grammar import to_llguidance
+from ctxsteer.server.engine.grammar import COMPILE_TIMEOUT_S, GrammarError, check_grammar
 from ctxsteer.server.engine.interface import AsyncEngine, Capability
 from ctxsteer.server.engine.request import GenerationRequest, Grammar, SteerRow
 from ctxsteer.server.errors import bad_request, context_too_long, model_not_found
@@ -272,13 +273,14 @@ def prepare_generation(
 
 
 def check_output_controls(ctx: ServingContext, req: Any) -> Grammar | None:
-    """The request's grammar, once it compiles (GrammarError: a 400 naming its field), after checking that
-    biased tokens exist. Reports the compile time (failed compiles too: a slow bad schema costs as much)
-    and, once all is accepted, the grammar's kind to the metrics hooks."""
+    """The request's grammar, once it compiles within the bounds of server/engine/grammar.py (GrammarError:
+    a 400 naming its field), after checking that biased tokens exist. Reports the compile time (failed
+    compiles too: a slow bad schema costs as much) and, once all is accepted, the grammar's kind to the
+    metrics hooks."""
     if (grammar := req.grammar()) is not None:
         start = time.perf_counter()
         try:
-            to_llguidance(grammar)
+            _check_compiles(req, grammar)
         finally:
             if ctx.on_grammar_compiled is not None:
                 ctx.on_grammar_compiled(time.perf_counter() - start)
@@ -293,6 +295,27 @@ def check_output_controls(ctx: ServingContext, req: Any) -> Grammar | None:
     if grammar is not None and ctx.on_structured_request is not None:
         ctx.on_structured_request(grammar.kind)
     return grammar
+
+
+def _check_compiles(req: Any, grammar: Grammar) -> None:
+    """`check_grammar`; when a forced tool call's grammar fails, the error names the first of its tools
+    whose parameters fail alone (`tools[i].function.parameters`; this search gets one more compile budget
+    in all), else `tool_choice`. Only the failure pays for the search."""
+    try:
+        check_grammar(grammar)
+    except GrammarError:
+        if grammar.param != "tool_choice":
+            raise
+        named = req.tool_choice.function.name if hasattr(req.tool_choice, "function") else None
+        deadline = time.monotonic() + COMPILE_TIMEOUT_S
+        for i, tool in enumerate(req.tool_dicts() or []):
+            fn, left = tool.get("function") or {}, deadline - time.monotonic()
+            if left <= 0:
+                break
+            if fn.get("parameters") is not None and named in (None, fn.get("name")):
+                source, param = json.dumps(fn["parameters"]), f"tools[{i}].function.parameters"
+                check_grammar(Grammar("json_schema", source, param), timeout_s=left)
+        raise
 
 
 def steer_row(spec: SteeringSpec, steered: Sequence[Range]) -> SteerRow:
