@@ -177,6 +177,14 @@ class ServerConfig:
         "KV tokens admitted requests may reserve (prompt + max_tokens); default max-num-seqs x max-model-len",
         at_least(16, False),
     )
+    batch_invariant: bool = flag(
+        "--batch-invariant",
+        False,
+        "each request decodes in a forward of its own, so its answer never depends on its batch neighbours "
+        "(bf16 otherwise differs in the last bits); slower under load; turns prefix caching off unless "
+        "--enable-prefix-caching is given",
+        local_only="vLLM's batch invariance needs its own kernels",
+    )
     # decoding of other requests interleaves between a prompt's prefill chunks
     prefill_chunk: int = flag(
         "--prefill-chunk", 512, "prompt tokens per prefill step (default 512)", at_least(16)

@@ -80,7 +80,11 @@ def _build_local_engine(config: ServerConfig, observer: EngineObserver | None) -
         prefill_stall_share=config.prefill_stall_share,
         speculative=config.speculative,
         observer=observer,
-        enable_prefix_caching=config.enable_prefix_caching is not False,
+        # a prefix-cache hit changes where a prompt's chunks start: in bf16 that changes the last bits
+        enable_prefix_caching=config.enable_prefix_caching
+        if config.enable_prefix_caching is not None
+        else not config.batch_invariant,
+        batch_invariant=config.batch_invariant,
     )
 
 

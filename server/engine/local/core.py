@@ -33,7 +33,7 @@ from ctxsteer.server.engine.local.hooks import PrefillHooks
 from ctxsteer.server.engine.local.logits import LogitsPipeline
 from ctxsteer.server.engine.local.output import OutputBook
 from ctxsteer.server.engine.local.row import Row
-from ctxsteer.server.engine.local.runner import ModelRunner
+from ctxsteer.server.engine.local.runner import DecodeResult, ModelRunner
 from ctxsteer.server.engine.local.scheduler import Scheduler, StepPlan
 from ctxsteer.server.engine.request import FinishReason, TokenLogprob
 
@@ -63,11 +63,13 @@ class EngineCore:
         plugins: PlugIns,
         finalize: Finalize,
         max_model_len: int,
+        batch_invariant: bool = False,
     ) -> None:
         self.runner, self.sched, self.budget, self.lock = runner, sched, sched.budget, lock
         self.observer, self.finalize, self.max_model_len = observer, finalize, max_model_len
         self.book, self.hooks = plugins.book, plugins.hooks
         self.logits, self.drafts = plugins.logits, plugins.drafts
+        self.batch_invariant = batch_invariant  # each request decodes in a forward of its own
 
     def run(self, plan: StepPlan) -> None:
         """Execute the plan and book its outputs."""
@@ -152,18 +154,8 @@ class EngineCore:
 
     def _decode(self, rows: list[Row], prefill_tokens: int) -> None:
         t0 = time.perf_counter()
-        drafts = None
         try:
-            drafts = self.drafts.propose(rows) if self.drafts is not None else None
-            width = 1 + max(map(len, drafts)) if drafts else 1
-            # rows with fewer guesses are padded with their last token; those positions are never read
-            tokens = [
-                [r.last_token, *d, *[r.last_token] * (width - 1 - len(d))]
-                for r, d in zip(rows, drafts or [[]] * len(rows), strict=True)
-            ]
-            watch = [i for i, r in enumerate(rows) if r.request.watch_context]
-            steers = [r.steer for r in rows]
-            result = self.runner.decode(tokens, steers, watch, max_position=self.max_model_len - 1)
+            steps = [self._forward(group, first) for first, group in self._groups(rows)]
             self.budget.observe_decode(time.perf_counter() - t0)
         except Exception:  # noqa: BLE001
             log.exception("decode step failed; failing %d rows", len(rows))
@@ -173,6 +165,35 @@ class EngineCore:
         # Reported before any row's output is emitted: rows in the forward, and the warm-up's last step
         # is seen while the engine is still not ready.
         self.observer.on_step(len(rows), prefill_tokens)
+        for group, drafts, result in steps:
+            self._book(group, drafts, result)
+
+    def _groups(self, rows: list[Row]) -> list[tuple[int | None, list[Row]]]:
+        """The forwards of a decode step as (first slot, rows): one over the whole batch (None), or,
+        batch-invariant, one per row (CAD twins too: a pair's slots need not stay adjacent)."""
+        if not self.batch_invariant:
+            return [(None, rows)]
+        return [(slot, [row]) for slot, row in enumerate(rows)]
+
+    def _forward(
+        self, rows: list[Row], first_slot: int | None
+    ) -> tuple[list[Row], list[list[int]] | None, DecodeResult]:
+        drafts = self.drafts.propose(rows) if self.drafts is not None else None
+        width = 1 + max(map(len, drafts)) if drafts else 1
+        # rows with fewer guesses are padded with their last token; those positions are never read
+        tokens = [
+            [r.last_token, *d, *[r.last_token] * (width - 1 - len(d))]
+            for r, d in zip(rows, drafts or [[]] * len(rows), strict=True)
+        ]
+        watch = [i for i, r in enumerate(rows) if r.request.watch_context]
+        steers = [r.steer for r in rows]
+        result = self.runner.decode(
+            tokens, steers, watch, max_position=self.max_model_len - 1, first_slot=first_slot
+        )
+        return rows, drafts, result
+
+    def _book(self, rows: list[Row], drafts: list[list[int]] | None, result: DecodeResult) -> None:
+        """Sample and book one forward's rows (speculation: verify each row's guesses)."""
         for i, value in result.context.items():
             rows[i].context.append(value)
         logits = self.logits.contrast(rows, result.logits)  # a CAD row's first position; twins not sampled

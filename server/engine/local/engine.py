@@ -62,6 +62,7 @@ class LocalEngine(AsyncEngine):
         observer: EngineObserver | None = None,
         enable_prefix_caching: bool = True,
         prefix_cache_share: float = PREFIX_CACHE_SHARE,
+        batch_invariant: bool = False,
     ) -> None:
         # CAD needs two rows of the batch per request
         info = dataclasses.replace(info, context_attention=True, cad=max_num_seqs >= 2)
@@ -81,7 +82,14 @@ class LocalEngine(AsyncEngine):
         drafts = NgramProposer(speculative, info.max_model_len) if speculative is not None else None
         plugins = PlugIns(self.book, PrefillHooks(self.runner, tokenizer), self.logits, drafts)
         self.core = EngineCore(
-            self.runner, self.sched, self._lock, self.observer, plugins, self._emit_final, info.max_model_len
+            self.runner,
+            self.sched,
+            self._lock,
+            self.observer,
+            plugins,
+            self._emit_final,
+            info.max_model_len,
+            batch_invariant,
         )
         self._wake = threading.Event()
         self._aborts: set[str] = set()

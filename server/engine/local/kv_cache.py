@@ -59,6 +59,7 @@ class SlotKVCache:
         self.keys = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.lengths: list[int] = [0] * max_rows  # tokens stored per slot
+        self.step_start = 0  # first slot of the step's rows
         self.step_rows = 0
         self.step_width = 0
         self.step_queries = 1  # new tokens per row in this step (> 1: drafted tokens being verified)
@@ -125,26 +126,27 @@ class SlotKVCache:
                 buf[dst, :, :n] = buf[src, :, :n]
         self.lengths[dst], self.lengths[src] = n, 0
 
-    def begin_step(self, rows: int, queries: int = 1) -> torch.Tensor:
-        """Prepare a decode step of `queries` new tokens for each of slots [0, rows); returns key_lengths
-        [rows] after the write."""
-        width = max(self.lengths[:rows]) + queries
+    def begin_step(self, rows: int, queries: int = 1, start: int = 0) -> torch.Tensor:
+        """Prepare a decode step of `queries` new tokens for each of slots [start, start + rows); returns
+        key_lengths [rows] after the write."""
+        live = self.lengths[start : start + rows]
+        width = max(live) + queries
         self.ensure_capacity(width)
-        self.step_rows, self.step_width, self.step_queries = rows, width, queries
-        pos = torch.tensor(self.lengths[:rows], dtype=torch.long)
+        self.step_start, self.step_rows, self.step_width, self.step_queries = start, rows, width, queries
+        pos = torch.tensor(live, dtype=torch.long)
         self._write_pos = (pos[:, None] + torch.arange(queries)[None, :]).to(self.device)  # [rows, Q]
         return (pos + queries).to(self.device)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b, w = self.step_rows, self.step_width
-        rows = self._rows_idx[:b, None]
+        a, b, w = self.step_start, self.step_start + self.step_rows, self.step_width
+        rows = self._rows_idx[a:b, None]
         # advanced indices around a slice: the indexed view is [B, Q, Hkv, D]
         self.keys[layer][rows, :, self._write_pos] = k.transpose(1, 2)
         self.values[layer][rows, :, self._write_pos] = v.transpose(1, 2)
-        return self.keys[layer][:b, :, :w], self.values[layer][:b, :, :w]
+        return self.keys[layer][a:b, :, :w], self.values[layer][a:b, :, :w]
 
     def end_step(self) -> None:
-        for b in range(self.step_rows):
+        for b in range(self.step_start, self.step_start + self.step_rows):
             self.lengths[b] += self.step_queries
 
     def drop_last(self, slot: int, count: int) -> None:

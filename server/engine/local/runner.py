@@ -59,7 +59,7 @@ class ModelRunner:
         )
         self.live_rows = 0  # slots [0, live_rows) hold rows (the scheduler assigns them)
         self.bias = torch.zeros(max_rows, 0, dtype=torch.float32, device=self.device)  # [Bmax, capacity]
-        self._gate_rows: list[SteerRow] | None = None  # the rows `_gates` was built for
+        self._gate_rows: tuple[int, list[SteerRow]] | None = None  # the rows `_gates` was built for
         self._gates: SteerBatch | None = None
 
     # ---- prefill -------------------------------------------------------------------------
@@ -176,31 +176,36 @@ class ModelRunner:
         rows: list[SteerRow],
         watch: Sequence[int] = (),
         max_position: int | None = None,
+        first_slot: int | None = None,
     ) -> DecodeResult:
         """One decode step for slots [0, B): each row's input tokens (its last generated token, then any
         drafted tokens to verify; the same count Q for every row), `rows` their steering, in slot order;
         `watch`: the slots whose context attention is measured (an eager softmax of one query per watched
         row: its first, so a watched row must not be fed guesses). All Q keys are kept: `reject` drops the
         refused guesses' keys. Position ids above `max_position` are clamped: only a row's padding can lie
-        there (the served length), and a learned position table has no entry past it."""
+        there (the served length), and a learned position table has no entry past it. With `first_slot`
+        the rows are slots [first_slot, first_slot + B) of the live ones (batch-invariant decoding runs
+        each request in a forward of its own); without it, every live slot."""
         b = len(rows)
-        if b != self.live_rows:
+        if first_slot is None and b != self.live_rows:
             raise RuntimeError(f"decode of {b} rows, but {self.live_rows} slots are live")
+        first_slot = first_slot or 0
+        if first_slot + b > self.live_rows:
+            raise RuntimeError(f"decode of slots {first_slot}..+{b}, but {self.live_rows} slots are live")
         q = len(tokens[0])
         if q < 1 or any(len(t) != q for t in tokens):
             raise ValueError("decode: every row needs the same number (>= 1) of input tokens")
-        key_lengths = self.kv.begin_step(b, q)
+        key_lengths = self.kv.begin_step(b, q, first_slot)
         self._ensure_bias_capacity()
         width = self.kv.step_width
-        if rows != self._gate_rows:  # the batch changed (joins, leaves, moves)
-            self._gates = make_gates(
-                rows, self.bias[:b], num_layers=self.num_layers, num_heads=self.num_heads
-            )
-            self._gate_rows = list(rows)
+        bias = self.bias[first_slot : first_slot + b]
+        if (first_slot, rows) != self._gate_rows:  # the batch changed (joins, leaves, moves)
+            self._gates = make_gates(rows, bias, num_layers=self.num_layers, num_heads=self.num_heads)
+            self._gate_rows = (first_slot, list(rows))
         g = self._gates
         assert g is not None
         steer = SteerBatch(
-            self.bias[:b, :width], g.layer_gate, g.head_gate, g.active_layers, key_lengths, queries=q
+            bias[:, :width], g.layer_gate, g.head_gate, g.active_layers, key_lengths, queries=q
         )
         ids = torch.tensor([list(t) for t in tokens], dtype=torch.long, device=self.device)
         pos = key_lengths[:, None] - torch.arange(q, 0, -1, device=self.device)[None, :]
