@@ -96,3 +96,12 @@ def test_bench_steering_reports_the_cost_of_the_ratio(tmp_path) -> None:
         per_length = [r[key] for r in doc["results"]]
         assert len(per_length) == 2 and all(x > 0 for x in per_length)
         assert doc[key] == max(per_length)
+
+
+def test_bench_steering_names_the_long_prompt_ratios() -> None:
+    from ctxsteer.server.bench.steering import long_prompt_keys
+
+    results = [
+        {"length": n, "prefill_ratio": r} for n, r in ((512, 1.0), (2000, 1.1), (4003, 1.2), (7990, 1.3))
+    ]
+    assert long_prompt_keys(results) == {"steered_prefill_ratio_4k": 1.2, "steered_prefill_ratio_8k": 1.3}

@@ -35,6 +35,7 @@ from ctxsteer.steering.spans import render_chat, steered_ranges
 from ctxsteer.steering.spec import SteeringSpec, strength_to_alpha
 
 STRENGTH = 2.0
+EAGER_MAX = 2048
 _TEXT = (
     "The committee met on a grey morning to review the harbour accounts. Ledgers from three seasons were "
     "compared line by line, and the clerk noted every discrepancy in a separate book. "
@@ -205,11 +206,20 @@ def bench_length(model: Any, tokenizer: Any, length: int, new_tokens: int, reps:
     }
 
 
+def long_prompt_keys(results: list[dict]) -> dict:
+    """`steered_prefill_ratio_4k`, `_8k`: steered / unsteered prefill of the long prompts users meet, in
+    the served dtype (goal <= 1.05 each)."""
+    return {f"steered_prefill_ratio_{round(r['length'] / 1000)}k": r["prefill_ratio"] for r in results
+            if r["length"] >= 3500}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="ctxsteer bench steering", description=__doc__.split("\n")[0])
     ap.add_argument("--json", metavar="PATH", help="write results as JSON here")
     ap.add_argument("--model", default=None, help="model (default: embedded SmolLM2-135M-Instruct)")
-    ap.add_argument("--lengths", default="512,2000", help="prompt lengths in tokens, comma-separated")
+    ap.add_argument(
+        "--lengths", default="512,2000,4000,8000", help="prompt lengths in tokens, comma-separated"
+    )
     ap.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per run")
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions per variant (median)")
     ap.add_argument("--device", default="auto")
@@ -232,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device={info.device} dtype={info.dtype} threads={torch.get_num_threads()} model={info.source}")
     print(header)
     for length in lengths:
-        r = bench_length(model, tokenizer, length, args.new_tokens, args.reps, not args.no_eager)
+        # the eager baseline materialises a [heads, L, L] float mask per layer: only up to EAGER_MAX tokens
+        eager = not args.no_eager and length <= EAGER_MAX
+        r = bench_length(model, tokenizer, length, args.new_tokens, args.reps, eager)
         results.append(r)
         eager = f"{r['eager_prefill_ratio']:.2f}" if r["eager_prefill_ratio"] is not None else "-"
         print(
@@ -253,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_decode_ratio": max(r["ratio_decode_ratio"] for r in results),
         "results": results,
     }
+    doc |= long_prompt_keys(results)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=2)
