@@ -4,7 +4,8 @@ Body: `{"error": {"message", "type", "param", "code"}}`. Status choices:
   400 validation (pydantic, steering, malformed JSON, prompt too long)   401 bad/missing API key
   404 unknown model or route   405 wrong method   413 body too large   415 Content-Type not JSON
   429 engine queue full (+ Retry-After)   503 engine dead / not ready   500 anything else (generic message;
-  the traceback goes to the log, never to the client).
+  the traceback goes to the log, never to the client). A generation that failed is a 500 unless the engine
+  says the request was at fault (`generation_failed`): then the 400 it would have had up front.
 Code raises typed errors (CtxsteerError, SteeringError, QueueFull, EngineDead, ValidationError) and never
 builds error responses itself.
 """
@@ -25,6 +26,7 @@ from starlette.requests import ClientDisconnect
 
 from ctxsteer.server.engine.grammar import GrammarError
 from ctxsteer.server.engine.interface import EngineDead, QueueFull
+from ctxsteer.server.engine.request import GenerationOutput
 from ctxsteer.server.responses import ErrorInfo, ErrorResponse
 from ctxsteer.steering.spec import SteeringError
 
@@ -78,6 +80,18 @@ def context_too_long(
             f"{prompt_tokens + max_tokens} tokens, more than the maximum context length of {max_model_len}."
         )
     return CtxsteerError(400, msg, INVALID_REQUEST, param, "context_length_exceeded")
+
+
+def generation_failed(out: GenerationOutput) -> CtxsteerError:
+    """The error of an engine output that finished with FinishReason.ERROR: the response's status, or a
+    stream's error event once its 200 is sent. A request at fault is the client's: `invalid_grammar` (its
+    grammar tripped llguidance's limits while generating) is a 400 naming the grammar's field, as one
+    refused up front is; anything else is the server's 500."""
+    if out.error_code == "invalid_grammar":
+        param = out.error_param or "response_format"
+        msg = f"Invalid value for '{param}': the output constraint failed while generating: {out.error}"
+        return bad_request(msg, param, "invalid_grammar")
+    return CtxsteerError(500, out.error or "The generation failed.", SERVER_ERROR, code="generation_error")
 
 
 def _body(err: CtxsteerError) -> dict[str, Any]:

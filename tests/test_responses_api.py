@@ -10,13 +10,17 @@ from typing import Any
 
 import openai
 import pytest
+import responses_checks
+from fake_engine import FakeEngine
+from responses_checks import SMOL, WEATHER
 from server_process import ServerProcess, serve
-from test_http_layer import MODEL, Live, assert_error, live
+from test_http_layer import MODEL, TOKENIZER, Live, assert_error, live
+from tools_data import CITIES
 
 # ------------------------------------------------------------------ FakeEngine
 
 F = {"type": "function", "name": "f"}
-STEER = {"steering": {"targets": ["user", "tool"], "strength": 2}}
+BAD_TOOL = {"type": "function", "name": "bad", "parameters": {"type": "y"}}  # refused by the grammar compiler
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +134,23 @@ def test_bad_requests_are_400s_naming_the_parameter(srv: Live, body: dict[str, A
     assert_error(srv.http.post("/v1/responses", json={"model": MODEL, **body}), 400, param)
 
 
+def test_a_forced_calls_bad_schema_names_the_flat_tool() -> None:
+    """A Responses function tool is flat: its schema is `tools[i].parameters`, where chat's is
+    `tools[i].function.parameters` (a longer context here: the tools are rendered into the prompt)."""
+    with live(FakeEngine(TOKENIZER, max_model_len=4096)) as s:
+        for choice in ("required", {"type": "function", "name": "bad"}):
+            body = {"model": MODEL, "input": "x", "tools": [F, BAD_TOOL], "tool_choice": choice}
+            error = assert_error(s.http.post("/v1/responses", json=body), 400, "tools[1].parameters")
+            assert error["code"] == "invalid_grammar" and "'tools[1].parameters'" in error["message"], error
+        tools = [
+            {"type": "function", "function": {k: v for k, v in t.items() if k != "type"}}
+            for t in (F, BAD_TOOL)
+        ]
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": tools}
+        r = s.http.post("/v1/chat/completions", json={**chat, "tool_choice": "required"})
+        assert_error(r, 400, "tools[1].function.parameters")
+
+
 def test_sdk_raises_bad_request_for_stored_state(srv: Live) -> None:
     client = srv.sdk()
     with pytest.raises(openai.BadRequestError) as e:
@@ -154,27 +175,7 @@ def test_same_auth_and_model_checks_as_chat() -> None:
 
 
 # ------------------------------------------------------------------ SmolLM2 (slow)
-
-SMOL = "SmolLM2-135M-Instruct"
-CITIES = ["Paris", "London", "Rome"]
-WEATHER: Any = {
-    "type": "function",
-    "name": "get_weather",
-    "description": "The current weather of a city.",
-    "parameters": {
-        "type": "object",
-        "properties": {"city": {"type": "string", "enum": CITIES}},
-        "required": ["city"],
-        "additionalProperties": False,
-    },
-    "strict": True,
-}
-PERSON: Any = {
-    "type": "object",
-    "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"}},
-    "required": ["name", "age"],
-    "additionalProperties": False,
-}
+# The checks shared with the vLLM tests (tests/responses_checks.py), then the local engine's own.
 
 
 @pytest.fixture(scope="module")
@@ -189,44 +190,17 @@ def _client(sp: ServerProcess) -> openai.OpenAI:
 
 @pytest.mark.slow
 def test_smol_text_whole_and_streamed(smol: openai.OpenAI) -> None:
-    ask: Any = {"model": SMOL, "input": "Name a fruit.", "instructions": "Answer in a few words."}
-    whole = smol.responses.create(**ask, max_output_tokens=20, temperature=0)
-    assert whole.output_text.strip() and whole.status in ("completed", "incomplete")
-    events = list(smol.responses.create(**ask, max_output_tokens=20, temperature=0, stream=True))
-    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
-    assert deltas == events[-1].response.output_text == whole.output_text  # greedy: the same text
+    responses_checks.text(smol)
 
 
 @pytest.mark.slow
 def test_smol_json_schema(smol: openai.OpenAI) -> None:
-    fmt: Any = {"type": "json_schema", "name": "person", "schema": PERSON, "strict": True}
-    r = smol.responses.create(
-        model=SMOL, input="Invent a person.", text={"format": fmt}, max_output_tokens=60, temperature=0
-    )
-    person = json.loads(r.output_text)
-    assert set(person) == {"name", "age"} and isinstance(person["name"], str) and type(person["age"]) is int
-    assert r.text.format.type == "json_schema"
+    responses_checks.json_schema(smol)
 
 
 @pytest.mark.slow
 def test_smol_function_call_then_a_steered_answer(smol: openai.OpenAI) -> None:
-    ask: Any = [{"role": "user", "content": "What is the weather like in Paris today?"}]
-    r = smol.responses.create(
-        model=SMOL, input=ask, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False,
-        max_output_tokens=60, temperature=0,
-    )  # fmt: skip
-    [call] = r.output
-    assert call.type == "function_call" and call.id.startswith("fc_") and call.call_id.startswith("call_")
-    args = json.loads(call.arguments)
-    assert call.name == "get_weather" and set(args) == {"city"} and args["city"] in CITIES
-    result = {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 24 degrees."}
-    final = smol.responses.create(
-        model=SMOL, input=[*ask, call.model_dump(exclude_none=True), result], tools=[WEATHER],
-        max_output_tokens=40, temperature=0, extra_body=STEER,
-    )  # fmt: skip
-    assert final.output_text.strip() or any(i.type == "function_call" for i in final.output)
-    steering = final.model_extra["steering"]
-    assert steering["strength"] == 2 and steering["steered_tokens"] > 0
+    responses_checks.steered_answer(smol, responses_checks.function_call(smol))
 
 
 @pytest.mark.slow

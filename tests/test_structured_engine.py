@@ -20,12 +20,14 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from structured_data import many_optional
 from tiny import make_model, make_tokenizer
 
 from ctxsteer.server.engine.grammar import GrammarError
 from ctxsteer.server.engine.interface import EngineObserver, ModelInfo
+from ctxsteer.server.engine.local import grammar_mask
 from ctxsteer.server.engine.local.engine import LocalEngine
-from ctxsteer.server.engine.local.grammar_mask import GrammarMask, GrammarTokens
+from ctxsteer.server.engine.local.grammar_mask import GrammarMask, GrammarTokens, grammar_fault
 from ctxsteer.server.engine.local.logits import LogitsPipeline
 from ctxsteer.server.engine.local.ngram import NgramConfig
 from ctxsteer.server.engine.local.processors import LogitBias, processors_for
@@ -173,6 +175,11 @@ def test_grammar_mask_forbids_exactly_the_tokens_that_leave_the_grammar() -> Non
     assert finite == allowed
     assert torch.equal(out[sorted(allowed)], logits[sorted(allowed)])
     assert bool((out[[t for t in range(V) if t not in allowed]] == float("-inf")).all())
+    # the torch path (logits not fp32 on the CPU, e.g. on an accelerator) masks the same tokens
+    assert torch.equal(mask.apply(None, logits.double()), out.double())  # type: ignore[arg-type]
+    # logits wider than the tokenizer's table (a padded head): the extra tokens are forbidden
+    wide = mask.apply(None, torch.cat([logits, torch.zeros(7)]))  # type: ignore[arg-type]
+    assert torch.equal(wide[:V], out) and bool((wide[V:] == float("-inf")).all())
 
 
 def test_a_complete_grammar_allows_only_eos_and_refuses_a_forbidden_token() -> None:
@@ -199,13 +206,62 @@ def test_a_complete_grammar_allows_only_eos_and_refuses_a_forbidden_token() -> N
     assert EOS in allowed and tok.encode("a")[0] in allowed and len(allowed) < 10
 
 
-def test_a_grammar_allowing_nothing_fails_at_its_first_step() -> None:
-    """An empty character class compiles but admits no text. llguidance then puts its matcher in an error
-    state and allows only EOS: the mask must raise (the engine fails that row alone), not let the row end
-    with "stop" on text the grammar never accepted."""
-    mask = _tokens_table().mask(Grammar("regex", "[^\\x00-\\x{10FFFF}]"))
-    with pytest.raises(RuntimeError, match="grammar"):
-        mask.apply(None, torch.zeros(V))  # type: ignore[arg-type]
+def test_a_grammar_allowing_nothing_is_refused_when_its_row_is_created() -> None:
+    """An empty character class compiles but admits no text. llguidance puts its matcher in an error state
+    on the first mask, which is computed when the row's mask is built: a GrammarError (the 400 before
+    admission), not a row that fails after its prefill or ends with "stop" on text never accepted."""
+    with pytest.raises(GrammarError) as e:
+        _tokens_table().mask(Grammar("regex", "[^\\x00-\\x{10FFFF}]", param="structured_outputs"))
+    assert e.value.param == "structured_outputs" and "<state>" not in e.value.reason
+
+
+# `{"a":"` then at most 2 characters: the limit trips on the token that closes the string, a few tokens
+# in, whatever the model picks (compact JSON: no whitespace to spend tokens on)
+LATE_TRIP = {
+    **many_optional(2000, a={"type": "string", "maxLength": 2}),
+    "x-guidance": {"whitespace_flexible": False},
+}
+
+
+def test_a_grammar_past_the_limits_on_its_first_token_is_refused_at_creation() -> None:
+    """Hundreds of optional properties trip llguidance's row limit on the object's first token ("{"):
+    the first mask allows a few tokens, each consumed on a copy when the mask is built, so the request is
+    refused before admission with llguidance's reason (its state dump and grammar left out)."""
+    grammars = _tokens_table()
+    grammars.mask(_schema_grammar(many_optional(300)))  # under the limit: fine
+    for n in (500, 2000):
+        with pytest.raises(GrammarError) as e:
+            grammars.mask(_schema_grammar(many_optional(n)))
+        assert e.value.param == "response_format" and "max is 2000" in e.value.reason, e.value.reason
+        assert "<state>" not in e.value.reason and len(e.value.reason) < 300
+
+
+def test_the_first_mask_is_kept_and_a_later_limit_is_the_grammars_fault(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first mask, computed when the mask is built, serves the first `apply` (no second computation);
+    a token of the mask that llguidance then refuses (its limits) is the grammar's `fault`, which
+    `grammar_fault` finds; a token outside the mask is refused with no fault (the engine's error)."""
+    fills = []
+    real = grammar_mask.llguidance.torch.fill_next_token_bitmask
+    monkeypatch.setattr(
+        grammar_mask.llguidance.torch, "fill_next_token_bitmask", lambda *a: fills.append(1) or real(*a)
+    )
+    tok, grammars = make_tokenizer(), _tokens_table()
+    mask = grammars.mask(Grammar("json_schema", json.dumps(LATE_TRIP), param="structured_outputs"))
+    assert len(fills) == 1
+    mask.apply(None, torch.zeros(V))  # type: ignore[arg-type]
+    assert len(fills) == 1 and mask.fault is None
+    with pytest.raises(RuntimeError, match="refused token"):
+        for t in tok.encode('{"a":"xy"'):
+            mask.apply(None, torch.zeros(V))  # type: ignore[arg-type]
+            mask.accept(t)
+    assert mask.fault is not None and grammar_fault([LogitBias.of(((1, 1.0),)), mask]) is mask.fault
+    assert mask.fault.param == "structured_outputs" and "max is 2000" in mask.fault.reason
+    other = grammars.mask(Grammar("regex", "yes|no"))
+    with pytest.raises(RuntimeError, match="refused token"):
+        other.accept(tok.encode("maybe")[0])
+    assert other.fault is None and grammar_fault([other]) is None
 
 
 def test_logit_bias_bans_forces_ignores_out_of_range_and_copies() -> None:
@@ -530,21 +586,46 @@ def test_stop_strings_and_limits_still_cut(llama: Served) -> None:
     assert "The quick brown fox".startswith(_text(cut)) and _text(cut)
 
 
-def test_an_empty_language_row_fails_alone_and_an_empty_text_ends_at_once(llama: Served) -> None:
-    """A grammar that admits nothing fails its own row (error), its neighbour is untouched; the empty
-    regex admits only "" so the first token is EOS."""
+def test_an_empty_language_is_refused_and_an_empty_text_ends_at_once(llama: Served) -> None:
+    """A grammar that admits nothing is refused by `generate` (before admission); the empty regex admits
+    only "" so the first token is EOS; a neighbour is untouched."""
     neighbour = _request("n", SamplingParams(max_tokens=10, temperature=1.0, seed=0, ignore_eos=True), seed=9)
     alone = _ids(llama.one(neighbour))
     nothing = _request(
         "none", SamplingParams(max_tokens=10, grammar=Grammar("regex", "[^\\x00-\\x{10FFFF}]"))
     )
+
+    async def submit() -> None:
+        llama.engine.generate(nothing)
+
+    with pytest.raises(GrammarError):
+        llama.call(submit())
     empty = _request(
         "empty", SamplingParams(max_tokens=10, temperature=1.0, seed=0, grammar=Grammar("regex", ""))
     )
-    got = llama.run([nothing, empty, neighbour])
-    assert got[0][-1].finish_reason == FinishReason.ERROR and got[0][-1].error
-    assert _ids(got[1]) == [EOS] and _text(got[1]) == "" and got[1][-1].finish_reason == FinishReason.STOP
-    assert _ids(got[2]) == alone
+    got = llama.run([empty, neighbour])
+    assert _ids(got[0]) == [EOS] and _text(got[0]) == "" and got[0][-1].finish_reason == FinishReason.STOP
+    assert _ids(got[1]) == alone
+
+
+def test_a_limit_tripped_while_generating_fails_its_row_as_the_requests_fault(llama: Served) -> None:
+    """The row whose grammar trips llguidance's limits a few tokens in ends with an error whose code says
+    the request was at fault ("invalid_grammar", naming its grammar's field, llguidance's reason), greedy
+    and sampled; a neighbour in the same batch finishes as alone."""
+    neighbour = _request("n", SamplingParams(max_tokens=10, temperature=1.0, seed=0, ignore_eos=True), seed=9)
+    alone = _ids(llama.one(neighbour))
+    grammar = Grammar("json_schema", json.dumps(LATE_TRIP), param="tools[0].function.parameters")
+    rows = [
+        _request(f"trip{t}", SamplingParams(max_tokens=40, temperature=t, seed=0, grammar=grammar))
+        for t in (0.0, 1.0)
+    ]
+    *tripped, beside = llama.run([*rows, neighbour])
+    for outs in tripped:
+        last = outs[-1]
+        assert last.finish_reason == FinishReason.ERROR and last.error_code == "invalid_grammar", last
+        assert last.error_param == "tools[0].function.parameters" and "max is 2000" in (last.error or "")
+        assert _text(outs).startswith('{"a":"') and len(_ids(outs)) < 10
+    assert _ids(beside) == alone
 
 
 def test_grammar_mask_is_a_logits_processor() -> None:

@@ -2,8 +2,9 @@
 subprocess, one for the module) driven by the official openai SDK, as users call it: the SDK's `parse` and
 `stream` helpers with a pydantic model, json_object, vLLM's `structured_outputs` (choice, regex), the
 legacy completions route, n > 1, logit_bias, cut answers, and bad constraints as 400s that leave the
-server serving. tests/test_http_layer.py checks the 400s' shapes on a fake engine; here they meet the real
-grammar compiler and tokenizer.
+server serving, grammars past llguidance's parser limits included (on their first token, or a few tokens
+in: then a streamed request's error event). tests/test_http_layer.py checks the 400s' shapes on a fake
+engine; here they meet the real grammar compiler and tokenizer.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from server_metrics import samples
 from server_process import ServerProcess
-from structured_data import ALICE, Person, ref_chain
+from structured_data import ALICE, Person, many_optional, ref_chain
 from tools_data import WEATHER_TOOL
 
 pytestmark = pytest.mark.slow
@@ -329,3 +331,73 @@ def test_grammars_past_the_bounds_are_fast_400s_beside_a_good_request(smollm2_se
         assert seconds < 4, f"{param}: {seconds:.1f} s"
     _assert_as_alone(smollm2_server, GOOD, goods)
     assert httpx.get(smollm2_server.url + "/health", timeout=10).status_code == 200
+
+
+def _server_errors(url: str) -> float:
+    """5xx responses the server has counted (ctxsteer_http_requests_total), any route."""
+    return sum(v for labels, v in samples(url, "ctxsteer_http_requests_total") if labels["status"][0] == "5")
+
+
+def test_a_grammar_past_the_parser_limits_on_its_first_token_is_a_400_beside_a_good_request(
+    smollm2_server: ServerProcess,
+) -> None:
+    """2000 optional properties pass validation but trip llguidance's row limit on the object's "{": the
+    mask built with the row catches it, so the request is a 400 before admission, whole and streamed (was
+    a 500 after the prefill), and on /v1/responses names `text.format`; good requests decode undisturbed;
+    no 5xx counted."""
+    errors = _server_errors(smollm2_server.url)
+    bad = {"model": MODEL, "messages": ALICE, "max_tokens": 20, **_json_schema(many_optional(2000))}
+    goods, bads = asyncio.run(_beside_good(smollm2_server.url, GOOD, [bad, {**bad, "stream": True}]))
+    for r, _ in bads:  # refused up front (the row's mask is built in `generate`), not while generating
+        error = _assert_grammar_400(r, "response_format", "max is 2000")
+        assert "cannot be compiled" in error["message"] and "<state>" not in error["message"], error
+    _assert_as_alone(smollm2_server, GOOD, goods)
+    fmt = {"type": "json_schema", "name": "x", "schema": many_optional(2000)}
+    body = {"model": MODEL, "input": "Hi", "text": {"format": fmt}}
+    _assert_grammar_400(
+        httpx.post(smollm2_server.url + "/v1/responses", json=body, timeout=120), "text.format", "max is 2000"
+    )
+    assert _server_errors(smollm2_server.url) == errors
+
+
+def test_a_grammar_past_the_parser_limits_later_is_a_400_or_a_streams_error_event(
+    smollm2_server: ServerProcess,
+) -> None:
+    """A short required string first: the limit trips a few tokens in, on the token closing that string.
+    Whole: a 400 `invalid_grammar` naming the field, with llguidance's reason; streamed (the 200 went out
+    with the first token): the stream's error event, typed `invalid_request_error`; a good request in the
+    same batch finishes as alone; no 5xx counted."""
+    errors = _server_errors(smollm2_server.url)
+    late = many_optional(2000, a={"type": "string", "maxLength": 2})
+    bad = {"model": MODEL, "messages": ALICE, "max_tokens": 60, "temperature": 0, **_json_schema(late)}
+    goods, [(r, _)] = asyncio.run(_beside_good(smollm2_server.url, GOOD, [bad]))
+    error = _assert_grammar_400(r, "response_format", "while generating")
+    assert "max is 2000" in error["message"] and "<state>" not in error["message"], error
+    _assert_as_alone(smollm2_server, GOOD, goods)
+    with httpx.stream(
+        "POST", smollm2_server.url + "/v1/chat/completions", json={**bad, "stream": True}, timeout=120
+    ) as s:
+        assert s.status_code == 200
+        data = [line.removeprefix("data: ") for line in s.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]" and json.loads(data[0])["choices"][0]["delta"]  # tokens before the error
+    last = json.loads(data[-2])["error"]
+    assert (last["type"], last["code"], last["param"]) == (
+        "invalid_request_error",
+        "invalid_grammar",
+        "response_format",
+    )
+    assert last["message"] == error["message"]
+    assert _server_errors(smollm2_server.url) == errors
+
+
+def _assert_grammar_400(r: httpx.Response, param: str, says: str) -> dict[str, Any]:
+    assert r.status_code == 400, r.text[:500]
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert (error["type"], error["code"], error["param"]) == (
+        "invalid_request_error",
+        "invalid_grammar",
+        param,
+    )
+    assert says in error["message"], error
+    return error

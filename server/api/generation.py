@@ -23,7 +23,7 @@ from ctxsteer.server.api.body import read_json
 from ctxsteer.server.api.serving import Prepared, ServingContext, get_context, new_id
 from ctxsteer.server.engine.interface import AsyncEngine
 from ctxsteer.server.engine.request import FinishReason, GenerationOutput
-from ctxsteer.server.errors import SERVER_ERROR, CtxsteerError, error_payload
+from ctxsteer.server.errors import SERVER_ERROR, CtxsteerError, error_payload, generation_failed
 from ctxsteer.server.responses import (
     ChoiceContextAttention,
     ContextAttention,
@@ -226,8 +226,7 @@ class Generation:
             if out.finish_reason is not None:
                 self.finished[i] = True
                 if out.finish_reason == FinishReason.ERROR:
-                    msg = out.error or "The generation failed."
-                    raise CtxsteerError(500, msg, SERVER_ERROR, code="generation_error")
+                    raise generation_failed(out)  # 500, or the request's own 400 (errors.py decides)
                 if out.finish_reason == FinishReason.ABORT:
                     msg = "The request was cancelled by the server (shutting down?)."
                     raise CtxsteerError(503, msg, SERVER_ERROR, code="request_aborted")

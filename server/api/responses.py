@@ -7,6 +7,8 @@ Response object, or typed SSE events (`event:` + `data:` with a `sequence_number
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from functools import partial
@@ -41,6 +43,7 @@ from ctxsteer.server.tools.stream import CallPiece
 router = APIRouter()
 # chat's parameter names in errors raised while preparing -> the Responses request's own
 _PARAMS = {"max_tokens": "max_output_tokens", "messages": "input", "response_format": "text.format"}
+_CHAT_TOOL = re.compile(r"^tools\[(\d+)\]\.function\.")  # a Responses function tool is flat: tools[i].x
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,14 +66,25 @@ async def _resolve(ctx: ServingContext, req: ResponsesRequest) -> Turn:
 
 
 def _prepare(ctx: ServingContext, turn: Turn, response_id: str) -> Prepared:
-    """Chat's preparation; its 400s name the Responses parameter (max_output_tokens, not max_tokens)."""
+    """Chat's preparation; its 400s name the Responses parameter (max_output_tokens, not max_tokens), and
+    so does its grammar's `param`, which the engine names when the grammar fails while generating."""
     try:
-        return chat.prepare_chat(ctx, turn.chat, response_id)
+        prepared = chat.prepare_chat(ctx, turn.chat, response_id)
     except (CtxsteerError, GrammarError) as e:
         if isinstance(e, CtxsteerError) and e.param == "max_tokens":
             e.message = e.message.replace("max_tokens", "max_output_tokens")
-        e.param = _PARAMS.get(e.param or "", e.param)
+        if e.param is not None:
+            e.param = responses_param(e.param)
         raise
+    for r in prepared.requests:
+        if (g := r.sampling.grammar) is not None and (param := responses_param(g.param)) != g.param:
+            r.sampling = dataclasses.replace(r.sampling, grammar=dataclasses.replace(g, param=param))
+    return prepared
+
+
+def responses_param(param: str) -> str:
+    """A chat parameter name as the Responses request spells it (`tools[i].parameters`: flat tools)."""
+    return _PARAMS.get(param) or _CHAT_TOOL.sub(r"tools[\1].", param)
 
 
 @router.post("/v1/responses", response_model=None)

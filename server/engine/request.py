@@ -101,6 +101,11 @@ class GenerationOutput:
         None  # prompt tokens whose KV came from a prefix cache (engines that have one)
     )
     error: str | None = None  # set with FinishReason.ERROR; safe to show to the client
+    # With `error`, when the request was at fault (the client's 4xx, not a 500): why ("invalid_grammar": its
+    # grammar tripped the grammar library's limits while generating) and the request field to name (the
+    # grammar's `Grammar.param`). None: the engine failed.
+    error_code: Literal["invalid_grammar"] | None = None
+    error_param: str | None = None
     # With `watch_context`: per token of `token_ids`, the attention (mean over layers and heads) that the
     # query predicting it paid to the context, (as served, as if unsteered).
     context_attention: tuple[tuple[float, float], ...] = ()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ctxsteer.server.engine.interface import EngineObserver
+from ctxsteer.server.engine.local.grammar_mask import grammar_fault
 from ctxsteer.server.engine.local.row import Row, RowStatus
 from ctxsteer.server.engine.local.sampler import Sampled
 from ctxsteer.server.engine.request import FinishReason, GenerationOutput, TokenLogprob
@@ -107,6 +108,12 @@ class OutputBook:
         out = self.output(row, text, lp, reason)
         if error is not None:
             out = dataclasses.replace(out, error=error)
+        if (
+            reason == FinishReason.ERROR
+            and row.sampler is not None
+            and (f := grammar_fault(row.sampler.processors))
+        ):
+            out = dataclasses.replace(out, error=f.reason, error_code="invalid_grammar", error_param=f.param)
         if row.context:
             out = dataclasses.replace(out, context_ratio=sum(v[0] for v in row.context) / len(row.context))
         self.observer.on_finish(row.served, out, time.monotonic() - row.request.arrival_time)
