@@ -11,7 +11,14 @@ import pytest
 from server_process import serve
 from tiny import save_tiny_model
 
-from ctxsteer.server.bench.doc_chat import QUESTIONS, Turn, document, run_conversations, summarize
+from ctxsteer.server.bench.doc_chat import (
+    QUESTIONS,
+    Turn,
+    doc_chat_keys,
+    document,
+    run_conversations,
+    summarize,
+)
 
 
 def test_documents_are_long_enough_and_each_its_own() -> None:
@@ -51,3 +58,50 @@ def test_follow_ups_reuse_the_document_only_with_caching_on(
         assert res["followup_cached_share"] > 0.5
     else:
         assert res["followup_cached_share"] == 0
+
+
+def _res(first: float, follow: float, wall: float, share: float = 0.9) -> dict:
+    return {"first_ttft_s": first, "followup_ttft_s": follow, "wall_s": wall, "followup_cached_share": share,
+            "first_prompt_tokens": 4000}  # fmt: skip
+
+
+def test_keys_are_per_round_ratios_against_the_peer() -> None:
+    runs = {
+        "ctxsteer": [_res(10.0, 1.0, 20.0), _res(12.0, 0.6, 30.0), _res(8.0, 2.0, 16.0)],
+        "vllm": [_res(5.0, 0.5, 10.0), _res(6.0, 0.4, 45.0), _res(4.0, 0.5, 16.0)],
+    }
+    keys = doc_chat_keys(runs, 1, peer="vllm")
+    assert keys["doc_chat_followup_ttft_ratio"] == pytest.approx(0.1)
+    assert keys["doc_chat_followup_ttft_ratio_range"] == pytest.approx([0.05, 0.25])
+    assert keys["doc_chat_vs_vllm"] == pytest.approx(1.0) and keys["doc_chat_vs_vllm_range"] == [0.5, 1.5]
+    assert keys["doc_chat_first_ttft_vs_vllm"] == pytest.approx(0.5)
+    assert keys["doc_chat_cached_share"] == pytest.approx(0.9)
+    four = doc_chat_keys({"ctxsteer": runs["ctxsteer"]}, 4)
+    assert "doc_chat_4_followup_ttft_ratio" in four and not any("vs_vllm" in k for k in four)
+    assert "doc_chat_error" in doc_chat_keys({"ctxsteer": [{"error": "HTTP 500"}]}, 1)
+
+
+# ---- plain vLLM in the throughput rotation ----------------------------------------------------------
+
+
+def _wave_run(tok_s: list[float]) -> dict:
+    return {"aggregate_tok_s": sum(tok_s) / len(tok_s), "round_tok_s": tok_s}
+
+
+def test_vllm_peer_runs_beside_a_steered_ctxsteer_at_every_concurrency() -> None:
+    from ctxsteer.server.bench.server import _contenders, _record_round
+
+    vllm = ("http://v", "m")
+    one = {c.name: c.steered for c in _contenders("m", 1, 8, "http://c", None, None, None, vllm)}
+    assert one == {"ctxsteer": False, "vllm": False, "steered": True}  # single_tok_s stays unsteered
+    top = {c.name: c.steered for c in _contenders("m", 8, 8, "http://c", None, None, None, vllm)}
+    assert top == {"ctxsteer": True, "unsteered": False, "vllm": False}
+    assert "vllm" not in {c.name for c in _contenders("m", 8, 8, "http://c", None, None, None)}
+
+    doc: dict = {"concurrent": []}
+    runs: dict = {"peer": [], "peer_same_dtype": []}
+    res = {"ctxsteer": _wave_run([10, 10]), "steered": _wave_run([8, 12]), "vllm": _wave_run([4, 8])}
+    _record_round(doc, res, 1, runs)
+    assert doc["vs_vllm_1"] == pytest.approx(1.75)  # median of 8/4 and 12/8: the steered run's
+    assert doc["vs_vllm_1_range"]["min"] == pytest.approx(1.5)
+    assert doc["plain_vllm_peer"]["concurrent"] == [res["vllm"]]

@@ -3,6 +3,8 @@ running the benchmark itself), and the start-and-wait-until-ready helper every s
 
 from __future__ import annotations
 
+import asyncio
+import json
 import sys
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 
 from ctxsteer.server.bench.grammar_compile import SCHEMAS, compile_stats, compile_times_ms
 from ctxsteer.server.bench.launch import free_port, started, wait_ready
-from ctxsteer.server.bench.load import StreamResult, ratio_range, rotation, summarize
+from ctxsteer.server.bench.load import Contender, StreamResult, _sustained, ratio_range, rotation, summarize
 from ctxsteer.server.bench.server import add_ratios
 from ctxsteer.server.bench.structured import EXTRACTION_SCHEMA, extraction_messages, structured_ratios
 from ctxsteer.server.engine.grammar import _compiled, to_llguidance
@@ -103,6 +105,49 @@ def test_summarize_counts_how_the_streams_ended():
     batch, wall = _wave([5, 7, 9], 1.0)
     batch[0].finish, batch[1].finish = "stop", "length"
     assert summarize(3, False, [(batch, wall)])["finish_reasons"] == {"stop": 1, "length": 1, "unknown": 1}
+
+
+def _closed_loop(durations_s: list[float], streams: int) -> tuple[list[tuple[int, int]], list[int], dict]:
+    """`_sustained` against a fake server whose request k takes durations_s[k] and reports 5 completion
+    tokens in 2 chunks. Returns (request, requests in flight when it arrived) in arrival order, the
+    requests' message indices, and the round summarized."""
+    arrivals: list[tuple[int, int]] = []
+    in_flight: set[int] = set()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        k = int(json.loads(request.content)["messages"][0]["content"])
+        arrivals.append((k, len(in_flight)))
+        in_flight.add(k)
+        await asyncio.sleep(durations_s[k])
+        in_flight.discard(k)
+        chunks = [{"choices": [{"delta": {"content": "ab"}}]}, {"choices": [{"delta": {"content": "c"}}]}]
+        chunks += [{"choices": [{"delta": {}, "finish_reason": "stop"}], "usage": {"completion_tokens": 5}}]
+        body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+        return httpx.Response(200, text=body)
+
+    contender = Contender("x", "http://bench", "m", False, messages=lambda _p, k: [{"content": str(k)}])
+
+    async def main() -> tuple[list[StreamResult], float]:
+        transport = httpx.MockTransport(handler)
+        async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
+            return await _sustained(client, contender, streams, 1, len(durations_s) // 2, 0, 16)
+
+    wave = asyncio.run(main())
+    return arrivals, [k for k, _ in arrivals], summarize(streams, False, [wave])
+
+
+def test_sustained_load_keeps_every_stream_busy_until_the_rounds_requests_are_done():
+    """Closed loop: a stream that finishes sends the next request at once, while its neighbour's long one
+    runs (waves would wait for it: nothing in flight at each arrival after the first wave). Round 1 of
+    4 requests is requests 4..7, each sent once; tokens are the usage's completion_tokens."""
+    durations = [0.0] * 4 + [0.01, 0.5, 0.01, 0.01]  # round 1: request 5 is the slow one
+    arrivals, sent, res = _closed_loop(durations, streams=2)
+    assert sorted(sent) == [4, 5, 6, 7]
+    assert arrivals[:2] == [(4, 0), (5, 1)]  # two streams start together
+    assert [n for _, n in arrivals[2:]] == [1, 1]  # 6 and 7 went out while 5 was still running
+    assert max(n for _, n in arrivals) < 2  # never more than 2 streams
+    assert res["completion_tokens"] == 4 * 5 and res["requests"] == 4
+    assert res["finish_reasons"] == {"stop": 4}
 
 
 def test_extraction_prompts_cycle_through_the_documents_and_name_every_field():

@@ -9,6 +9,7 @@ gets its own document (a numbered header and section order), so no run reuses an
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import statistics
@@ -150,3 +151,107 @@ def summarize(convs: list[list[Turn]], wall_s: float) -> dict:
         "first_prompt_tokens": convs[0][0].prompt_tokens,
         "followup_cached_share": sum(t.cached_tokens for t in follow) / prompt if prompt else 0.0,
     }
+
+
+@dataclass(frozen=True, slots=True)
+class ChatSide:
+    """A server in the document-chat rotation and the steering it is sent."""
+
+    name: str
+    url: str
+    model: str
+    steering: dict | None
+
+
+DOC_CHAT_STRENGTH = {"strength": 2}  # the issue's scenario: the paper's rule at strength 2
+
+
+def run_doc_chat(
+    sides: list[ChatSide], rounds: int, conversations: int, doc_tokens: int, max_tokens: int
+) -> dict[str, list[dict]]:
+    """Each side's conversations, round by round in rotating order (as the other side-by-side runs), every
+    run on documents of its own."""
+    runs: dict[str, list[dict]] = {s.name: [] for s in sides}
+    index = 0
+    for rnd in range(rounds):
+        k = rnd % len(sides)
+        for side in sides[k:] + sides[:k]:
+            res = asyncio.run(
+                run_conversations(
+                    side.url, side.model, index, conversations, doc_tokens, max_tokens, side.steering
+                )
+            )
+            index += conversations
+            runs[side.name].append(res)
+            print(f"  doc chat x{conversations} {side.name}: {_line(res)}", flush=True)
+    return runs
+
+
+def _line(res: dict) -> str:
+    if "error" in res:
+        return f"error {res['error']}"
+    return (
+        f"first TTFT {res['first_ttft_s']:.2f}s, follow-up TTFT {res['followup_ttft_s']:.2f}s, "
+        f"wall {res['wall_s']:.1f}s, cached {res['followup_cached_share']:.0%}"
+    )
+
+
+def _median_range(values: list[float]) -> tuple[float, list[float]]:
+    return statistics.median(values), [min(values), max(values)]
+
+
+def doc_chat_keys(runs: dict[str, list[dict]], conversations: int, peer: str | None = None) -> dict:
+    """The bench keys of one concurrency (`doc_chat_` at 1 conversation, `doc_chat_<n>_` at n): ctxsteer's
+    follow-up TTFT over its first-turn TTFT, the cached share, and with `peer` (the plain vLLM side) the
+    conversation-time and first-TTFT ratios peer / ctxsteer, each a median over rounds with its range."""
+    tag = "doc_chat_" if conversations == 1 else f"doc_chat_{conversations}_"
+    ours = runs["ctxsteer"]
+    if any("error" in r for rs in runs.values() for r in rs):
+        return {tag + "error": next(r["error"] for rs in runs.values() for r in rs if "error" in r)}
+    out: dict = {}
+    ratio, rng = _median_range([r["followup_ttft_s"] / r["first_ttft_s"] for r in ours])
+    out[tag + "followup_ttft_ratio"], out[tag + "followup_ttft_ratio_range"] = ratio, rng
+    out[tag + "cached_share"] = statistics.median(r["followup_cached_share"] for r in ours)
+    out[tag + "first_prompt_tokens"] = ours[0]["first_prompt_tokens"]
+    if peer is not None and peer in runs:
+        pairs = list(zip(runs[peer], ours, strict=True))
+        ratio, rng = _median_range([p["wall_s"] / o["wall_s"] for p, o in pairs])
+        out[tag + "vs_vllm"], out[tag + "vs_vllm_range"] = ratio, rng
+        ratio, rng = _median_range([p["first_ttft_s"] / o["first_ttft_s"] for p, o in pairs])
+        out[tag + "first_ttft_vs_vllm"], out[tag + "first_ttft_vs_vllm_range"] = ratio, rng
+    return out
+
+
+def add_doc_chat_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument(
+        "--doc-chat",
+        choices=("on", "off", "only"),
+        default="on",
+        help="local engine: the document-chat scenario (a long document, then follow-up questions, every "
+        "turn resending the history; steered at strength 2), 1 and 4 conversations at once, beside plain "
+        "vLLM when it runs (only: nothing else is measured)",
+    )
+    ap.add_argument("--doc-tokens", type=int, default=4000, help="document-chat document size (tokens)")
+    ap.add_argument("--doc-rounds", type=int, default=3, help="document-chat conversations per side and size")
+    ap.add_argument("--doc-answer-tokens", type=int, default=32, help="document-chat max_tokens per answer")
+    ap.add_argument(
+        "--vllm-peer",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="local engine: also run plain `vllm serve` (the project's vLLM environment, ctxsteer's dtype) "
+        "in the throughput rotation (vs_vllm_<c>) and the document chat (auto: where a vLLM environment "
+        "exists)",
+    )
+
+
+def run_doc_chat_suite(url: str, args: argparse.Namespace, vllm: tuple[str, str] | None) -> dict:
+    """The document chat at 1 and 4 conversations (each side in rotating rounds), with its bench keys."""
+    sides = [ChatSide("ctxsteer", url, args.model, DOC_CHAT_STRENGTH)]
+    if vllm is not None:
+        sides.append(ChatSide("vllm", vllm[0], vllm[1], None))
+    out: dict = {"doc_chat": {}}
+    for count in (1, 4):
+        runs = run_doc_chat(sides, args.doc_rounds, count, args.doc_tokens, args.doc_answer_tokens)
+        out["doc_chat"][str(count)] = runs
+        out |= doc_chat_keys(runs, count, peer="vllm" if vllm is not None else None)
+    return out

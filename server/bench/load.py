@@ -1,6 +1,6 @@
-"""The load side of `ctxsteer bench server`: streaming chat requests in waves, what each stream saw
-(TTFT, inter-token gaps, tokens), the side-by-side rounds that compare servers on one shared CPU, and the
-loads behind the memory and arrival-latency figures."""
+"""The load side of `ctxsteer bench server`: streaming chat requests in waves (or, `_sustained`, in a
+closed loop per stream), what each stream saw (TTFT, inter-token gaps, tokens), the side-by-side rounds
+that compare servers on one shared CPU, and the loads behind the memory and arrival-latency figures."""
 
 from __future__ import annotations
 
@@ -125,6 +125,24 @@ async def _wave(client: httpx.AsyncClient, model: str, concurrency: int, index: 
     return list(batch), time.perf_counter() - t0
 
 
+async def _sustained(client: httpx.AsyncClient, c: Contender, concurrency: int, index: int, requests: int,
+                     prompt_tokens: int, max_tokens: int) -> Wave:  # fmt: skip
+    """Closed loop (vLLM's `--max-concurrency`): `concurrency` streams, each sending its next request as
+    soon as its previous one ends, until the round's `requests` requests are done (round `index` always
+    sends the same ones). Returns them as one wave: its wall time runs until the last one ends."""
+    todo = iter(range(index * requests, (index + 1) * requests))  # shared: each stream takes the next one
+    results: list[StreamResult] = []
+
+    async def stream() -> None:
+        for k in todo:
+            msgs, steering = c.messages(prompt_tokens, k), _steering(k, c.steered)
+            results.append(await one_stream(client, c.model, msgs, max_tokens, steering, c.extra))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(stream() for _ in range(concurrency)))
+    return results, time.perf_counter() - t0
+
+
 def summarize(concurrency: int, steered: bool, waves: list[Wave]) -> dict:
     """Aggregate = all tokens / all wall time; `round_tok_s` per wave, for ranges."""
     results = [r for batch, _ in waves for r in batch]
@@ -178,11 +196,16 @@ def rotation(items: list, rnd: int) -> list:
 
 
 def side_by_side(
-    contenders: list[Contender], concurrency: int, rounds: int, args: argparse.Namespace
+    contenders: list[Contender],
+    concurrency: int,
+    rounds: int,
+    args: argparse.Namespace,
+    sustained: int | None = None,
 ) -> dict:
     """Every contender runs the same waves, one wave at a time, in an order that rotates each round: a
     machine that speeds up or slows down during the run weighs on all of them alike (this shared CPU
-    drifts by 10-30 % within minutes), and round r of each is a pair for the ratio's range."""
+    drifts by 10-30 % within minutes), and round r of each is a pair for the ratio's range. `sustained`:
+    a round is instead `sustained` requests per stream in a closed loop (`_sustained`), not one wave."""
 
     async def main() -> dict[str, list[Wave]]:
         waves: dict[str, list[Wave]] = {c.name: [] for c in contenders}
@@ -190,8 +213,14 @@ def side_by_side(
             for c in rotation(contenders, rnd):
                 max_tokens = c.max_tokens or args.max_tokens
                 async with httpx.AsyncClient(base_url=c.url, timeout=600) as client:
-                    wave = await _wave(client, c.model, concurrency, rnd, args.prompt_tokens, max_tokens,
-                                       c.steered, c.messages, c.extra)  # fmt: skip
+                    if sustained is not None:
+                        wave = await _sustained(client, c, concurrency, rnd, concurrency * sustained,
+                                                args.prompt_tokens, max_tokens)  # fmt: skip
+                        tokens = sum(r.tokens for r in wave[0])
+                        print(f"    round {rnd} {c.name}: {tokens / wave[1]:.1f} tok/s", flush=True)
+                    else:
+                        wave = await _wave(client, c.model, concurrency, rnd, args.prompt_tokens,
+                                           max_tokens, c.steered, c.messages, c.extra)  # fmt: skip
                 waves[c.name].append(wave)
         return waves
 

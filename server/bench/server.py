@@ -11,7 +11,8 @@ Measures (streaming chat completions, same prompts for every case):
   ~5,000-token prompts; ITL p50/p99 of 4 running streams while new 512-token requests keep arriving, with
   whole prefill chunks (the default) and on a second server with `--prefill-stall-share 0.75`;
 - structured outputs (`--structured`, local engine): json_schema-constrained vs free requests at the top
-  concurrency on the same server in rotating rounds, and the grammar compile time in-process
+  concurrency (sustained: each stream sends its next request as soon as its previous one ends) on the
+  same server in rotating rounds, and the grammar compile time in-process
   (server/bench/structured.py, server/bench/grammar_compile.py).
 """
 
@@ -21,13 +22,14 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from subprocess import CalledProcessError
 
 import httpx
 
+from ctxsteer.server.bench.doc_chat import add_doc_chat_args, run_doc_chat_suite
 from ctxsteer.server.bench.launch import free_port, started
 from ctxsteer.server.bench.load import (
     Contender,
@@ -39,7 +41,8 @@ from ctxsteer.server.bench.load import (
     side_by_side,
     warmup,
 )
-from ctxsteer.server.bench.structured import run_structured
+from ctxsteer.server.bench.peers import PEER_SERVER, PLAIN_VLLM, peer_server, plain_vllm
+from ctxsteer.server.bench.structured import REQUESTS_HELP, REQUESTS_PER_STREAM, run_structured
 
 
 def _rounds(concurrency: int, args: argparse.Namespace) -> int:
@@ -107,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         help="local engine: json_schema-constrained vs free throughput at the top concurrency, side by side "
         "on the same server, and grammar compile time in-process (only: nothing else is measured)",
     )
+    ap.add_argument("--structured-requests", type=int, default=REQUESTS_PER_STREAM, help=REQUESTS_HELP)
+    add_doc_chat_args(ap)
     args = ap.parse_args(argv)
     top = max(args.concurrency)
     doc: dict = {"model": args.model, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens}
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         doc |= run_vllm_comparison(args, top)
     else:
         doc |= run_local_engine(args, top)
-    if args.structured == "only" and not args.url and args.engine == "local":
+    if "only" in (args.structured, args.doc_chat) and not args.url and args.engine == "local":
         return _report(doc, args)
     by_c = add_ratios(doc, top)
 
@@ -143,16 +148,21 @@ def run_local_engine(args: argparse.Namespace, top: int) -> dict:
     --structured off, then everything (`run_local`) or, with --structured only, the structured throughput
     alone on one server."""
     doc: dict = {}
-    if args.structured != "off":
+    if args.structured != "off" and args.doc_chat != "only":
         from ctxsteer.server.bench.grammar_compile import grammar_compile_timing
 
         doc |= grammar_compile_timing()
-    if args.structured != "only":
+    if "only" not in (args.structured, args.doc_chat):
         return doc | run_local(args, top)
-    with serving(args, top) as (url, _):
+    with ExitStack() as stack:
+        url, _ = stack.enter_context(serving(args, top))
         version = httpx.get(url + "/version").json()
         doc["device"], doc["dtype"] = version.get("device", "unknown"), version.get("dtype")
-        return doc | run_structured(url, args.model, top, args)
+        if args.structured == "only":
+            doc |= run_structured(url, args.model, top, args)
+        if args.doc_chat == "only":
+            doc |= run_doc_chat_suite(url, args, _start_vllm(stack, args, top, doc))
+    return doc
 
 
 def add_ratios(doc: dict, top: int) -> dict[int, dict]:
@@ -236,9 +246,6 @@ def run_local(args: argparse.Namespace, top: int) -> dict:
     return doc
 
 
-PEER_SERVER = "transformers serve --continuous-batching"
-
-
 def run_side_by_side(args: argparse.Namespace, top: int) -> dict:
     """Throughput in rotating rounds, all servers up at once and one serving at a time: at the top
     concurrency steered vs unsteered vs the peer, on one stream with vs without n-gram speculation vs the
@@ -258,15 +265,18 @@ def run_side_by_side(args: argparse.Namespace, top: int) -> dict:
             twin = stack.enter_context(peer_server(args, doc["dtype"]))
             if isinstance(twin, dict):
                 doc["peer_same_dtype"], twin = twin, None
+        vllm = _start_vllm(stack, args, top, doc)
         plain = None
         if 1 in args.concurrency:  # one stream without n-gram speculation (on by default)
             plain, _ = stack.enter_context(serving(args, top, "--speculative-config", "off"))
         runs: dict[str, list[dict]] = {"peer": [], "peer_same_dtype": []}
         for c in args.concurrency:
-            contenders = _contenders(args.model, c, top, url, plain, peer, twin)
+            contenders = _contenders(args.model, c, top, url, plain, peer, twin, vllm)
             _record_round(doc, side_by_side(contenders, c, _rounds(c, args), args), c, runs)
         if args.structured == "on":  # on the same server, its peers idle
             doc |= run_structured(url, args.model, top, args)
+        if args.doc_chat == "on":
+            doc |= run_doc_chat_suite(url, args, vllm)
         if peer is not None:
             doc["peer"] = {"server": PEER_SERVER, "dtype": "float32", "concurrent": runs["peer"]}
         if twin is not None:
@@ -275,11 +285,19 @@ def run_side_by_side(args: argparse.Namespace, top: int) -> dict:
     return doc
 
 
-def _contenders(model: str, c: int, top: int, url: str, plain: str | None, peer: tuple[str, str] | None,
-                twin: tuple[str, str] | None) -> list[Contender]:  # fmt: skip
+Server = tuple[str, str]  # a started server's URL and served model name
+
+
+def _contenders(model: str, c: int, top: int, url: str, plain: str | None, peer: Server | None,
+                twin: Server | None, vllm: Server | None = None) -> list[Contender]:  # fmt: skip
     """Who runs at concurrency `c`: ctxsteer (steered at the top), unsteered at the top, without
-    speculation on one stream, and the peers that started."""
+    speculation on one stream, and the peers that started (with plain vLLM: ctxsteer steered at every
+    concurrency, for the vs_vllm keys)."""
     contenders = [Contender("ctxsteer", url, model, steered=c == top)]
+    if vllm is not None:
+        contenders.append(Contender("vllm", vllm[0], vllm[1], steered=False))
+        if c != top:
+            contenders.append(Contender("steered", url, model, steered=True))
     if c == top and top > 1:
         contenders.append(Contender("unsteered", url, model, steered=False))
     if c == 1 and plain:
@@ -309,6 +327,34 @@ def _record_round(doc: dict, res: dict[str, dict], c: int, runs: dict[str, list[
         runs["peer_same_dtype"].append(res["peer_same_dtype"])
         same = ratio_range(res["ctxsteer"], res["peer_same_dtype"])
         doc[f"vs_transformers_serve_{c}_same_dtype_range"] = same
+    if "vllm" in res:  # ctxsteer steered with mixed strengths vs plain vLLM unsteered
+        vs = ratio_range(res.get("steered", res["ctxsteer"]), res["vllm"])
+        doc[f"vs_vllm_{c}"], doc[f"vs_vllm_{c}_range"] = vs["median"], vs
+        doc.setdefault("plain_vllm_peer", {"server": PLAIN_VLLM, "concurrent": []})["concurrent"].append(
+            res["vllm"]
+        )
+
+
+def _start_vllm(stack: ExitStack, args: argparse.Namespace, top: int, doc: dict) -> tuple[str, str] | None:
+    """Plain vLLM in ctxsteer's dtype (--vllm-peer on, or auto where a vLLM environment exists)."""
+    from ctxsteer.server.engine.loader import LoadError
+
+    if args.vllm_peer == "off":
+        return None
+    try:
+        return stack.enter_context(plain_vllm(args, top, doc.get("dtype")))
+    except (LoadError, RuntimeError, OSError, CalledProcessError) as e:
+        if args.vllm_peer == "on":
+            raise
+        doc["plain_vllm_peer"] = {"error": str(e)[:300]}
+        return None
+
+
+def run_plain_vllm(args: argparse.Namespace, top: int) -> dict:
+    """`vllm serve` on the directory ctxsteer's vLLM backend loads (no plugin effect: nothing steered)."""
+    with plain_vllm(args, top) as (url, model):
+        out = run_suite(url, model, args, peer=True)
+    return out | {"server": "vllm serve (unsteered)"}
 
 
 def run_vllm_comparison(args: argparse.Namespace, top: int) -> dict:
@@ -324,61 +370,3 @@ def run_vllm_comparison(args: argparse.Namespace, top: int) -> dict:
     doc["local"] = run_ctxsteer(args, top, label="ctxsteer (local engine)")
     doc["plain_vllm"] = run_plain_vllm(args, top)
     return doc
-
-
-def run_plain_vllm(args: argparse.Namespace, top: int) -> dict:
-    """`vllm serve` on the directory ctxsteer's vLLM backend loads (no plugin effect: nothing steered)."""
-    from ctxsteer.server.main import vllm_python
-
-    python = vllm_python()
-    model_dir = (
-        subprocess.run(
-            [
-                python,
-                "-c",
-                "from ctxsteer.server.engine.loader import prepare_checkpoint as p; print(p(None)[0])",
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        .stdout.strip()
-        .splitlines()[-1]
-    )
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [os.path.join(os.path.dirname(python), "vllm"), "serve", model_dir, "--port", str(port),
-           "--host", "127.0.0.1", "--dtype", args.dtype, "--max-num-seqs", str(top),
-           "--served-model-name", args.model]  # fmt: skip
-    print(f"starting plain vllm serve (peer) on {url}", flush=True)
-    with started(cmd, url, "/health", timeout_s=1200):
-        out = run_suite(url, args.model, args, peer=True)
-    return out | {"server": "vllm serve (unsteered)"}
-
-
-@contextmanager
-def peer_server(args: argparse.Namespace, dtype: str | None = None) -> Iterator[tuple[str, str] | dict]:
-    """transformers serve --continuous-batching on the converted HF directory of the default model (in
-    `dtype`, else its own default: the checkpoint's float32); yields its URL and model name, or
-    {"error": ...} when it does not start."""
-    from ctxsteer.server.engine.loader import load_model
-
-    _, _, info = load_model(None, device="cpu")  # ensures the converted directory exists; cheap when cached
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    exe = os.path.join(os.path.dirname(sys.executable), "transformers")
-    cmd = [exe, "serve", info.path, "--port", str(port), "--host", "127.0.0.1", "--continuous-batching"]
-    # CB's default sizing wants GBs for its paged cache and mask on CPU: size it for 8 x (256 + 64) tokens.
-    cmd += ["--device", "cpu", "--attn-implementation", "sdpa", "--cb-max-batch-tokens", "256"]
-    cmd += ["--cb-block-size", "32", "--cb-num-blocks", "128"]
-    cmd += ["--dtype", dtype] if dtype else []
-    print(f"starting transformers serve (peer{f', {dtype}' if dtype else ''}) on {url}", flush=True)
-    with ExitStack() as stack:
-        try:
-            stack.enter_context(started(cmd, url, "/health"))
-            warmup(url, info.path)
-        except (RuntimeError, httpx.HTTPError) as e:
-            print(f"peer failed: {e}", file=sys.stderr)
-            yield {"error": str(e)[:500]}
-            return
-        yield url, info.path

@@ -2,7 +2,11 @@
 
 - `structured_throughput_ratio`: aggregate tok/s of concurrent streams constrained by a realistic
   extraction schema (response_format json_schema) over the very same requests unconstrained (same prompts,
-  same max_tokens, greedy), side by side on one server in rotating rounds, with its per-round range;
+  same max_tokens, greedy), side by side on one server in rotating rounds, with its per-round range. The
+  load is sustained, as vLLM's `--max-concurrency`: each of the N streams sends its next request as soon
+  as its previous one ends (`REQUESTS_PER_STREAM` a round), so the batch stays full; in waves of N that
+  wait for the slowest, the constrained answers (shorter: they stop when the JSON is complete) would leave
+  the batch half empty and the ratio would measure that, not the grammar;
 - `grammar_compile_ms_*`: in-process, what a new schema costs before its first token: the grammar built
   and validated (`to_llguidance`, its cache cleared before each run) plus the matcher created against the
   served model's vocabulary table, as the local engine does for a new row.
@@ -11,13 +15,19 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 
 import httpx
 
-from ctxsteer.server.bench.load import Contender, ratio_range, side_by_side
+from ctxsteer.server.bench.load import Contender, one_stream, ratio_range, side_by_side
 
 STRUCTURED_MAX_TOKENS = 128  # above what the bounded extraction answer takes; the free answers are cut here
+REQUESTS_PER_STREAM = 4  # a round's requests per stream (default of --structured-requests)
+REQUESTS_HELP = (
+    "requests per stream in each structured round: every stream sends its next one as soon as its previous "
+    f"one ends (sustained load, as vLLM's --max-concurrency; default {REQUESTS_PER_STREAM})"
+)
 
 EXTRACTION_SCHEMA: dict = {
     "type": "object",
@@ -90,16 +100,36 @@ def check_sample(url: str, model: str) -> dict:
     return answer
 
 
+def warm_prompts(url: str, model: str) -> None:
+    """Each distinct prompt once, one token each: with the server's prefix cache both kinds of request
+    then find them cached alike, rather than round 0's first contender paying the cold prefills."""
+
+    async def main() -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+            prompts = [extraction_messages(0, i) for i in range(len(DOCUMENTS))]
+            await asyncio.gather(*(one_stream(client, model, msgs, 1, None) for msgs in prompts))
+
+    asyncio.run(main())
+
+
 def run_structured(url: str, model: str, concurrency: int, args: argparse.Namespace) -> dict:
-    """Constrained vs free at `concurrency` streams on one server, `args.rounds` rotating rounds."""
-    print(f"structured outputs: json_schema vs free, c={concurrency}, {args.rounds} rounds", flush=True)
+    """Constrained vs free at `concurrency` sustained streams on one server, `args.rounds` rotating rounds
+    of `args.structured_requests` requests per stream."""
+    per_stream = getattr(args, "structured_requests", REQUESTS_PER_STREAM)
+    print(
+        f"structured outputs: json_schema vs free, {concurrency} sustained streams, {args.rounds} rounds of "
+        f"{per_stream} requests per stream",
+        flush=True,
+    )
     sample = check_sample(url, model)
+    warm_prompts(url, model)
     common = {"messages": extraction_messages, "max_tokens": STRUCTURED_MAX_TOKENS}
     contenders = [
         Contender("structured", url, model, False, extra={"response_format": RESPONSE_FORMAT}, **common),
         Contender("free", url, model, False, **common),
     ]
-    res = side_by_side(contenders, concurrency, args.rounds, args)
+    res = side_by_side(contenders, concurrency, args.rounds, args, sustained=per_stream)
     out = {"structured": res["structured"], "structured_free": res["free"], "structured_sample": sample}
     out |= {"structured_max_tokens": STRUCTURED_MAX_TOKENS, "structured_schema": EXTRACTION_SCHEMA}
+    out |= {"structured_load": f"sustained: {concurrency} streams x {per_stream} requests a round"}
     return out | structured_ratios(res["structured"], res["free"])
