@@ -4,7 +4,7 @@ From `SteeringParams` come: validation (`parse` raises `SteeringError` naming th
 `steering.strength`; the server answers it as a 400, the client checks it before sending), the OpenAPI
 schema (`steering.schema`, with the serving model's layer/head ranges filled in) and the spec
 (`to_spec`, which checks what needs the model: index ranges, head profiles, the default strength).
-The rules that tie fields together are data (`EXCLUSIVE`, `ONLY_WITH`, `_CAD_NO_BIAS`), read by both
+The rules that tie fields together are data (`EXCLUSIVE`, `ONLY_WITH`, `NO_BIAS_METHODS`), read by both
 the validator and the schema (steering/schema.py), so the two cannot drift apart.
 """
 
@@ -27,7 +27,7 @@ from pydantic import (
 from pydantic import model_validator as _model_validator
 
 from ctxsteer.steering.spec import (
-    CAD_METHODS,
+    BETA_METHODS,
     DEFAULT_CAD_BETA,
     DEFAULT_TARGETS,
     MAX_CAD_BETA,
@@ -35,6 +35,7 @@ from ctxsteer.steering.spec import (
     MAX_STRENGTH,
     METHODS,
     MIN_ALPHA,
+    NO_BIAS_METHODS,
     ROLES,
     AutoStrength,
     HeadMap,
@@ -183,15 +184,15 @@ def _profile_name(value: Any) -> str:
 # ---------------------------------------------------------------- the model
 
 # Rules across fields (null = not given): pairs that exclude each other (checked first); fields that only
-# apply when an earlier one has one of some values (checked before their own value); and "cad" alone applies
-# no bias (any strength or alpha given must be 1; checked last).
+# apply when an earlier one has one of some values (checked before their own value); and NO_BIAS_METHODS
+# apply no bias (any strength or alpha given must be 1; checked last).
 EXCLUSIVE = (("strength", "alpha"), ("heads", "head_profile"))
 ONLY_WITH: dict[str, tuple[str, tuple[str, ...], str]] = {
     "max_strength": ("strength", ("auto",), 'only applies with "strength": "auto"'),
     "target_ratio": ("strength", ("auto",), 'only applies with "strength": "auto"'),
-    "cad_beta": ("method", CAD_METHODS, 'only applies with method "cad" or "attention+cad"'),
+    "cad_beta": ("method", BETA_METHODS, 'only applies with method "cad" or "attention+cad" (not adacad)'),
 }
-_CAD_NO_BIAS = 'method "cad" applies no attention bias; "attention+cad" combines CAD with a strength'
+_NO_BIAS = 'method "{0}" applies no attention bias; "attention+{0}" combines it with a strength'
 
 
 def _gated(name: str, check: Any) -> BeforeValidator:
@@ -274,7 +275,9 @@ class SteeringParams(BaseModel):
     method: _Method | None = Field(
         None,
         description='"cad": context-aware decoding (contrast with the prompt without its steered tokens, '
-        'weight cad_beta); "attention+cad": both (local engine, --max-num-seqs >= 2).',
+        'weight cad_beta); "adacad": the same contrast weighted per token by the Jensen-Shannon divergence '
+        'of the two next-token distributions; "attention+cad", "attention+adacad": with the attention bias '
+        "too (local engine, --max-num-seqs >= 2).",
     )
     cad_beta: _Beta | None = None
     spans: _Spans | None = Field(
@@ -300,8 +303,9 @@ class SteeringParams(BaseModel):
 
     @_model_validator(mode="after")
     def _together(self) -> SteeringParams:
-        if self.method == "cad" and (self.strength not in (None, 1.0) or self.alpha not in (None, 1.0)):
-            raise SteeringError("", _CAD_NO_BIAS)
+        biased = self.strength not in (None, 1.0) or self.alpha not in (None, 1.0)
+        if self.method in NO_BIAS_METHODS and biased:
+            raise SteeringError("", _NO_BIAS.format(self.method))
         return self
 
     @classmethod
@@ -334,9 +338,9 @@ class SteeringParams(BaseModel):
         alpha, auto = self._alpha(default_strength)
         method = self.method or "attention"
         cad_beta = None
-        if method in CAD_METHODS:
+        if method in BETA_METHODS:
             cad_beta = DEFAULT_CAD_BETA if self.cad_beta is None else self.cad_beta
-        if method == "cad":
+        if method in NO_BIAS_METHODS:
             alpha = 1.0  # a server default strength does not apply either
         if self.spans == "auto":
             raise SteeringError(f"{field}.spans", '"auto" is only available on /v1/chat/completions')

@@ -2,7 +2,7 @@
 
 The model's layer/head ranges and head-profile names are only known to the serving server: the model
 marks those nodes with `BOUND`, and `steering_json_schema` fills them in. The cross-field rules come from
-the same tables the validator reads (`EXCLUSIVE`, `ONLY_WITH`).
+the same tables the validator reads (`EXCLUSIVE`, `ONLY_WITH`, `NO_BIAS_METHODS`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 from pydantic.json_schema import GenerateJsonSchema
 
 from ctxsteer.steering.params import AUTO_SPANS_DOC, BOUND, EXCLUSIVE, ONLY_WITH, SteeringParams
+from ctxsteer.steering.spec import NO_BIAS_METHODS
 
 
 class _PlainSchema(GenerateJsonSchema):
@@ -90,6 +91,6 @@ def steering_json_schema(
         for name, (needs, values, _) in ONLY_WITH.items()
     ]
     no_bias = {"properties": {k: nullable({"const": 1}) for k in ("strength", "alpha")}}
-    rules.append(if_given("method", no_bias, {"const": "cad"}))
+    rules.append(if_given("method", no_bias, {"enum": list(NO_BIAS_METHODS)}))
     schema["allOf"] = rules
     return schema

@@ -14,9 +14,19 @@ from typing import Literal, get_args
 Role = Literal["system", "user", "assistant", "tool"]
 ROLES: tuple[str, ...] = get_args(Role)
 DEFAULT_TARGETS = ("user",)  # the paper's rule: the user's turns are the context (--default-steering-targets)
-Method = Literal["attention", "cad", "attention+cad"]
+Method = Literal["attention", "cad", "attention+cad", "adacad", "attention+adacad"]
 METHODS: tuple[str, ...] = get_args(Method)
-CAD_METHODS = ("cad", "attention+cad")
+# The contrastive methods (each brings a context-free twin row) and the rule each combines the two rows'
+# logits with (`steering.cad.CONTRASTS`): "cad" a fixed weight (cad_beta), "adacad" a weight per token.
+CONTRAST_RULES: dict[str, str] = {
+    "cad": "cad",
+    "attention+cad": "cad",
+    "adacad": "adacad",
+    "attention+adacad": "adacad",
+}
+CAD_METHODS: tuple[str, ...] = tuple(CONTRAST_RULES)
+BETA_METHODS: tuple[str, ...] = tuple(m for m, rule in CONTRAST_RULES.items() if rule == "cad")
+NO_BIAS_METHODS = ("cad", "adacad")  # the contrast alone: no attention bias (strength 1)
 HeadMap = dict[int, tuple[int, ...]]
 
 # Context-aware decoding (Shi et al. 2023, arXiv 2305.14739): its paper's default weight (0.5; it used 1.0
@@ -31,7 +41,7 @@ MAX_SPANS = 128  # each span is searched over the whole prompt
 # What a spec can use that not every engine serves (`SteeringSpec.features`; the server maps each to the
 # engine capability it needs and to its 400).
 ATTENTION = "attention"  # the attention bias itself (a strength, given or "auto")
-CAD = "cad"  # context-aware decoding
+CAD = "cad"  # context-aware decoding (any contrastive method: CAD_METHODS)
 AUTO_STRENGTH = "auto_strength"  # strength "auto": measured during prefill
 
 
@@ -73,7 +83,9 @@ class SteeringSpec:
     layers:  layer indices to steer, None = all.
     heads:   layer -> query heads to steer, None = all heads (in the selected layers).
     method:  "attention" (the bias above), "cad" (context-aware decoding: contrast the next-token logits
-             with those of a twin prompt without the steered tokens, weight `cad_beta`) or both.
+             with those of a twin prompt without the steered tokens, weight `cad_beta`), "adacad" (the same
+             contrast, weighted per token by the two distributions' Jensen-Shannon divergence) or
+             "attention+" either (both the bias and the contrast).
     """
 
     alpha: float = 1.0
@@ -83,11 +95,17 @@ class SteeringSpec:
     heads: HeadMap | None = None
     auto: AutoStrength | None = None  # strength "auto": alpha stays 1 until the engine picks one
     method: str = "attention"
-    cad_beta: float | None = None  # set exactly when the method uses CAD
+    cad_beta: float | None = None  # set exactly when the method is CAD with its fixed weight
 
     @property
     def cad(self) -> bool:
-        return self.cad_beta is not None
+        """A contrastive method: the request gets a context-free twin."""
+        return self.method in CAD_METHODS
+
+    @property
+    def contrast(self) -> str | None:
+        """The contrast rule of the method (`CONTRAST_RULES`), None without one."""
+        return CONTRAST_RULES.get(self.method)
 
     @property
     def strength(self) -> float:

@@ -121,9 +121,10 @@ def _logprobs(outs: list[GenerationOutput]) -> list[dict[int, float]]:
 
 
 @torch.no_grad()
-def _reference(arch: str, req: GenerationRequest, tokens: list[int]) -> list[torch.Tensor]:
-    """CAD log-probabilities of each generated token's step, computed directly: full forwards without a
-    cache, the paper's rule in eager attention for the steered row, the plain model for the twin."""
+def two_rows(arch: str, req: GenerationRequest, tokens: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(with context, without) next-token logits of each generated token's step, computed directly: full
+    forwards without a cache, the paper's rule in eager attention for the steered row, the plain model on
+    the context-free prompt for the twin."""
     model = make_model(arch, attn_implementation=register_reference())
     assert req.cad is not None
     out = []
@@ -132,9 +133,15 @@ def _reference(arch: str, req: GenerationRequest, tokens: list[int]) -> list[tor
         ref = RefSteer([req.steer], [len(req.prompt_ids)], [0])
         with_ctx = model(input_ids=full, ctxsteer_ref=ref).logits[0, -1].float()
         free = torch.tensor([list(req.cad.free_ids) + tokens[:t]])
-        without = model(input_ids=free).logits[0, -1].float()
-        out.append(torch.log_softmax((1 + req.cad.beta) * with_ctx - req.cad.beta * without, -1))
+        out.append((with_ctx, model(input_ids=free).logits[0, -1].float()))
     return out
+
+
+def _reference(arch: str, req: GenerationRequest, tokens: list[int]) -> list[torch.Tensor]:
+    """CAD log-probabilities of each generated token's step: the formula on `two_rows`."""
+    assert req.cad is not None and req.cad.beta is not None
+    beta = req.cad.beta
+    return [torch.log_softmax((1 + beta) * w - beta * wo, -1) for w, wo in two_rows(arch, req, tokens)]
 
 
 @pytest.mark.parametrize(("arch", "alpha"), [("llama", 1.0), ("qwen2", 0.4), ("gemma3", 0.5)])
@@ -146,12 +153,27 @@ def test_engine_cad_equals_the_formula(arch: str, alpha: float) -> None:
     (outs,), _, _ = _solo_then_busy(engine, [req])
     tokens = _tokens(outs)
     assert len(tokens) == 8
-    for step, (ref, got) in enumerate(zip(_reference(arch, req, tokens), _logprobs(outs), strict=True)):
+    assert_follows(_reference(arch, req, tokens), outs)
+
+
+def assert_follows(refs: list[torch.Tensor], outs: list[GenerationOutput]) -> None:
+    """Each greedy token is the argmax of its step's reference log-probabilities, and the reported top-5
+    logprobs are those (TOL)."""
+    tokens = _tokens(outs)
+    for step, (ref, got) in enumerate(zip(refs, _logprobs(outs), strict=True)):
         assert int(ref.argmax()) == tokens[step]
         top = torch.topk(ref, 5)
         assert set(got) == set(top.indices.tolist()), step
         for tid, lp in got.items():
             assert lp == pytest.approx(float(ref[tid]), abs=TOL)
+
+
+def assert_same_outputs(a: list[list[GenerationOutput]], b: list[list[GenerationOutput]]) -> None:
+    """The same tokens and top logprobs (TOL), request by request."""
+    for s, o in zip(a, b, strict=True):
+        assert _tokens(s) == _tokens(o)
+        for ls, lo in zip(_logprobs(s), _logprobs(o), strict=True):
+            assert ls.keys() == lo.keys() and all(abs(ls[k] - lo[k]) < TOL for k in ls)
 
 
 def test_cad_batched_equals_solo_and_leaves_neighbours_unchanged() -> None:
@@ -162,10 +184,7 @@ def test_cad_batched_equals_solo_and_leaves_neighbours_unchanged() -> None:
     reqs = [plain[0], cads[0], plain[1], plain[2], cads[1], plain[3]]
     engine = _engine("llama", max_num_seqs=8, prefill_chunk=16)
     solo, busy, live = _solo_then_busy(engine, reqs)
-    for s, b in zip(solo, busy, strict=True):
-        assert _tokens(s) == _tokens(b)
-        for ls, lb in zip(_logprobs(s), _logprobs(b), strict=True):
-            assert ls.keys() == lb.keys() and all(abs(ls[k] - lb[k]) < TOL for k in ls)
+    assert_same_outputs(solo, busy)
     assert live == 0  # every row and twin left its slot
     # CAD changes what the row computes (the same request without it differs)
     no_cad = _request("n", cads[1].prompt_ids, alpha=0.5, beta=None)

@@ -6,7 +6,9 @@ from __future__ import annotations
 import gzip
 import importlib
 import importlib.util
+import itertools
 import json
+import random
 import struct
 import sys
 import zlib
@@ -141,6 +143,39 @@ SQUAD_DOCS = [
     }
     for i in range(6)
 ]
+
+
+def article_docs(titles: int = 8, per_title: int = 5, filler: int = 3, seed: int = 0) -> list[dict[str, Any]]:
+    """A stand-in SQuAD of `titles` articles x `per_title` paragraphs, one question each, whose answers are
+    distinct and of every coarse type (a year, a count, a name, a phrase), each written twice in its
+    paragraph, plus `filler` lowercase sentences (about 60 characters each) around them."""
+    rng = random.Random(seed)
+    vocab = "river stone garden lamp meadow harbour valley orchard bridge tower".split()
+    syllables = "ka lo mi ren sa tu vel dor an bri".split()
+    docs = []
+    for t, k in itertools.product(range(titles), range(per_title)):
+        i = t * per_title + k
+        code = "".join("bcdfghjklm"[int(c)] for c in f"{i:03d}")  # distinct letters per question
+        name = f"{code.capitalize()}a {''.join(rng.sample(syllables, 3)).capitalize()}"
+        answer, variant = [
+            (f"{1700 + i}", f"{1700 + i}"),
+            (f"{100 + i} boats", f"{100 + i}"),
+            (name, name),
+            (f"the {vocab[i % 10]} of {code}", f"{vocab[i % 10]} of {code}"),
+        ][i % 4]
+        words = [" ".join(rng.choice(vocab) for _ in range(9)).capitalize() + "." for _ in range(filler)]
+        middle = f"It was {answer} at first. Later they still spoke of {answer} here."
+        context = " ".join([*words[:1], middle, *words[1:]])
+        docs.append(
+            {
+                "id": f"a{i:03d}",
+                "query": f"Title: Art{t}\nBackground: {context}\nQuestion: What was it {i}?\nAnswer:",
+                "answers_text": [answer, variant, answer],
+            }
+        )
+    return docs
+
+
 DROP_DOCS = [
     {"query_id": "d1", "passage": "P.", "question": "How many?", "answers": [["2"], ["two"]]},
     {"query_id": "d2", "passage": "Q.", "question": "Who?", "answers": [["Ann", "Bob"], []]},

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from server_process import ServerProcess, free_port, serve
-from test_eval_data import DROP_DOCS, SQUAD_DOCS, _olmo
+from test_eval_data import DROP_DOCS, SQUAD_DOCS, _olmo, article_docs
 from tiny import save_tiny_model
 
 from ctxsteer.clients.eval.api import ContextTooLong, EvalAPI, RequestFailed, ServerUnreachable, _error
@@ -209,3 +209,48 @@ def test_paper_table_from_a_tiny_plan(
             assert stored["cells"] and len({c["strength"] for c in stored["cells"]}) == 1  # its one setting
     cad_meta = json.loads((tmp_path / "paper" / "cad" / "conflict" / "results.json").read_text())["meta"]
     assert cad_meta["method"] == "cad" and cad_meta["cad_beta"] == 1.0
+
+
+def test_document_tasks_end_to_end(
+    server: ServerProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """substitution (with AdaCAD), then no-conflict and distractors over the same documents: per-length
+    tables with intervals, cells carrying their layout, resumable."""
+    from ctxsteer.clients.eval.qa import QAConfig, run_qa
+
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    _olmo(site, "squad", article_docs(titles=4, per_title=4, filler=1))
+    out = tmp_path / "substitution"
+    argv = [
+        "eval", "qa", "--task", "substitution", "--limit", "2", "--lengths", "35,65", "--strengths", "1",
+        "--method", "adacad", "--url", server.url, "--out", str(out), "--max-tokens", "3", "--no-progress",
+    ]  # fmt: skip
+    assert ctxsteer(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| strength | length | n | context | memory | other |" in printed
+    for row in ("| 1 (off) | 35 | 2 | ", "| 1 (off) | 65 | 2 | ", "| 1 (off) | all | 4 | "):
+        line = next(x for x in printed.splitlines() if x.startswith(row))
+        assert all(cell.count("[") == 1 for cell in line.split("|")[4:-1])  # mean [lo, hi] per metric
+    assert "4 run, 0 already done, 0 skipped (of 4 cells)" in printed
+    stored = json.loads((out / "results.json").read_text())
+    assert stored["meta"]["method"] == "adacad" and "chars/token" in stored["meta"]["layout"]
+    cells = stored["cells"]
+    assert sorted(c["length"] for c in cells) == [35, 35, 65, 65]
+    for c in cells:
+        assert c["context"] + c["memory"] + c["other"] == 1.0 and c["paragraphs"] >= 1
+        assert {"depth", "answer_type", "context_tokens_est"} <= set(c) and len(c["gold"]) == 2
+    assert ctxsteer(argv) == 0
+    assert "0 run, 4 already done" in capsys.readouterr().out
+    for task in ("no-conflict", "distractors"):
+        cfg = QAConfig(
+            url=server.url, task=task, out=tmp_path / task, limit=2, strengths=[1], max_tokens=3,
+            progress=False, lengths=(35, 65),
+        )  # fmt: skip
+        res = asyncio.run(run_qa(cfg))
+        assert len(res.cells) == 4 and not res.report.skipped
+        assert all({"em", "f1", "contains", "length", "depth"} <= set(c) for c in res.cells)
+        if task == "no-conflict":  # the questions of substitution, over the same layouts
+            assert {c["id"] for c in res.cells} == {c["id"] for c in cells}
+            assert {(c["id"], c["depth"]) for c in res.cells} == {(c["id"], c["depth"]) for c in cells}

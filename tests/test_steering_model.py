@@ -31,7 +31,7 @@ VALUES: dict[str, list[Any]] = {
     "layers": ["all", [0], [9], [], [True], [-4]],
     "heads": [[0], {"1": [0]}, {"9": [0]}, {"x": [0]}, {}, [99], {"-1": [1]}],
     "head_profile": ["p", "nope"],
-    "method": ["cad", "attention", "attention+cad", "bad"],
+    "method": ["cad", "attention", "attention+cad", "adacad", "attention+adacad", "bad"],
     "cad_beta": [0.5, 0, 11],
 }
 
@@ -85,6 +85,8 @@ def test_spans_auto_is_in_the_chat_schema_only() -> None:
         ({"cad_beta": 0}, "steering.cad_beta", 'only applies with method "cad"'),
         ({"method": "cad", "cad_beta": 0}, "steering.cad_beta", "must be in (0, 10], got 0.0"),
         ({"method": "cad", "strength": 2}, "steering", 'method "cad" applies no attention bias'),
+        ({"method": "adacad", "alpha": 0.5}, "steering", 'method "adacad" applies no attention bias'),
+        ({"method": "adacad", "cad_beta": 1}, "steering.cad_beta", 'only applies with method "cad"'),
         ({"spans": "auto"}, "steering.spans", '"auto" is only available on /v1/chat/completions'),
         ({"colour": 1}, "steering.colour", "unknown field; expected one of ['alpha', "),
     ],
@@ -151,4 +153,10 @@ def test_every_spec_feature_has_a_check() -> None:
     ]
     used = {f for s in specs for f in s.features}
     assert used == {spec_mod.ATTENTION, spec_mod.CAD, spec_mod.AUTO_STRENGTH}
+    # every contrastive method needs the twin rows (CAD); the "attention+" ones the bias as well
+    for method in spec_mod.CAD_METHODS:
+        alone = method in spec_mod.NO_BIAS_METHODS
+        obj = {"method": method} if alone else {"method": method, "strength": 2}
+        features = parse_steering(obj, num_layers=1, num_heads=1).features
+        assert features == ((spec_mod.CAD,) if alone else (spec_mod.ATTENTION, spec_mod.CAD)), method
     assert used | {INDICATOR_AUTO, CONTEXT_REPORT} == set(FEATURES)

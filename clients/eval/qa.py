@@ -1,7 +1,8 @@
 """`ctxsteer eval qa`: reading comprehension (SQuAD EM/F1, DROP F1), knowledge conflict (share of
 answers that follow the edited context vs give the memorised answer), at each steering strength, and
 `general`: ARC-Easy multiple choice without a context (accuracy), a check that answers which need no
-context do not get worse.
+context do not get worse; and the document tasks (`documents.py`: the SQuAD paragraph among distractors,
+with its answer substituted or not), whose tables break down by context length.
 
 Short-answer prompting: the system prompt asks for the bare answer, and the user turn repeats that after
 the question, right where the reply starts, so chatty instruct models are scored on answers. Scores are
@@ -18,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ctxsteer.clients.eval.api import DEFAULT_TIMEOUT_S, ContextTooLong, EvalAPI
-from ctxsteer.clients.eval.datasets import QAItem, load_items
+from ctxsteer.clients.eval.datasets import DEFAULT_LENGTHS, DOC_TASKS, QAItem, load_items
+from ctxsteer.clients.eval.documents import LAYOUT_RULE
 from ctxsteer.clients.eval.plots import strength_label
 from ctxsteer.clients.eval.results import ResultStore
 from ctxsteer.clients.eval.runner import Job, RunReport, run_jobs
@@ -31,6 +33,7 @@ from ctxsteer.clients.eval.scoring import (
     squad_em,
     squad_f1,
 )
+from ctxsteer.clients.eval.stats import percent_cell
 from ctxsteer.clients.eval.tokens import make_counter
 
 QA_SYSTEM = (
@@ -45,12 +48,19 @@ CONFLICT_USER = (
 )
 GENERAL_SYSTEM = "Answer the multiple-choice question. Reply with the letter of the correct option only."
 GENERAL_USER = "{question}\nAnswer with the letter only."
+READING = ("em", "f1", "contains")
+CONFLICT = ("context", "memory", "other")
 METRICS = {
-    "squad": ("em", "f1", "contains"),
-    "drop": ("em", "f1", "contains"),
-    "conflict": ("context", "memory", "other"),
+    "squad": READING,
+    "drop": READING,
+    "conflict": CONFLICT,
     "general": ("correct",),
+    "distractors": READING,
+    "substitution": CONFLICT,
+    "no-conflict": READING,
 }
+# no-conflict is asked like its pair, substitution, so that the two differ only in the paragraph
+CONFLICT_PROMPT_TASKS = ("conflict", "substitution", "no-conflict")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,9 +79,10 @@ class QAConfig:
     timeout_s: float = DEFAULT_TIMEOUT_S
     progress: bool = True
     context_indicator: str | None = None  # sent as `context_indicator` on every request when set
-    method: str | None = None  # steering.method ("cad", "attention+cad"); None: not sent (attention)
+    method: str | None = None  # steering.method ("cad", "adacad", ...); None: not sent (attention)
     cad_beta: float | None = None
     steering_extra: dict[str, Any] | None = None  # merged into every request's steering object
+    lengths: Sequence[int] = DEFAULT_LENGTHS  # the document tasks' context lengths (estimated tokens)
 
 
 @dataclass(slots=True)
@@ -83,15 +94,18 @@ class QAResult:
     report: RunReport
     files: list[Path] = field(default_factory=list)
 
-    def summary(self) -> dict[float, dict[str, float]]:
-        """strength -> {metric: mean in percent, "n": items}."""
+    def groups(self) -> list[tuple[float, str, list[dict[str, Any]]]]:
+        """(strength, length, cells) per strength; the document tasks per context length too, then all
+        lengths pooled ("all")."""
         by: dict[float, list[dict[str, Any]]] = {}
         for c in self.cells:
             by.setdefault(float(c["strength"]), []).append(c)
-        out: dict[float, dict[str, float]] = {}
+        out = []
         for s, cells in sorted(by.items()):
-            row = {m: 100 * sum(float(c[m]) for c in cells) / len(cells) for m in METRICS[self.task]}
-            out[s] = {**row, "n": float(len(cells))}
+            if self.task in DOC_TASKS:
+                for n in sorted({int(c["length"]) for c in cells}):
+                    out.append((s, str(n), [c for c in cells if int(c["length"]) == n]))
+            out.append((s, "all" if self.task in DOC_TASKS else "", cells))
         return out
 
 
@@ -99,7 +113,7 @@ def _prompts(task: str) -> tuple[str, str]:
     """(system prompt, user template) of a task."""
     if task == "general":
         return GENERAL_SYSTEM, GENERAL_USER
-    return QA_SYSTEM, CONFLICT_USER if task == "conflict" else QA_USER
+    return QA_SYSTEM, CONFLICT_USER if task in CONFLICT_PROMPT_TASKS else QA_USER
 
 
 def qa_messages(task: str, item: QAItem) -> list[dict[str, str]]:
@@ -113,7 +127,7 @@ def qa_messages(task: str, item: QAItem) -> list[dict[str, str]]:
 def score_item(task: str, item: QAItem, reply: str) -> dict[str, Any]:
     """Metric fields of one reply (each 0/1 or a fraction, averaged into percentages by `summary`)."""
     answer = short_answer(reply)
-    if task == "squad":
+    if task in ("squad", "distractors", "no-conflict"):
         em, f1 = squad_em(answer, item.answers), round(squad_f1(answer, item.answers), 4)
         return {"em": em, "f1": f1, "contains": answer_in_reply(reply, item.answers)}
     if task == "drop":
@@ -121,7 +135,9 @@ def score_item(task: str, item: QAItem, reply: str) -> dict[str, Any]:
         return {"em": em, "f1": f1, "contains": answer_in_reply(reply, item.answers)}
     if task == "general":
         return {"correct": choice_correct(reply, *item.answers)}
-    outcome = conflict_outcome(reply, item.context_answer, item.memory_answer)
+    # substitution: any of the original (gold) answers is the memorised one
+    memory = item.answers if task == "substitution" else item.memory_answer
+    outcome = conflict_outcome(reply, item.context_answer, memory)
     return {
         "context": float(outcome == "context"),
         "memory": float(outcome == "memory"),
@@ -131,7 +147,7 @@ def score_item(task: str, item: QAItem, reply: str) -> dict[str, Any]:
 
 async def run_qa(cfg: QAConfig) -> QAResult:
     """Run (or resume) one task over its seeded subset and write results.json and results.csv."""
-    items, source = load_items(cfg.task, limit=cfg.limit, seed=cfg.seed)
+    items, source = load_items(cfg.task, limit=cfg.limit, seed=cfg.seed, lengths=cfg.lengths)
     system, template = _prompts(cfg.task)
     async with EvalAPI.for_config(cfg) as api:
         info = await api.model_info()
@@ -149,6 +165,8 @@ async def run_qa(cfg: QAConfig) -> QAResult:
             "cad_beta": cfg.cad_beta,
             "steering_extra": cfg.steering_extra,
         }
+        if cfg.task in DOC_TASKS:
+            meta["layout"] = LAYOUT_RULE
         store = ResultStore(cfg.out, cfg.task, meta, ("id", "strength"))
 
         def job(item: QAItem, strength: float) -> Job:
@@ -164,11 +182,12 @@ async def run_qa(cfg: QAConfig) -> QAResult:
                     messages, strength=strength, max_tokens=cfg.max_tokens, context=item.context
                 )
                 return {
+                    **item.cell,
                     **score_item(cfg.task, item, out.text),
                     "answer": out.text,
-                    "gold": item.answers
-                    if cfg.task != "conflict"
-                    else [item.context_answer, item.memory_answer],
+                    "gold": [item.context_answer, item.memory_answer]
+                    if item.context_answer
+                    else item.answers,
                     "prompt_tokens": out.prompt_tokens,
                     "alpha": (out.steering or {}).get("alpha"),
                     "indicator_applied": (out.indicator or {}).get("applied"),
@@ -183,17 +202,22 @@ async def run_qa(cfg: QAConfig) -> QAResult:
         )
     wanted = {store.key(j.fields) for j in jobs}
     cells = [c for k, c in store.cells.items() if k in wanted]
-    store.write_csv(cfg.out / "results.csv", ("id", "strength", *METRICS[cfg.task], "answer"))
+    by_length = ("length",) if cfg.task in DOC_TASKS else ()
+    store.write_csv(cfg.out / "results.csv", ("id", *by_length, "strength", *METRICS[cfg.task], "answer"))
     result = QAResult(cfg.task, info.name, source, cells, report)
     result.files = [cfg.out / "results.json", cfg.out / "results.csv"]
     return result
 
 
 def summary_table(result: QAResult) -> str:
-    """Markdown: the task's metrics (percent) per strength."""
+    """Markdown: the task's metrics per strength (and per context length), in percent with their 95 %
+    bootstrap intervals over questions."""
     metrics = METRICS[result.task]
-    lines = [f"| strength | n | {' | '.join(metrics)} |", "|---" * (len(metrics) + 2) + "|"]
-    for s, row in result.summary().items():
-        vals = " | ".join(f"{row[m]:.1f}" for m in metrics)
-        lines.append(f"| {strength_label(s)} | {int(row['n'])} | {vals} |")
+    length = result.task in DOC_TASKS
+    columns = ["strength", *(["length"] if length else []), "n", *metrics]
+    lines = [f"| {' | '.join(columns)} |", "|---" * len(columns) + "|"]
+    for s, n, cells in result.groups():
+        row = [strength_label(s), *([n] if length else []), str(len(cells))]
+        row += [percent_cell([float(c[m]) for c in cells]) for m in metrics]
+        lines.append(f"| {' | '.join(row)} |")
     return "\n".join(lines)

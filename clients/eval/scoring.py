@@ -178,8 +178,13 @@ def drop_f1(prediction: str, answers: Sequence[Sequence[str]]) -> float:
 
 
 def _contains(haystack: str, phrase: str) -> bool:
-    h, p = normalize_squad(haystack), normalize_squad(phrase)
-    return bool(p) and f" {p} " in f" {h} "
+    return phrase_in(normalize_squad(haystack), normalize_squad(phrase))
+
+
+def phrase_in(normalized: str, normalized_phrase: str) -> bool:
+    """Both already normalised (e.g. by `normalize_squad`, once for a long document asked about many
+    phrases): the phrase occurs in the text as whole words."""
+    return bool(normalized_phrase) and f" {normalized_phrase} " in f" {normalized} "
 
 
 def answer_in_reply(reply: str, answers: Sequence[str | Sequence[str]]) -> float:
@@ -195,12 +200,14 @@ def answer_in_reply(reply: str, answers: Sequence[str | Sequence[str]]) -> float
     return 0.0
 
 
-def conflict_outcome(answer: str, context_answer: str, memory_answer: str) -> str:
+def conflict_outcome(answer: str, context_answer: str, memory_answer: str | Sequence[str]) -> str:
     """'context' if the answer names the context's (edited) entity, 'memory' if it names the original,
-    memorised one instead, else 'other'. Naming both counts as 'context': the context was used."""
+    memorised one instead (any of them, given several), else 'other'. Naming both counts as 'context':
+    the context was used."""
     if _contains(answer, context_answer):
         return "context"
-    if _contains(answer, memory_answer):
+    memory = [memory_answer] if isinstance(memory_answer, str) else memory_answer
+    if any(_contains(answer, m) for m in memory):
         return "memory"
     return "other"
 

@@ -18,3 +18,15 @@ def bootstrap_ci(
     lo = means[int((1 - level) / 2 * reps)]
     hi = means[min(reps - 1, int((1 + level) / 2 * reps))]
     return lo, hi
+
+
+def percent_cell(values: Sequence[float] | None, intervals: bool = True) -> str:
+    """A table cell: the mean of 0/1 (or fractional) scores in percent, with its 95 % bootstrap interval
+    when asked; "–" for no values."""
+    if not values:
+        return "–"
+    mean = 100 * sum(values) / len(values)
+    if not intervals:
+        return f"{mean:.1f}"
+    lo, hi = bootstrap_ci(values)
+    return f"{mean:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"

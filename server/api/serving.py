@@ -246,7 +246,7 @@ def prepare_generation(
         plan = IndicatorPlan(marked.insert_at, tuple(marked.rendered.ids), marked_row, threshold)
     watch = ctx.watch_context(req.wants_context_attention())
     cad = None
-    if spec.cad_beta is not None:
+    if spec.contrast is not None:
         free = context_free_ids(rendered.ids, steered)
         if not free:
             raise bad_request(
@@ -255,7 +255,7 @@ def prepare_generation(
                 "steering.method",
                 "nothing_outside_context",
             )
-        cad = CadPlan(tuple(free), spec.cad_beta)
+        cad = CadPlan(tuple(free), spec.cad_beta, spec.contrast)
     requests = [
         GenerationRequest(
             request_id=f"{response_id}-{i}",

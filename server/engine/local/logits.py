@@ -1,12 +1,12 @@
 """The logits pipeline of the local engine: a row's next-token logits in, its sampled token out.
 
-In order: (1) combine: a CAD request (`request.cad`) brings a hidden twin row with the context-free
-prompt; it is prefilled before its request's prompt, decodes beside it in the same batch, and each step
-the request's logits are replaced by the contrast of the two rows' (`steering.cad.cad_logits`); the twin
-is fed the sampled token. This stage reads another row's logits, so it is batch-wide, and the combined
-logits are the row's distribution: its logprobs report them. (2) The row's own processors
-(`processors.py`: penalties, then token masks), each one a `LogitsProcessor`. (3) Sampling
-(`sampler.py`). Stages 2 and 3 run per row, so one row's failure never touches its neighbours.
+In order: (1) combine: a CAD or AdaCAD request (`request.cad`) brings a hidden twin row with the
+context-free prompt; it is prefilled before its request's prompt, decodes beside it in the same batch, and
+each step the request's logits are replaced by the contrast of the two rows' (`CadPlan.combine`: the
+plan's rule, `steering.cad.CONTRASTS`); the twin is fed the sampled token. This stage reads another row's
+logits, so it is batch-wide, and the combined logits are the row's distribution: its logprobs report them.
+(2) The row's own processors (`processors.py`: penalties, then token masks), each one a `LogitsProcessor`.
+(3) Sampling (`sampler.py`). Stages 2 and 3 run per row, so one row's failure never touches its neighbours.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from ctxsteer.server.engine.local.grammar_mask import GrammarTokens
 from ctxsteer.server.engine.local.row import Row
 from ctxsteer.server.engine.local.sampler import RowSampler, Sampled, sample_rows
 from ctxsteer.server.engine.request import SamplingParams
-from ctxsteer.steering.cad import cad_logits
 
 
 class LogitsPipeline:
@@ -39,7 +38,7 @@ class LogitsPipeline:
         """The last prompt position's logits [V] of a row, combined with its CAD twin's (if any)."""
         if row.twin_logits is None or row.request.cad is None:
             return logits
-        return cad_logits(logits, row.twin_logits, row.request.cad.beta)
+        return row.request.cad.combine(logits, row.twin_logits)
 
     def contrast(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
         """Decode logits [B, Q, V] of `rows` (slot order) with each CAD row's first position combined
@@ -51,7 +50,7 @@ class LogitsPipeline:
         for r in rows:
             if r.twin is not None and r.request.cad is not None:
                 i = index[id(r)]
-                logits[i, 0] = cad_logits(logits[i, 0], logits[index[id(r.twin)], 0], r.request.cad.beta)
+                logits[i, 0] = r.request.cad.combine(logits[i, 0], logits[index[id(r.twin)], 0])
         return logits
 
     def sample(self, rows: list[Row], logits: torch.Tensor) -> list[Sampled | None]:
