@@ -117,6 +117,3 @@ class PrefixCache:
         """Evict least recently used blocks until at most `limit_tokens` positions are kept."""
         while self.tokens > max(0, limit_tokens):
             self._blocks.popitem(last=False)
-
-    def clear(self) -> None:
-        self._blocks.clear()
